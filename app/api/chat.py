@@ -1,0 +1,55 @@
+"""OpenAI inference routes: chat completions, legacy completions, embeddings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from app.api.deps import GatewayDep, read_json_body, request_id
+from app.api.responses import JSON, SSEResponse
+from app.errors import GatewayError
+from app.gateway import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, Gateway, ProxyCall, response_headers
+from app.normalize.stream import StreamRelay
+
+router = APIRouter(tags=["OpenAI"])
+
+
+async def proxy(request: Request, gateway: Gateway, endpoint: Endpoint) -> Any:
+    """DESIGN §4: authenticate → parse → resolve → normalise → admit → forward → relay → meter."""
+    principal = gateway.authenticate(request.headers.get("authorization"))
+    raw = await read_json_body(request, gateway.settings.max_body_bytes)
+    payload = gateway.parse(raw, endpoint)
+    call = ProxyCall(request_id(request), endpoint, principal)
+    try:
+        await gateway.resolve(call, payload)
+        body = gateway.to_upstream(call, payload, raw)
+        upstream = await gateway.forward(call, body, request.headers)
+        headers = response_headers(upstream.headers)
+        if call.stream:
+            return SSEResponse(upstream, StreamRelay(call.include_usage), call, headers, gateway.finish)
+        content = await gateway.read_json(call, upstream)
+    except GatewayError as error:
+        gateway.finish(call, error)
+        raise
+    gateway.finish(call)
+    return Response(content, media_type=JSON, headers=headers)
+
+
+_BODY = {"content": {"application/json": {"schema": {"type": "object"}}}, "required": True}
+
+
+@router.post("/chat/completions", openapi_extra={"requestBody": _BODY}, summary="Create a chat completion")
+async def chat_completions(request: Request, gateway: GatewayDep) -> Any:
+    return await proxy(request, gateway, CHAT)
+
+
+@router.post("/completions", openapi_extra={"requestBody": _BODY}, summary="Create a completion (legacy)")
+async def completions(request: Request, gateway: GatewayDep) -> Any:
+    return await proxy(request, gateway, COMPLETIONS)
+
+
+@router.post("/embeddings", openapi_extra={"requestBody": _BODY}, summary="Create embeddings")
+async def embeddings(request: Request, gateway: GatewayDep) -> Any:
+    return await proxy(request, gateway, EMBEDDINGS)

@@ -1,0 +1,22 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from starlette.responses import JSONResponse
+
+from app.api.deps import GatewayDep
+
+router = APIRouter(tags=["Operations"])
+
+
+@router.get("/healthz", summary="The process is alive")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Ready to take traffic")
+async def readyz(gateway: GatewayDep) -> JSONResponse:
+    if gateway.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
+    return JSONResponse({"status": "ready"})

@@ -1,0 +1,115 @@
+"""ASGI responses of the request path: JSON bytes as received, SSE relayed as received,
+and the one renderer of GatewayError as an OpenAI error response."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from app.errors import GatewayError, UpstreamError
+from app.gateway import ProxyCall
+from app.normalize.stream import StreamRelay
+from app.upstream.client import UpstreamResponse
+from app.usage.record import Usage
+
+JSON = "application/json"
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+def error_response(error: GatewayError) -> Response:
+    return Response(error.render(), status_code=error.status, headers=error.headers, media_type=JSON)
+
+
+async def gateway_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return error_response(exc)
+
+
+class SSEResponse(Response):
+    """Relays an upstream SSE body to the client chunk by chunk.
+
+    A client that goes away cancels the relay at once (uvicorn would otherwise swallow our
+    writes silently), which closes the upstream connection, so OpenRouter stops generating.
+    """
+
+    def __init__(
+        self,
+        upstream: UpstreamResponse,
+        relay: StreamRelay,
+        call: ProxyCall,
+        headers: dict[str, str],
+        on_end: Callable[[ProxyCall, GatewayError | None], None],
+    ) -> None:
+        self.upstream = upstream
+        self.relay = relay
+        self.call = call
+        self.raw_headers = _SSE_HEADERS + [(k.encode(), v.encode()) for k, v in headers.items()]
+        self.on_end = on_end
+        self._complete = False
+        self.status_code = 200
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        gone = False
+
+        def client_left(watcher: asyncio.Future[Any]) -> None:
+            nonlocal gone
+            if not watcher.cancelled() and not self._complete:
+                gone = True
+                task.cancel()
+
+        watcher = asyncio.ensure_future(_disconnected(receive))
+        watcher.add_done_callback(client_left)
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            await self._relay(send)
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            task.uncancel()
+            self.call.client_disconnected = True
+            self.call.status = 499
+        finally:
+            watcher.remove_done_callback(client_left)
+            watcher.cancel()
+            if self.relay.done and self.relay.error is None:
+                self.upstream.settle()
+            else:
+                self.upstream.close()
+            self.call.usage = Usage.from_openrouter(self.relay.usage)
+            self.call.model_served = self.relay.model
+            self.on_end(self.call, self.relay.error)
+
+    async def _relay(self, send: Send) -> None:
+        relay, call = self.relay, self.call
+        try:
+            while chunk := await self.upstream.read_chunk():
+                out = relay.feed(chunk)
+                if out:
+                    if call.first_token is None and relay.saw_data:
+                        call.first_token = time.perf_counter()
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                if relay.done:
+                    break
+            tail = relay.end()
+        except UpstreamError as exc:
+            tail = relay.fail(exc)
+        self._complete = True
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

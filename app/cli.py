@@ -1,0 +1,181 @@
+"""The `gateway` command: serve, serve --demo, simulate, check."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import secrets
+import sys
+from typing import Any
+
+from app.settings import ConfigError, Settings, load_settings
+
+DEMO_UPSTREAM_KEY = "sk-or-simulated-demo-key"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible gateway in front of OpenRouter.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--demo", action="store_true", help="run against the built-in OpenRouter simulator")
+    serve.add_argument("--host", help="listen address (default GATEWAY_HOST or 0.0.0.0; demo: 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default GATEWAY_PORT or 8080)")
+    serve.add_argument("--config", help="YAML config file (default GATEWAY_CONFIG or config/gateway.yaml)")
+
+    simulate = commands.add_parser("simulate", help="run the OpenRouter simulator on its own port")
+    simulate.add_argument("--host", default="127.0.0.1")
+    simulate.add_argument("--port", type=int, default=8090)
+    simulate.add_argument("--api-key", action="append", help="accept only this key (repeatable)")
+    simulate.add_argument("--no-log", action="store_true", help="keep no request log (benchmarks)")
+    simulate.add_argument("--keepalives", type=int, default=2, help="keep-alive comments before each stream")
+
+    check = commands.add_parser("check", help="validate the configuration")
+    check.add_argument("--config", help="YAML config file (default GATEWAY_CONFIG or config/gateway.yaml)")
+
+    args = parser.parse_args(argv)
+    handler = {"serve": _serve, "simulate": _simulate, "check": _check}[args.command]
+    return handler(args)
+
+
+def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
+    if args.config:
+        overrides["config_file"] = args.config
+    if getattr(args, "host", None):
+        overrides["host"] = args.host
+    if getattr(args, "port", None) is not None:
+        overrides["port"] = args.port
+    return load_settings(**overrides)
+
+
+def _problems(settings: Settings) -> list[str]:
+    problems = []
+    if settings.upstream.api_key is None:
+        problems.append("upstream.api_key: OPENROUTER_API_KEY is not set")
+    if settings.api_key is None:
+        problems.append("api_key: GATEWAY_API_KEY is not set (clients need a key; or run `gateway serve --demo`)")
+    for alias, target in settings.models.aliases.items():
+        if target in settings.models.aliases:
+            problems.append(f"models.aliases.{alias}: points at another alias ({target}); name an OpenRouter id")
+    return problems
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"problem: {problem}", file=sys.stderr)
+        return 1
+    problems = _problems(settings)
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    print(f"config OK ({settings.config_file or 'no file'}): upstream {settings.upstream.base_url}, "
+          f"{len(settings.models.aliases)} aliases, {len(settings.models.per_model)} per-model settings")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.main import create_app
+
+    try:
+        settings = _demo_settings(args) if args.demo else _settings(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"problem: {problem}", file=sys.stderr)
+        return 2
+    if not args.demo:
+        problems = _problems(settings)
+        if problems:
+            for problem in problems:
+                print(f"problem: {problem}", file=sys.stderr)
+            print("refusing to start; see `gateway check`", file=sys.stderr)
+            return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    simulator = None
+    if args.demo:
+        from app.simulator import SimulatorThread
+
+        simulator = SimulatorThread(api_keys={DEMO_UPSTREAM_KEY}).start()
+        settings = settings.model_copy(
+            update={"upstream": settings.upstream.model_copy(update={"base_url": simulator.base_url})}
+        )
+        _print_demo(settings, simulator.base_url)
+    try:
+        uvicorn.run(
+            create_app(settings), host=settings.host, port=settings.port, loop="uvloop", http="httptools",
+            log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=30,
+        )
+    finally:
+        if simulator is not None:
+            simulator.stop()
+    return 0
+
+
+def _demo_settings(args: argparse.Namespace) -> Settings:
+    from pydantic import SecretStr
+
+    if not args.host:
+        args.host = "127.0.0.1"
+    settings = _settings(args)
+    return settings.model_copy(update={
+        "api_key": settings.api_key or SecretStr("sk-gw-demo-" + secrets.token_hex(16)),
+        "upstream": settings.upstream.model_copy(update={"api_key": SecretStr(DEMO_UPSTREAM_KEY)}),
+    })
+
+
+def _print_demo(settings: Settings, simulator_url: str) -> None:
+    assert settings.api_key is not None
+    key = settings.api_key.get_secret_value()
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    base = f"http://{host}:{settings.port}/v1"
+    print(f"""
+OpenRouter Gateway demo: OpenRouter is simulated at {simulator_url} (no network, no config).
+
+Try it with curl:
+
+  curl {base}/chat/completions \\
+    -H "Authorization: Bearer {key}" \\
+    -H "Content-Type: application/json" \\
+    -d '{{"model": "deepseek/deepseek-v3.2", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+
+Or with the OpenAI SDK (pip install openai):
+
+  from openai import OpenAI
+  client = OpenAI(base_url="{base}", api_key="{key}")
+  reply = client.chat.completions.create(
+      model="deepseek/deepseek-v3.2", messages=[{{"role": "user", "content": "Hello!"}}])
+  print(reply.choices[0].message.content)
+""", flush=True)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from app.simulator import Simulator, start_simulator
+
+    simulator = Simulator(api_keys=set(args.api_key) if args.api_key else None, record=not args.no_log,
+                          keepalives=args.keepalives)
+
+    async def run() -> None:
+        runner, port = await start_simulator(simulator, args.host, args.port)
+        print(f"OpenRouter simulator on http://{args.host}:{port}/api/v1", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    try:
+        import uvloop
+
+        uvloop.run(run())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

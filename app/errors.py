@@ -1,0 +1,153 @@
+"""One error tree for the whole gateway, rendered once as OpenAI's error envelope.
+
+    GatewayError                      500 server_error / internal_error
+    ├── InvalidRequestError           400 invalid_request_error / specific code
+    │   ├── RequestTooLargeError      413 request_too_large
+    │   └── UnsupportedMediaTypeError 415 unsupported_media_type
+    ├── RouteNotFoundError            404 unknown_url
+    ├── AuthenticationError           401 invalid_api_key
+    ├── ModelNotAllowedError          403 model_not_allowed
+    ├── ModelNotFoundError            404 model_not_found
+    ├── RateLimitError                429 requests|tokens / rate_limit_exceeded
+    │   └── BudgetExceededError       429 insufficient_quota (x-should-retry: false)
+    └── UpstreamError                 502 server_error / upstream_error
+        ├── UpstreamConnectionError   502 upstream_unreachable | upstream_reset (retryable)
+        ├── UpstreamTimeoutError      504 upstream_timeout
+        ├── UpstreamUnavailableError  503 upstream_auth_failed | upstream_insufficient_credits
+        └── UpstreamStatusError       OpenRouter's status and message, mapped by DESIGN §5
+
+`code` is always a string reason; OpenAI SDKs choose their exception class from the status.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+class GatewayError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = "internal_error"
+
+    def __init__(
+        self,
+        message: str = "The gateway failed to handle the request.",
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        status: int | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        if type is not None:
+            self.type = type
+        self.param = param
+        self.headers = dict(headers or {})
+        self.metadata = metadata
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        if self.metadata:
+            error["metadata"] = self.metadata
+        return {"error": error}
+
+    def render(self) -> bytes:
+        return orjson.dumps(self.body())
+
+    def sse_event(self) -> bytes:
+        """The error as the one SSE event OpenAI SDKs raise on in the middle of a stream."""
+        return b"data: " + self.render() + b"\n\n"
+
+
+class InvalidRequestError(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class RequestTooLargeError(InvalidRequestError):
+    status = 413
+    code = "request_too_large"
+
+
+class UnsupportedMediaTypeError(InvalidRequestError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class RouteNotFoundError(InvalidRequestError):
+    status = 404
+    code = "unknown_url"
+
+
+class AuthenticationError(GatewayError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class ModelNotAllowedError(GatewayError):
+    status = 403
+    type = "invalid_request_error"
+    code = "model_not_allowed"
+
+
+class ModelNotFoundError(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class RateLimitError(GatewayError):
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+
+class BudgetExceededError(RateLimitError):
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+    def __init__(self, message: str = "Budget exhausted.", **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers.setdefault("x-should-retry", "false")
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    type = "server_error"
+    code = "upstream_error"
+
+
+class UpstreamConnectionError(UpstreamError):
+    """The connection to OpenRouter failed or broke: nothing usable was received."""
+
+    code = "upstream_reset"
+
+
+class UpstreamTimeoutError(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class UpstreamUnavailableError(UpstreamError):
+    """OpenRouter refuses the gateway itself (its key or its credits): no client retry helps."""
+
+    status = 503
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers.setdefault("x-should-retry", "false")
+
+
+class UpstreamStatusError(UpstreamError):
+    """An OpenRouter error passed on with its status, message and metadata."""

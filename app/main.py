@@ -1,0 +1,127 @@
+"""create_app(settings): the FastAPI application. The lifespan owns the upstream session,
+the catalogue and the Gateway; nothing lives at module level.
+
+Run with `gateway serve`, or `uvicorn app.main:create_app --factory`.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import __version__
+from app.api import chat, health, models
+from app.api.responses import error_response, gateway_error_handler
+from app.auth.keys import StaticKeyAuthenticator
+from app.catalog.models import Catalog
+from app.errors import GatewayError, InvalidRequestError, RouteNotFoundError, UpstreamError
+from app.gateway import Gateway, LogMeter
+from app.settings import ConfigError, Settings, load_settings
+from app.upstream.client import OpenRouterClient, open_session
+
+log = logging.getLogger("gateway")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or load_settings()
+    if settings.api_key is None:
+        raise ConfigError(["api_key: set GATEWAY_API_KEY (the key clients must send)"])
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        session = open_session(settings.upstream)
+        client = OpenRouterClient(session, settings.upstream)
+
+        async def fetch_models() -> list[dict[str, Any]]:
+            status, body = await client.get_json("/models", timeout=settings.upstream.connect_timeout_s + 10)
+            if status != 200 or not isinstance(body, dict) or not isinstance(body.get("data"), list):
+                raise UpstreamError(f"GET /models answered {status}")
+            models: list[dict[str, Any]] = body["data"]
+            return models
+
+        catalog = Catalog(fetch_models, settings.upstream.catalog_ttl_s, settings.models)
+        assert settings.api_key is not None
+        authenticator = StaticKeyAuthenticator(settings.api_key.get_secret_value())
+        app.state.gateway = Gateway(settings, client, catalog, authenticator, LogMeter())
+        try:
+            yield
+        finally:
+            await session.close()
+
+    app = FastAPI(
+        title="OpenRouter Gateway",
+        version=__version__,
+        description="An OpenAI-compatible gateway in front of OpenRouter.",
+        lifespan=lifespan,
+    )
+    for prefix in ("/v1", "/api/v1"):
+        app.include_router(chat.router, prefix=prefix, include_in_schema=prefix == "/v1")
+        app.include_router(models.router, prefix=prefix, include_in_schema=prefix == "/v1")
+    app.include_router(health.router)
+    app.add_exception_handler(GatewayError, gateway_error_handler)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+    return error_response(InvalidRequestError(f"{where or 'request'}: {first.get('msg', 'invalid')}", param=where or None))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return error_response(RouteNotFoundError(f"Unknown request URL: {request.method} {request.url.path}."))
+    error = InvalidRequestError(str(exc.detail), status=exc.status_code, code=f"http_{exc.status_code}")
+    error.headers.update(exc.headers or {})
+    return error_response(error)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(GatewayError())
+
+
+class RequestIdMiddleware:
+    """Takes the client's `x-request-id` (if sane) or makes one; returns it on every response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = _client_request_id(scope["headers"]) or "req_" + secrets.token_hex(12)
+        scope["request_id"] = rid
+        header = (b"x-request-id", rid.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def _client_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name == b"x-request-id":
+            if 0 < len(value) <= 128 and all(33 <= byte < 127 for byte in value):
+                return value.decode()
+            return None
+    return None

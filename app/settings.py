@@ -1,0 +1,220 @@
+"""Settings: environment (`GATEWAY_*`, nested with `__`) over the YAML file over defaults.
+
+Nothing else in the gateway reads the environment. Secrets come only from the environment
+(`OPENROUTER_API_KEY`, `GATEWAY_API_KEY`, `GATEWAY_ADMIN_KEY`), never from the YAML file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG_FILE = "config/gateway.yaml"
+_PLACEHOLDERS = re.compile(
+    r"^(|changeme|change-me|change_me|replace-?me|secret|password|xxx+|your[-_ ].*|<.*>|sk-or-v1-x+|\.\.\.)$",
+    re.IGNORECASE,
+)
+_CATEGORY = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+_SECRET_PATHS = (("api_key",), ("admin_key",), ("upstream", "api_key"))
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `problems` lists each one as `path: message`."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _refuse_placeholder(value: SecretStr | None) -> SecretStr | None:
+    if value is not None and _PLACEHOLDERS.match(value.get_secret_value().strip()):
+        raise ValueError("looks like a placeholder, not a real secret")
+    return value
+
+
+class UpstreamSettings(_Section):
+    """How the gateway reaches OpenRouter."""
+
+    base_url: str = "https://openrouter.ai/api/v1"
+    api_key: SecretStr | None = None
+    connect_timeout_s: float = Field(5.0, gt=0)
+    first_byte_timeout_s: float = Field(120.0, gt=0, description="per try, until response headers")
+    read_timeout_s: float = Field(300.0, gt=0, description="longest silence inside a response")
+    deadline_s: float = Field(600.0, gt=0, description="whole request, all tries included")
+    max_connections: int = Field(1024, ge=1)
+    catalog_ttl_s: float = Field(300.0, ge=0)
+
+    _check_key = field_validator("api_key")(_refuse_placeholder)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("must be an http(s) URL")
+        return value.rstrip("/")
+
+
+class AttributionSettings(_Section):
+    """Headers OpenRouter uses for app rankings; sent on every upstream request."""
+
+    app_url: str = "http://localhost"
+    app_title: str = "OpenRouter Gateway"
+    categories: list[str] = Field(default_factory=list, max_length=2)
+
+    @field_validator("app_url", "app_title")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        if any(ch in value for ch in "\r\n\0") or not value.isprintable():
+            raise ValueError("must be one line of printable characters")
+        return value
+
+    @field_validator("categories")
+    @classmethod
+    def _category_format(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if len(value) > 30 or not _CATEGORY.match(value):
+                raise ValueError(f"{value!r}: lowercase words joined by hyphens, at most 30 characters")
+        return values
+
+
+class ModelSettings(_Section):
+    """What the gateway does for one model (or a glob of models)."""
+
+    defaults: dict[str, Any] = Field(
+        default_factory=dict, description="body fields merged under what the client sent"
+    )
+
+
+class ModelsSettings(_Section):
+    default: str | None = Field(None, description="model used for `default` and for requests without one")
+    aliases: dict[str, str] = Field(default_factory=dict)
+    per_model: dict[str, ModelSettings] = Field(default_factory=dict)
+
+    @field_validator("aliases")
+    @classmethod
+    def _targets_are_ids(cls, aliases: dict[str, str]) -> dict[str, str]:
+        for name, target in aliases.items():
+            if "/" not in target:
+                raise ValueError(f"{name}: target {target!r} is not an OpenRouter id (author/slug)")
+        return aliases
+
+
+class Settings(BaseSettings):
+    """Everything the gateway is told; built once and passed to `create_app`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    config_file: str | None = Field(DEFAULT_CONFIG_FILE, description="YAML file (GATEWAY_CONFIG)")
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=0, le=65535)
+    api_key: SecretStr | None = Field(None, description="static client key until key management")
+    admin_key: SecretStr | None = None
+    store: str = "memory"
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
+    attribution: AttributionSettings = Field(default_factory=AttributionSettings)
+    models: ModelsSettings = Field(default_factory=ModelsSettings)
+
+    _check_keys = field_validator("api_key", "admin_key")(_refuse_placeholder)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        init_kwargs = getattr(init_settings, "init_kwargs", {})
+        from_env = os.environ.get("GATEWAY_CONFIG") or os.environ.get("GATEWAY_CONFIG_FILE")
+        explicit = "config_file" in init_kwargs or from_env is not None
+        path = init_kwargs["config_file"] if "config_file" in init_kwargs else from_env or DEFAULT_CONFIG_FILE
+        return (
+            init_settings,
+            env_settings,
+            _OpenRouterEnvSource(settings_cls),
+            _YamlSource(settings_cls, path, explicit),
+        )
+
+
+class _OpenRouterEnvSource(PydanticBaseSettingsSource):
+    """`OPENROUTER_API_KEY` and `OPENROUTER_BASE_URL`, the names every OpenRouter user knows."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        upstream = {}
+        if os.environ.get("OPENROUTER_API_KEY"):
+            upstream["api_key"] = os.environ["OPENROUTER_API_KEY"]
+        if os.environ.get("OPENROUTER_BASE_URL"):
+            upstream["base_url"] = os.environ["OPENROUTER_BASE_URL"]
+        return {"upstream": upstream} if upstream else {}
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings], path: str | None, explicit: bool) -> None:
+        super().__init__(settings_cls)
+        self.data = read_yaml(path, required=explicit) if path else {}
+        self.data["config_file"] = path
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self.data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return self.data
+
+
+def read_yaml(path: str, required: bool) -> dict[str, Any]:
+    """The YAML config as a dict; refuses secrets in the file and anything but a mapping."""
+    file = Path(path)
+    if not file.exists():
+        if required:
+            raise ConfigError([f"{path}: file not found"])
+        return {}
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping"])
+    problems = [
+        f"{'.'.join(parts)}: secrets are read from the environment only, remove it from the file"
+        for parts in _SECRET_PATHS
+        if _dig(data, parts) is not None
+    ]
+    if problems:
+        raise ConfigError(problems)
+    return data
+
+
+def _dig(data: Any, parts: tuple[str, ...]) -> Any:
+    for part in parts:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(part)
+    return data
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings, turning validation failures into a `ConfigError` naming each path."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(
+            [f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()]
+        ) from None
