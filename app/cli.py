@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import secrets
+import signal
 import sys
 from typing import Any
 
@@ -106,11 +107,16 @@ def _serve(args: argparse.Namespace) -> int:
             update={"upstream": settings.upstream.model_copy(update={"base_url": simulator.base_url})}
         )
         _print_demo(settings, simulator.base_url)
+    config = uvicorn.Config(
+        create_app(settings), host=settings.host, port=settings.port, loop="uvloop", http="httptools",
+        log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=30,
+    )
+    # uvicorn re-raises SIGTERM/SIGINT after a graceful shutdown; by then we are done, so the
+    # handlers it restores must not turn a clean stop into a non-zero exit.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     try:
-        uvicorn.run(
-            create_app(settings), host=settings.host, port=settings.port, loop="uvloop", http="httptools",
-            log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=30,
-        )
+        uvicorn.Server(config).run()
     finally:
         if simulator is not None:
             simulator.stop()

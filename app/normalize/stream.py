@@ -49,7 +49,7 @@ class StreamRelay:
         block, self._buffer = buffer[: end + 2], buffer[end + 2 :]
         if b"data:" in block:
             self.saw_data = True
-        if b"error" not in block and b'"usage"' not in block and b"[DONE]" not in block:
+        if b"error" not in block and b'"usage"' not in block and b"[DONE]" not in block and _well_formed(block):
             if _FINISH in block:
                 self.finished = True
             return block
@@ -95,6 +95,8 @@ class StreamRelay:
         if data == b"[DONE]":
             self.done = True
             return DONE
+        if not _looks_like_json(data):
+            return self.fail(UpstreamConnectionError("OpenRouter sent a malformed stream event.", code="upstream_invalid_response"))
         if b"error" not in data and b'"usage"' not in data:
             if _FINISH in data:
                 self.finished = True
@@ -130,6 +132,21 @@ class StreamRelay:
         if self.include_usage:
             out += b"data: " + orjson.dumps({**chunk, "choices": []}) + b"\n\n"
         return out
+
+
+def _well_formed(block: bytes) -> bool:
+    """A cheap check that every data event in the block holds one whole JSON object.
+
+    Parsing every chunk would cost the hot path; a truncated or garbled event almost never
+    starts with `{` and ends with `}`, so this catches what upstream breakage looks like."""
+    for event in block.split(b"\n\n"):
+        if event.startswith(b"data:") and not _looks_like_json(event[5:].strip()):
+            return False
+    return True
+
+
+def _looks_like_json(data: bytes) -> bool:
+    return data.startswith(b"{") and data.endswith(b"}")
 
 
 def _data_of(event: bytes) -> bytes | None:

@@ -61,3 +61,13 @@ class SimulatorThread:
             asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
+        if not self._loop.is_running():
+            self._loop.close()
+
+    # -- for tests: what the simulator received ----------------------------------------------
+    def requests(self) -> list[dict[str, Any]]:
+        return self.simulator.log.entries()
+
+    def find(self, request_id: str) -> list[dict[str, Any]]:
+        """Every request that carried this `x-request-id` (one per upstream attempt)."""
+        return [e for e in self.requests() if e["headers"].get("x-request-id") == request_id]

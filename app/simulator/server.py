@@ -146,16 +146,22 @@ class Simulator:
             for _ in range(int(knobs.get("keepalives", gen.keepalives))):
                 await response.write(KEEPALIVE)
             delay = float(knobs.get("chunk_delay_ms", 0)) / 1000
-            for index, chunk in enumerate(gen.chunks()):
+            variant = knobs.get("usage_variant", "empty_choices")
+            chunks = gen.chunks()
+            for index, chunk in enumerate(chunks):
                 if (ended := await self._stream_fault(request, response, gen, index)) is not None:
                     record.served(gen)
                     return ended
-                await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
                 gen.note_sent(chunk)
+                if index == len(chunks) - 1:
+                    gen.finished = True
+                    if variant == "finish":  # usage rides on the finish chunk itself
+                        chunk = {**chunk, "usage": gen.usage()}
+                await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
                 if delay:
                     await asyncio.sleep(delay)
             gen.finished = True
-            usage_chunk = gen.usage_chunk(knobs.get("usage_variant", "empty_choices"))
+            usage_chunk = gen.usage_chunk(variant)
             if usage_chunk is not None:
                 await response.write(b"data: " + orjson.dumps(usage_chunk) + b"\n\n")
             if knobs.get("omit_done") is not True:
@@ -373,14 +379,13 @@ class Generation:
                 self.tool_sent = True
 
     def usage_chunk(self, variant: str) -> dict[str, Any] | None:
+        """The final usage chunk: `choices: []` now, one empty choice earlier ("choice"),
+        or none when it rode on the finish chunk ("finish")."""
         usage = self.usage()
-        if variant == "none":
+        if variant in ("none", "finish"):
             return None
         if variant == "choice":
             return {**self._envelope([self._choice({"role": "assistant", "content": ""})]), "usage": usage}
-        if variant == "finish":
-            finish = self.out.finish_reason
-            return {**self._envelope([self._choice({"role": "assistant", "content": ""}, finish, finish)]), "usage": usage}
         return {**self._envelope([]), "usage": usage}
 
     def stream_error(self, shape: int) -> dict[str, Any]:

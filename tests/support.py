@@ -1,0 +1,91 @@
+"""Real servers on loopback for the tests: the gateway on uvicorn, in a thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import uvicorn
+
+from app.main import create_app
+from app.settings import Settings
+
+CLIENT_KEY = "sk-gw-test-client-key-0123456789abcdef"
+UPSTREAM_KEY = "sk-or-v1-simulated-upstream-key-for-tests"
+T = TypeVar("T")
+
+
+class GatewayServer:
+    """`create_app(settings)` served by uvicorn on 127.0.0.1 in a background thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        config = uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=0, log_level="warning", access_log=False,
+            loop="asyncio", http="httptools", lifespan="on",
+        )
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, name="gateway", daemon=True)
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> GatewayServer:
+        self._thread.start()
+        wait_until(lambda: self.server.started or not self._thread.is_alive(), 15, "gateway start")
+        if not self.server.started:
+            raise RuntimeError("the gateway did not start")
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(15)
+
+    def __enter__(self) -> GatewayServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, what: str = "condition") -> T:
+    """Poll `predicate` until it returns something truthy, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def request_id() -> str:
+    return "test-" + uuid.uuid4().hex
+
+
+def gateway_settings(simulator_url: str, **overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "config_file": None,
+        "api_key": CLIENT_KEY,
+        "upstream": {"base_url": simulator_url, "api_key": UPSTREAM_KEY},
+        "attribution": {"app_url": "https://example.com/our-app", "app_title": "Gateway Tests",
+                        "categories": ["cli-agent", "programming-app"]},
+        "models": {
+            "default": "openai/gpt-4o-mini",
+            "aliases": {"gpt-4o-mini": "openai/gpt-4o-mini", "thinker": "deepseek/deepseek-v3.2"},
+            "per_model": {"deepseek/deepseek-v3.2": {"defaults": {"reasoning": {"enabled": True}}}},
+        },
+    }
+    for name, value in overrides.items():
+        if isinstance(value, dict) and isinstance(base.get(name), dict):
+            base[name] = {**base[name], **value}
+        else:
+            base[name] = value
+    return Settings(**base)
