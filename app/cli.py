@@ -74,8 +74,10 @@ def _check(args: argparse.Namespace) -> int:
         print(f"problem: {problem}", file=sys.stderr)
     if problems:
         return 1
-    print(f"config OK ({settings.config_file or 'no file'}): upstream {settings.upstream.base_url}, "
-          f"{len(settings.models.aliases)} aliases, {len(settings.models.per_model)} per-model settings")
+    print(
+        f"config OK ({settings.config_file or 'no file'}): upstream {settings.upstream.base_url}, "
+        f"{len(settings.models.aliases)} aliases, {len(settings.models.per_model)} per-model settings"
+    )
     return 0
 
 
@@ -108,8 +110,14 @@ def _serve(args: argparse.Namespace) -> int:
         )
         _print_demo(settings, simulator.base_url)
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, loop="uvloop", http="httptools",
-        log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=30,
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=30,
     )
     # uvicorn re-raises SIGTERM/SIGINT after a graceful shutdown; by then we are done, so the
     # handlers it restores must not turn a clean stop into a non-zero exit.
@@ -129,10 +137,12 @@ def _demo_settings(args: argparse.Namespace) -> Settings:
     if not args.host:
         args.host = "127.0.0.1"
     settings = _settings(args)
-    return settings.model_copy(update={
-        "api_key": settings.api_key or SecretStr("sk-gw-demo-" + secrets.token_hex(16)),
-        "upstream": settings.upstream.model_copy(update={"api_key": SecretStr(DEMO_UPSTREAM_KEY)}),
-    })
+    return settings.model_copy(
+        update={
+            "api_key": settings.api_key or SecretStr("sk-gw-demo-" + secrets.token_hex(16)),
+            "upstream": settings.upstream.model_copy(update={"api_key": SecretStr(DEMO_UPSTREAM_KEY)}),
+        }
+    )
 
 
 def _print_demo(settings: Settings, simulator_url: str) -> None:
@@ -140,7 +150,8 @@ def _print_demo(settings: Settings, simulator_url: str) -> None:
     key = settings.api_key.get_secret_value()
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     base = f"http://{host}:{settings.port}/v1"
-    print(f"""
+    print(
+        f"""
 OpenRouter Gateway demo: OpenRouter is simulated at {simulator_url} (no network, no config).
 
 Try it with curl:
@@ -157,14 +168,17 @@ Or with the OpenAI SDK (pip install openai):
   reply = client.chat.completions.create(
       model="deepseek/deepseek-v3.2", messages=[{{"role": "user", "content": "Hello!"}}])
   print(reply.choices[0].message.content)
-""", flush=True)
+""",
+        flush=True,
+    )
 
 
 def _simulate(args: argparse.Namespace) -> int:
     from app.simulator import Simulator, start_simulator
 
-    simulator = Simulator(api_keys=set(args.api_key) if args.api_key else None, record=not args.no_log,
-                          keepalives=args.keepalives)
+    simulator = Simulator(
+        api_keys=set(args.api_key) if args.api_key else None, record=not args.no_log, keepalives=args.keepalives
+    )
 
     async def run() -> None:
         runner, port = await start_simulator(simulator, args.host, args.port)

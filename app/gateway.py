@@ -104,7 +104,9 @@ class LogMeter:
 class Gateway:
     """Everything a request needs, built once per process."""
 
-    def __init__(self, settings: Settings, client: OpenRouterClient, catalog: Catalog, authenticator: Any, meter: Meter) -> None:
+    def __init__(
+        self, settings: Settings, client: OpenRouterClient, catalog: Catalog, authenticator: Any, meter: Meter
+    ) -> None:
         self.settings = settings
         self.client = client
         self.catalog = catalog
@@ -187,7 +189,9 @@ class Gateway:
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            raise UpstreamError("OpenRouter returned a body that is not JSON.", code="upstream_invalid_response") from None
+            raise UpstreamError(
+                "OpenRouter returned a body that is not JSON.", code="upstream_invalid_response"
+            ) from None
         error = body_error(body, call.endpoint.expect)
         if error is not None:
             raise error

@@ -79,7 +79,9 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     first = exc.errors()[0] if exc.errors() else {}
     where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-    return error_response(InvalidRequestError(f"{where or 'request'}: {first.get('msg', 'invalid')}", param=where or None))
+    return error_response(
+        InvalidRequestError(f"{where or 'request'}: {first.get('msg', 'invalid')}", param=where or None)
+    )
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -90,9 +90,7 @@ class AttributionSettings(_Section):
 class ModelSettings(_Section):
     """What the gateway does for one model (or a glob of models)."""
 
-    defaults: dict[str, Any] = Field(
-        default_factory=dict, description="body fields merged under what the client sent"
-    )
+    defaults: dict[str, Any] = Field(default_factory=dict, description="body fields merged under what the client sent")
 
 
 class ModelsSettings(_Section):
@@ -124,9 +122,9 @@ class Settings(BaseSettings):
     store: str = "memory"
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
+    upstream: UpstreamSettings = Field(default_factory=lambda: UpstreamSettings())
     attribution: AttributionSettings = Field(default_factory=AttributionSettings)
-    models: ModelsSettings = Field(default_factory=ModelsSettings)
+    models: ModelsSettings = Field(default_factory=lambda: ModelsSettings())
 
     _check_keys = field_validator("api_key", "admin_key")(_refuse_placeholder)
 
@@ -142,7 +140,7 @@ class Settings(BaseSettings):
         init_kwargs = getattr(init_settings, "init_kwargs", {})
         from_env = os.environ.get("GATEWAY_CONFIG") or os.environ.get("GATEWAY_CONFIG_FILE")
         explicit = "config_file" in init_kwargs or from_env is not None
-        path = init_kwargs["config_file"] if "config_file" in init_kwargs else from_env or DEFAULT_CONFIG_FILE
+        path = init_kwargs.get("config_file", from_env or DEFAULT_CONFIG_FILE)
         return (
             init_settings,
             env_settings,

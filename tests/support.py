@@ -24,8 +24,14 @@ class GatewayServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         config = uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=0, log_level="warning", access_log=False,
-            loop="asyncio", http="httptools", lifespan="on",
+            create_app(settings),
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            access_log=False,
+            loop="asyncio",
+            http="httptools",
+            lifespan="on",
         )
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self.server.run, name="gateway", daemon=True)
@@ -75,8 +81,11 @@ def gateway_settings(simulator_url: str, **overrides: Any) -> Settings:
         "config_file": None,
         "api_key": CLIENT_KEY,
         "upstream": {"base_url": simulator_url, "api_key": UPSTREAM_KEY},
-        "attribution": {"app_url": "https://example.com/our-app", "app_title": "Gateway Tests",
-                        "categories": ["cli-agent", "programming-app"]},
+        "attribution": {
+            "app_url": "https://example.com/our-app",
+            "app_title": "Gateway Tests",
+            "categories": ["cli-agent", "programming-app"],
+        },
         "models": {
             "default": "openai/gpt-4o-mini",
             "aliases": {"gpt-4o-mini": "openai/gpt-4o-mini", "thinker": "deepseek/deepseek-v3.2"},

@@ -42,8 +42,13 @@ def test_demo_answers_the_printed_curl(tmp_path: Path) -> None:
     env["OPENROUTER_BASE_URL"] = "http://192.0.2.1:9/unreachable"  # the demo must not need it
     out = tmp_path / "demo.out"
     with out.open("w") as sink:
-        process = subprocess.Popen([str(GATEWAY), "serve", "--demo", "--port", str(port)], cwd=tmp_path, env=env,
-                                   stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [str(GATEWAY), "serve", "--demo", "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
     try:
         wait_until(lambda: healthy(f"http://127.0.0.1:{port}/healthz") or process.poll() is not None, 30, "demo start")
         assert process.poll() is None, out.read_text()
@@ -51,8 +56,9 @@ def test_demo_answers_the_printed_curl(tmp_path: Path) -> None:
         curl = re.search(r"  curl (.+?)\n\n", printed, re.S)
         assert curl, printed
         command = curl.group(1).replace("\\\n", " ")
-        result = subprocess.run(f"curl -s --max-time 20 {command}", shell=True, capture_output=True, text=True,
-                                timeout=30)
+        result = subprocess.run(
+            f"curl -s --max-time 20 {command}", shell=True, capture_output=True, text=True, timeout=30
+        )
         reply = json.loads(result.stdout)
         assert reply["object"] == "chat.completion"
         assert reply["choices"][0]["message"]["content"].startswith("Hello from deepseek/deepseek-v3.2")

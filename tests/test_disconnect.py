@@ -12,19 +12,26 @@ from app.simulator import SimulatorThread
 from tests.support import request_id, wait_until
 
 
-@pytest.mark.parametrize("knobs", [
-    {"words": 400, "chunk_delay_ms": 20},
-    {"words": 50, "stall_after": 4},
-], ids=["flowing", "upstream-silent"])
-def test_client_disconnect_cancels_upstream(client: openai.OpenAI, simulator: SimulatorThread,
-                                            knobs: dict[str, int]) -> None:
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"words": 400, "chunk_delay_ms": 20},
+        {"words": 50, "stall_after": 4},
+    ],
+    ids=["flowing", "upstream-silent"],
+)
+def test_client_disconnect_cancels_upstream(
+    client: openai.OpenAI, simulator: SimulatorThread, knobs: dict[str, int]
+) -> None:
     rid = request_id()
     stream = client.chat.completions.create(
-        model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "Tell me a long story"}], stream=True,
-        extra_body={"simulator": knobs}, extra_headers={"x-request-id": rid})
-    received = 0
-    for chunk in stream:
-        received += 1
+        model="openai/gpt-4o-mini",
+        messages=[{"role": "user", "content": "Tell me a long story"}],
+        stream=True,
+        extra_body={"simulator": knobs},
+        extra_headers={"x-request-id": rid},
+    )
+    for received, _ in enumerate(stream, start=1):
         if received == 3:
             break
     stream.close()

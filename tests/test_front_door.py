@@ -26,22 +26,31 @@ def error_of(response: httpx.Response, status: int) -> dict[str, object]:
     return error
 
 
-@pytest.mark.parametrize(("raw", "code", "param"), [
-    (b'{"model": "openai/gpt-4o-mini", "messages": [', "invalid_json", None),
-    (b"", "invalid_json", None),
-    (b"\xff\xfe{not utf-8}", "invalid_json", None),
-    (b'[{"role": "user", "content": "hi"}]', "invalid_json", None),
-    (b'"just a string"', "invalid_json", None),
-    (b"42", "invalid_json", None),
-    (b'{"model": "openai/gpt-4o-mini"}', "missing_required_parameter", "messages"),
-    (b'{"model": "openai/gpt-4o-mini", "messages": []}', "invalid_type", "messages"),
-    (b'{"model": "openai/gpt-4o-mini", "messages": "hi"}', "invalid_type", "messages"),
-    (b'{"model": 7, "messages": [{"role": "user", "content": "hi"}]}', "invalid_type", "model"),
-    (b'{"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}',
-     "invalid_type", "stream"),
-    (b'{"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream_options": 1}',
-     "invalid_type", "stream_options"),
-])
+@pytest.mark.parametrize(
+    ("raw", "code", "param"),
+    [
+        (b'{"model": "openai/gpt-4o-mini", "messages": [', "invalid_json", None),
+        (b"", "invalid_json", None),
+        (b"\xff\xfe{not utf-8}", "invalid_json", None),
+        (b'[{"role": "user", "content": "hi"}]', "invalid_json", None),
+        (b'"just a string"', "invalid_json", None),
+        (b"42", "invalid_json", None),
+        (b'{"model": "openai/gpt-4o-mini"}', "missing_required_parameter", "messages"),
+        (b'{"model": "openai/gpt-4o-mini", "messages": []}', "invalid_type", "messages"),
+        (b'{"model": "openai/gpt-4o-mini", "messages": "hi"}', "invalid_type", "messages"),
+        (b'{"model": 7, "messages": [{"role": "user", "content": "hi"}]}', "invalid_type", "model"),
+        (
+            b'{"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}',
+            "invalid_type",
+            "stream",
+        ),
+        (
+            b'{"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream_options": 1}',
+            "invalid_type",
+            "stream_options",
+        ),
+    ],
+)
 def test_bad_bodies_get_400(http: httpx.Client, raw: bytes, code: str, param: str | None) -> None:
     error = error_of(http.post(CHAT, content=raw, headers=JSON), 400)
     assert error["type"] == "invalid_request_error"
@@ -50,13 +59,16 @@ def test_bad_bodies_get_400(http: httpx.Client, raw: bytes, code: str, param: st
 
 def test_completions_and_embeddings_require_their_fields(http: httpx.Client) -> None:
     assert error_of(http.post("/v1/completions", json={"model": "openai/gpt-4o-mini"}), 400)["param"] == "prompt"
-    assert error_of(http.post("/v1/embeddings", json={"model": "openai/text-embedding-3-small"}), 400)["param"] == "input"
+    assert (
+        error_of(http.post("/v1/embeddings", json={"model": "openai/text-embedding-3-small"}), 400)["param"] == "input"
+    )
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
 def test_wrong_content_type_gets_415(http: httpx.Client, content_type: str) -> None:
-    response = http.post(CHAT, content=b'{"messages": [{"role": "user", "content": "hi"}]}',
-                         headers={"content-type": content_type})
+    response = http.post(
+        CHAT, content=b'{"messages": [{"role": "user", "content": "hi"}]}', headers={"content-type": content_type}
+    )
     assert error_of(response, 415)["code"] == "unsupported_media_type"
 
 
@@ -84,19 +96,30 @@ def test_oversized_body_gets_413(small_gateway: GatewayServer) -> None:
 
     response = httpx.post(small_gateway.url + CHAT, content=chunked(), headers=headers)
     assert error_of(response, 413)["code"] == "request_too_large"
-    ok = httpx.post(small_gateway.url + CHAT, content=b'{"messages": [{"role": "user", "content": "hi"}]}',
-                    headers=headers)
+    ok = httpx.post(
+        small_gateway.url + CHAT, content=b'{"messages": [{"role": "user", "content": "hi"}]}', headers=headers
+    )
     assert ok.status_code == 200
 
 
-@pytest.mark.parametrize("authorization", [None, "", "Bearer", "Basic abc", f"Bearer {CLIENT_KEY}x",
-                                           "Bearer sk-gw-wrong", CLIENT_KEY])
+@pytest.mark.parametrize(
+    "authorization", [None, "", "Bearer", "Basic abc", f"Bearer {CLIENT_KEY}x", "Bearer sk-gw-wrong", CLIENT_KEY]
+)
 def test_bad_keys_get_401(gateway: GatewayServer, authorization: str | None) -> None:
     headers = {} if authorization is None else {"Authorization": authorization}
-    for method, path in (("POST", CHAT), ("POST", "/v1/embeddings"), ("GET", "/v1/models"),
-                         ("GET", "/v1/models/openai/gpt-4o-mini"), ("POST", "/api/v1/chat/completions")):
-        response = httpx.request(method, gateway.url + path, headers=headers,
-                                 json={"messages": [{"role": "user", "content": "hi"}]} if method == "POST" else None)
+    for method, path in (
+        ("POST", CHAT),
+        ("POST", "/v1/embeddings"),
+        ("GET", "/v1/models"),
+        ("GET", "/v1/models/openai/gpt-4o-mini"),
+        ("POST", "/api/v1/chat/completions"),
+    ):
+        response = httpx.request(
+            method,
+            gateway.url + path,
+            headers=headers,
+            json={"messages": [{"role": "user", "content": "hi"}]} if method == "POST" else None,
+        )
         error = error_of(response, 401)
         assert error["code"] == "invalid_api_key" and error["type"] == "invalid_request_error"
 

@@ -13,39 +13,59 @@ from app.normalize.response import body_error, openrouter_error
 from app.normalize.stream import DONE, StreamRelay
 
 
-@pytest.mark.parametrize(("payload", "expected"), [
-    ({"reasoning_effort": "high"}, {"reasoning": {"effort": "high"}}),
-    ({"reasoning_effort": None}, {}),
-    ({"reasoning_effort": "low", "reasoning": {"exclude": True}}, {"reasoning": {"exclude": True, "effort": "low"}}),
-    ({"reasoning_effort": "low", "reasoning": {"effort": "low"}}, {"reasoning": {"effort": "low"}}),
-    ({"reasoning": {"effort": "low"}}, {"reasoning": {"effort": "low"}}),
-])
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        ({"reasoning_effort": "high"}, {"reasoning": {"effort": "high"}}),
+        ({"reasoning_effort": None}, {}),
+        (
+            {"reasoning_effort": "low", "reasoning": {"exclude": True}},
+            {"reasoning": {"exclude": True, "effort": "low"}},
+        ),
+        ({"reasoning_effort": "low", "reasoning": {"effort": "low"}}, {"reasoning": {"effort": "low"}}),
+        ({"reasoning": {"effort": "low"}}, {"reasoning": {"effort": "low"}}),
+    ],
+)
 def test_fold_reasoning_effort(payload: dict[str, Any], expected: dict[str, Any]) -> None:
     normalize.fold_reasoning_effort(payload)
     assert payload == expected
 
 
-@pytest.mark.parametrize("payload", [
-    {"reasoning_effort": "low", "reasoning": {"effort": "high"}},
-    {"reasoning_effort": "low", "reasoning": {"max_tokens": 1024}},
-    {"reasoning_effort": "low", "reasoning": "high"},
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"reasoning_effort": "low", "reasoning": {"effort": "high"}},
+        {"reasoning_effort": "low", "reasoning": {"max_tokens": 1024}},
+        {"reasoning_effort": "low", "reasoning": "high"},
+    ],
+)
 def test_fold_reasoning_effort_conflicts(payload: dict[str, Any]) -> None:
     with pytest.raises(InvalidRequestError):
         normalize.fold_reasoning_effort(payload)
 
 
-@pytest.mark.parametrize(("payload", "defaults", "expected"), [
-    ({}, {"reasoning": {"enabled": True}}, {"reasoning": {"enabled": True}}),
-    ({"reasoning": {"effort": "low"}}, {"reasoning": {"enabled": True, "summary": "auto"}},
-     {"reasoning": {"summary": "auto", "effort": "low"}}),
-    ({"reasoning": {"max_tokens": 2000}}, {"reasoning": {"effort": "high"}}, {"reasoning": {"max_tokens": 2000}}),
-    ({"include_reasoning": False}, {"reasoning": {"enabled": True}}, {"include_reasoning": False}),
-    ({"temperature": 0.2}, {"temperature": 1, "top_p": 0.9}, {"temperature": 0.2, "top_p": 0.9}),
-    ({"provider": {"order": ["a"]}}, {"provider": {"order": ["b"], "allow_fallbacks": False}},
-     {"provider": {"order": ["a"], "allow_fallbacks": False}}),
-])
-def test_merge_defaults_client_wins(payload: dict[str, Any], defaults: dict[str, Any], expected: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    ("payload", "defaults", "expected"),
+    [
+        ({}, {"reasoning": {"enabled": True}}, {"reasoning": {"enabled": True}}),
+        (
+            {"reasoning": {"effort": "low"}},
+            {"reasoning": {"enabled": True, "summary": "auto"}},
+            {"reasoning": {"summary": "auto", "effort": "low"}},
+        ),
+        ({"reasoning": {"max_tokens": 2000}}, {"reasoning": {"effort": "high"}}, {"reasoning": {"max_tokens": 2000}}),
+        ({"include_reasoning": False}, {"reasoning": {"enabled": True}}, {"include_reasoning": False}),
+        ({"temperature": 0.2}, {"temperature": 1, "top_p": 0.9}, {"temperature": 0.2, "top_p": 0.9}),
+        (
+            {"provider": {"order": ["a"]}},
+            {"provider": {"order": ["b"], "allow_fallbacks": False}},
+            {"provider": {"order": ["a"], "allow_fallbacks": False}},
+        ),
+    ],
+)
+def test_merge_defaults_client_wins(
+    payload: dict[str, Any], defaults: dict[str, Any], expected: dict[str, Any]
+) -> None:
     normalize.merge_defaults(payload, defaults)
     assert payload == expected
 
@@ -64,16 +84,30 @@ def test_impose_policy_wins() -> None:
     assert payload == {"provider": {"data_collection": "deny", "order": ["x"], "zdr": True}}
 
 
-@pytest.mark.parametrize(("status", "error", "kind", "out_status", "code"), [
-    (400, {"code": 400, "message": "bad"}, UpstreamStatusError, 400, "invalid_request"),
-    (401, {"code": 401, "message": "User not found."}, UpstreamUnavailableError, 503, "upstream_auth_failed"),
-    (402, {"code": 402, "message": "no credits"}, UpstreamUnavailableError, 503, "upstream_insufficient_credits"),
-    (404, {"code": 404, "message": "x", "availability": {"code": "no_endpoints"}}, UpstreamStatusError, 404, "no_endpoints"),
-    (429, {"code": 429, "message": "slow down", "metadata": {"retry_after_seconds": 25}}, UpstreamStatusError, 429,
-     "rate_limit_exceeded"),
-    (503, {"code": 503, "message": "overloaded"}, UpstreamError, 502, "upstream_error"),
-    (529, "text only", UpstreamError, 502, "upstream_error"),
-])
+@pytest.mark.parametrize(
+    ("status", "error", "kind", "out_status", "code"),
+    [
+        (400, {"code": 400, "message": "bad"}, UpstreamStatusError, 400, "invalid_request"),
+        (401, {"code": 401, "message": "User not found."}, UpstreamUnavailableError, 503, "upstream_auth_failed"),
+        (402, {"code": 402, "message": "no credits"}, UpstreamUnavailableError, 503, "upstream_insufficient_credits"),
+        (
+            404,
+            {"code": 404, "message": "x", "availability": {"code": "no_endpoints"}},
+            UpstreamStatusError,
+            404,
+            "no_endpoints",
+        ),
+        (
+            429,
+            {"code": 429, "message": "slow down", "metadata": {"retry_after_seconds": 25}},
+            UpstreamStatusError,
+            429,
+            "rate_limit_exceeded",
+        ),
+        (503, {"code": 503, "message": "overloaded"}, UpstreamError, 502, "upstream_error"),
+        (529, "text only", UpstreamError, 502, "upstream_error"),
+    ],
+)
 def test_openrouter_error_mapping(status: int, error: Any, kind: type, out_status: int, code: str) -> None:
     mapped = openrouter_error(status, error, {})
     assert isinstance(mapped, kind)
@@ -84,14 +118,17 @@ def test_openrouter_error_mapping(status: int, error: Any, kind: type, out_statu
         assert mapped.headers["retry-after"] == "25"
 
 
-@pytest.mark.parametrize(("body", "status"), [
-    ({"error": {"code": 429, "message": "x"}, "user_id": "u"}, 429),
-    ({"error": {"code": "server_error", "message": "x"}}, 502),
-    ({"choices": [{"finish_reason": "error", "error": {"code": 502, "message": "cut"}, "message": {}}]}, 502),
-    ({"choices": [{"finish_reason": "stop", "native_finish_reason": "network_error", "message": {}}]}, 502),
-    ({"id": "gen-1"}, 502),
-    ([1, 2], 502),
-])
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"error": {"code": 429, "message": "x"}, "user_id": "u"}, 429),
+        ({"error": {"code": "server_error", "message": "x"}}, 502),
+        ({"choices": [{"finish_reason": "error", "error": {"code": 502, "message": "cut"}, "message": {}}]}, 502),
+        ({"choices": [{"finish_reason": "stop", "native_finish_reason": "network_error", "message": {}}]}, 502),
+        ({"id": "gen-1"}, 502),
+        ([1, 2], 502),
+    ],
+)
 def test_body_errors(body: Any, status: int) -> None:
     error = body_error(body, "choices")
     assert error is not None and error.status == status
@@ -103,7 +140,11 @@ def test_clean_body_has_no_error() -> None:
 
 def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, **extra: Any) -> bytes:
     choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
-    return b"data: " + orjson.dumps({"id": "gen-1", "object": "chat.completion.chunk", "choices": choices, **extra}) + b"\n\n"
+    return (
+        b"data: "
+        + orjson.dumps({"id": "gen-1", "object": "chat.completion.chunk", "choices": choices, **extra})
+        + b"\n\n"
+    )
 
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, "cost": 0.001}
@@ -151,14 +192,18 @@ def test_usage_chunk_shapes(include_usage: bool, shape: str) -> None:
         assert usage_events == [] and all(e["choices"] for e in out)
 
 
-@pytest.mark.parametrize("bad", [
-    chunk({"content": ""}, "error", error={"code": 502, "message": "Provider returned error"}),
-    chunk(None, error={"code": "server_error", "message": "boom"}),
-    b'data: {"error":{"message":"Rate limit exceeded","code":429},"user_id":"u"}\n\n',
-    chunk({"content": ""}, "error"),
-    b'data: {"choices":[{"delta":{"content":""},"finish_reason":"stop","native_finish_reason":"network_error"}]}\n\n',
-    b'data: {"choices": [{"delta": \n\n',
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        chunk({"content": ""}, "error", error={"code": 502, "message": "Provider returned error"}),
+        chunk(None, error={"code": "server_error", "message": "boom"}),
+        b'data: {"error":{"message":"Rate limit exceeded","code":429},"user_id":"u"}\n\n',
+        chunk({"content": ""}, "error"),
+        b'data: {"choices":[{"delta":{"content":""},"finish_reason":"stop",'
+        b'"native_finish_reason":"network_error"}]}\n\n',
+        b'data: {"choices": [{"delta": \n\n',
+    ],
+)
 def test_in_stream_errors_become_one_error_event(bad: bytes) -> None:
     relay = StreamRelay(include_usage=False)
     out = relay_all(relay, chunk({"content": "Hi"}), bad, chunk({"content": "more"}), DONE)
@@ -186,6 +231,8 @@ def test_cut_stream_ends_with_error_and_finished_stream_gets_done() -> None:
 
 def test_crlf_and_multiline_data() -> None:
     relay = StreamRelay(include_usage=True)
-    body = b'data: {"choices":[],\r\ndata: "usage":{"prompt_tokens":1,"completion_tokens":1}}\r\n\r\ndata: [DONE]\r\n\r\n'
+    body = (
+        b'data: {"choices":[],\r\ndata: "usage":{"prompt_tokens":1,"completion_tokens":1}}\r\n\r\ndata: [DONE]\r\n\r\n'
+    )
     relay_all(relay, body)
     assert relay.usage == {"prompt_tokens": 1, "completion_tokens": 1}

@@ -20,8 +20,11 @@ WEATHER_TOOL = {
     "function": {
         "name": "get_weather",
         "description": "Current weather for a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-                       "required": ["city"]},
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city"],
+        },
     },
 }
 
@@ -45,7 +48,7 @@ def test_non_streaming_chat(client: openai.OpenAI) -> None:
 
 
 def test_streaming_chat_reassembles_content_exactly(client: openai.OpenAI) -> None:
-    text = "Héllo, wörld! 🚀 Several   spaces,\nnew lines\tand tabs; \"quotes\" and \\backslashes\\ stay."
+    text = 'Héllo, wörld! 🚀 Several   spaces,\nnew lines\tand tabs; "quotes" and \\backslashes\\ stay.'
     stream = client.chat.completions.create(
         model="openai/gpt-4o-mini", messages=HELLO, stream=True, extra_body={"simulator": {"reply": text}}
     )
@@ -59,9 +62,15 @@ def test_streaming_chat_reassembles_content_exactly(client: openai.OpenAI) -> No
 @pytest.mark.parametrize("variant", ["empty_choices", "choice", "finish"])
 def test_usage_chunk_only_when_asked(client: openai.OpenAI, variant: str) -> None:
     knobs = {"simulator": {"usage_variant": variant}, "reasoning": {"effort": "low"}}
-    asked = list(client.chat.completions.create(
-        model="deepseek/deepseek-v3.2", messages=HELLO, stream=True, stream_options={"include_usage": True},
-        extra_body=knobs))
+    asked = list(
+        client.chat.completions.create(
+            model="deepseek/deepseek-v3.2",
+            messages=HELLO,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=knobs,
+        )
+    )
     with_usage = [c for c in asked if c.usage is not None]
     assert len(with_usage) == 1 and asked[-1] is with_usage[0]
     assert asked[-1].choices == []  # OpenAI's shape, whatever shape OpenRouter used
@@ -71,13 +80,15 @@ def test_usage_chunk_only_when_asked(client: openai.OpenAI, variant: str) -> Non
     assert extra(usage, "cost") > 0
     assert [c.choices[0].finish_reason for c in asked if c.choices and c.choices[0].finish_reason] == ["stop"]
 
-    silent = list(client.chat.completions.create(
-        model="deepseek/deepseek-v3.2", messages=HELLO, stream=True, extra_body=knobs))
+    silent = list(
+        client.chat.completions.create(model="deepseek/deepseek-v3.2", messages=HELLO, stream=True, extra_body=knobs)
+    )
     assert all(c.usage is None for c in silent)
     assert all(c.choices for c in silent), "no empty-choices chunk reaches a client that did not ask"
     assert [c.choices[0].finish_reason for c in silent if c.choices[0].finish_reason] == ["stop"]
-    assert "".join(c.choices[0].delta.content or "" for c in silent) == \
-        "".join(c.choices[0].delta.content or "" for c in asked if c.choices)
+    assert "".join(c.choices[0].delta.content or "" for c in silent) == "".join(
+        c.choices[0].delta.content or "" for c in asked if c.choices
+    )
 
 
 def test_tool_call_non_streaming(client: openai.OpenAI) -> None:
@@ -93,7 +104,10 @@ def test_tool_call_non_streaming(client: openai.OpenAI) -> None:
 
 def test_tool_call_streaming(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
-        model="anthropic/claude-sonnet-4.5", messages=HELLO, tools=[WEATHER_TOOL], stream=True,
+        model="anthropic/claude-sonnet-4.5",
+        messages=HELLO,
+        tools=[WEATHER_TOOL],
+        stream=True,
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
     )
     name, arguments, ids, finish = "", "", [], None
@@ -115,13 +129,22 @@ def test_tool_arguments_stay_as_sent(client: openai.OpenAI, stream: bool) -> Non
     """A tool without parameters may finish with arguments "" (Bedrock); we do not rewrite it."""
     body = {"simulator": {"tool_arguments": ""}}
     if stream:
-        chunks = list(client.chat.completions.create(
-            model="openai/gpt-4o-mini", messages=HELLO, tools=[WEATHER_TOOL], stream=True, extra_body=body))
-        arguments = "".join(d.function.arguments or "" for c in chunks for ch in c.choices
-                            for d in ch.delta.tool_calls or () if d.function)
+        chunks = list(
+            client.chat.completions.create(
+                model="openai/gpt-4o-mini", messages=HELLO, tools=[WEATHER_TOOL], stream=True, extra_body=body
+            )
+        )
+        arguments = "".join(
+            d.function.arguments or ""
+            for c in chunks
+            for ch in c.choices
+            for d in ch.delta.tool_calls or ()
+            if d.function
+        )
     else:
         reply = client.chat.completions.create(
-            model="openai/gpt-4o-mini", messages=HELLO, tools=[WEATHER_TOOL], extra_body=body)
+            model="openai/gpt-4o-mini", messages=HELLO, tools=[WEATHER_TOOL], extra_body=body
+        )
         assert reply.choices[0].message.tool_calls is not None
         arguments = reply.choices[0].message.tool_calls[0].function.arguments
     assert arguments == ""
@@ -139,8 +162,10 @@ def test_reasoning_round_trips_unchanged(client: openai.OpenAI, simulator: Simul
     rid = request_id()
     assistant = {"role": "assistant", "content": message.content, "reasoning_details": details}
     client.chat.completions.create(
-        model="deepseek/deepseek-v3.2", messages=[*HELLO, assistant, {"role": "user", "content": "And now?"}],
-        extra_headers={"x-request-id": rid})
+        model="deepseek/deepseek-v3.2",
+        messages=[*HELLO, assistant, {"role": "user", "content": "And now?"}],
+        extra_headers={"x-request-id": rid},
+    )
     (sent,) = simulator.find(rid)
     assert json.loads(sent["body"])["messages"][1]["reasoning_details"] == details
 
@@ -149,7 +174,8 @@ def test_streamed_signed_reasoning_round_trips(client: openai.OpenAI, simulator:
     """Anthropic thinking blocks arrive in pieces with a final signature; replayed exactly, the
     (simulated) provider accepts them, and it would refuse an edited one."""
     stream = client.chat.completions.create(
-        model="anthropic/claude-sonnet-4.5", messages=HELLO, stream=True, extra_body={"reasoning": {"max_tokens": 2048}})
+        model="anthropic/claude-sonnet-4.5", messages=HELLO, stream=True, extra_body={"reasoning": {"max_tokens": 2048}}
+    )
     details: list[dict[str, Any]] = []
     content, reasoning = "", ""
     for chunk in stream:
@@ -161,8 +187,10 @@ def test_streamed_signed_reasoning_round_trips(client: openai.OpenAI, simulator:
     rid = request_id()
     assistant = {"role": "assistant", "content": content, "reasoning_details": details}
     reply = client.chat.completions.create(
-        model="anthropic/claude-sonnet-4.5", messages=[*HELLO, assistant, {"role": "user", "content": "More?"}],
-        extra_headers={"x-request-id": rid})
+        model="anthropic/claude-sonnet-4.5",
+        messages=[*HELLO, assistant, {"role": "user", "content": "More?"}],
+        extra_headers={"x-request-id": rid},
+    )
     assert reply.choices[0].message.content
     (sent,) = simulator.find(rid)
     assert json.loads(sent["body"])["messages"][1]["reasoning_details"] == details
@@ -172,7 +200,8 @@ def test_streamed_signed_reasoning_round_trips(client: openai.OpenAI, simulator:
     with pytest.raises(openai.BadRequestError, match="signature"):
         client.chat.completions.create(
             model="anthropic/claude-sonnet-4.5",
-            messages=[*HELLO, {**assistant, "reasoning_details": tampered}, {"role": "user", "content": "More?"}])
+            messages=[*HELLO, {**assistant, "reasoning_details": tampered}, {"role": "user", "content": "More?"}],
+        )
 
 
 def test_legacy_completions(client: openai.OpenAI) -> None:
@@ -195,8 +224,9 @@ def test_embeddings(client: openai.OpenAI) -> None:
     assert result.data[0].embedding != result.data[1].embedding
     assert result.usage.prompt_tokens == 4
 
-    floats = client.embeddings.create(model="openai/text-embedding-3-small", input="first text",
-                                      encoding_format="float", dimensions=8)
+    floats = client.embeddings.create(
+        model="openai/text-embedding-3-small", input="first text", encoding_format="float", dimensions=8
+    )
     assert len(floats.data[0].embedding) == 8
 
 
@@ -217,8 +247,9 @@ def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
 
 
 def test_openrouter_style_prefix(gateway: Any) -> None:
-    with openai.OpenAI(base_url=gateway.url + "/api/v1", api_key=gateway.settings.api_key.get_secret_value(),
-                       max_retries=0) as sdk:
+    with openai.OpenAI(
+        base_url=gateway.url + "/api/v1", api_key=gateway.settings.api_key.get_secret_value(), max_retries=0
+    ) as sdk:
         reply = sdk.chat.completions.create(model="openai/gpt-4o-mini", messages=HELLO)
         assert reply.choices[0].message.content
         assert any(m.id == "openai/gpt-4o-mini" for m in sdk.models.list())

@@ -64,7 +64,7 @@ def test_config_file_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("GATEWAY_CONFIG", write(tmp_path, "port: 7000\n"))
     assert Settings().port == 7000
     monkeypatch.setenv("GATEWAY_CONFIG", str(tmp_path / "missing.yaml"))
-    with pytest.raises(ConfigError, match="missing.yaml: file not found"):
+    with pytest.raises(ConfigError, match=r"missing\.yaml: file not found"):
         Settings()
 
 
@@ -78,7 +78,7 @@ def test_secrets_are_refused_in_the_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("value", ["changeme", "your-key-here", "<OPENROUTER_API_KEY>", "sk-or-v1-xxxxxxxx", ""])
 def test_placeholder_secrets_are_refused(value: str) -> None:
-    with pytest.raises(ConfigError, match="upstream.api_key: .*placeholder"):
+    with pytest.raises(ConfigError, match=r"upstream\.api_key: .*placeholder"):
         load_settings(config_file=None, upstream={"api_key": value})
 
 
@@ -88,12 +88,19 @@ def test_shipped_example_config_is_valid() -> None:
 
 
 def run_check(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(GATEWAY), "check", *args], capture_output=True, text=True, timeout=60,
-                          env={"PATH": "/usr/bin:/bin", **(env or {})})
+    return subprocess.run(
+        [str(GATEWAY), "check", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", **(env or {})},
+    )
 
 
 def test_check_names_every_problem_path(tmp_path: Path) -> None:
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 upstream:
   deadline_s: -1
   base_url: ftp://nowhere
@@ -106,12 +113,20 @@ models:
   per_model:
     deepseek/deepseek-v3.2: {defaults: [not, a, mapping]}
 port: http
-""")
+""",
+    )
     result = run_check("--config", path)
     assert result.returncode == 1
-    for where in ("upstream.deadline_s", "upstream.base_url", "upstream.retires", "attribution.app_title",
-                  "attribution.categories", "models.aliases", "models.per_model.deepseek/deepseek-v3.2.defaults",
-                  "port"):
+    for where in (
+        "upstream.deadline_s",
+        "upstream.base_url",
+        "upstream.retires",
+        "attribution.app_title",
+        "attribution.categories",
+        "models.aliases",
+        "models.per_model.deepseek/deepseek-v3.2.defaults",
+        "port",
+    ):
         assert f"problem: {where}:" in result.stderr, (where, result.stderr)
 
 

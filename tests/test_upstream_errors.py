@@ -27,27 +27,32 @@ def envelope(error: openai.APIStatusError) -> dict[str, Any]:
     return result
 
 
-@pytest.mark.parametrize(("upstream", "status", "exception", "code"), [
-    (400, 400, openai.BadRequestError, "invalid_request"),
-    (401, 503, openai.InternalServerError, "upstream_auth_failed"),
-    (402, 503, openai.InternalServerError, "upstream_insufficient_credits"),
-    (403, 403, openai.PermissionDeniedError, "content_policy_violation"),
-    (404, 404, openai.NotFoundError, "not_found"),
-    (408, 408, openai.APIStatusError, "timeout"),
-    (413, 413, openai.APIStatusError, "payload_too_large"),
-    (422, 422, openai.UnprocessableEntityError, "unprocessable"),
-    (429, 429, openai.RateLimitError, "rate_limit_exceeded"),
-    (500, 502, openai.InternalServerError, "upstream_error"),
-    (502, 502, openai.InternalServerError, "upstream_error"),
-    (503, 502, openai.InternalServerError, "upstream_error"),
-    (524, 504, openai.InternalServerError, "upstream_timeout"),
-])
+@pytest.mark.parametrize(
+    ("upstream", "status", "exception", "code"),
+    [
+        (400, 400, openai.BadRequestError, "invalid_request"),
+        (401, 503, openai.InternalServerError, "upstream_auth_failed"),
+        (402, 503, openai.InternalServerError, "upstream_insufficient_credits"),
+        (403, 403, openai.PermissionDeniedError, "content_policy_violation"),
+        (404, 404, openai.NotFoundError, "not_found"),
+        (408, 408, openai.APIStatusError, "timeout"),
+        (413, 413, openai.APIStatusError, "payload_too_large"),
+        (422, 422, openai.UnprocessableEntityError, "unprocessable"),
+        (429, 429, openai.RateLimitError, "rate_limit_exceeded"),
+        (500, 502, openai.InternalServerError, "upstream_error"),
+        (502, 502, openai.InternalServerError, "upstream_error"),
+        (503, 502, openai.InternalServerError, "upstream_error"),
+        (524, 504, openai.InternalServerError, "upstream_timeout"),
+    ],
+)
 @pytest.mark.parametrize("stream", [False, True])
-def test_upstream_status_errors(client: openai.OpenAI, upstream: int, status: int, exception: type[Exception],
-                                code: str, stream: bool) -> None:
+def test_upstream_status_errors(
+    client: openai.OpenAI, upstream: int, status: int, exception: type[Exception], code: str, stream: bool
+) -> None:
     with pytest.raises(exception) as caught:
-        client.chat.completions.create(model=MODEL, messages=HELLO, stream=stream,
-                                       extra_body={"simulator": {"status": upstream}})
+        client.chat.completions.create(
+            model=MODEL, messages=HELLO, stream=stream, extra_body={"simulator": {"status": upstream}}
+        )
     error = caught.value
     assert isinstance(error, openai.APIStatusError) and error.status_code == status
     body = envelope(error)
@@ -63,9 +68,17 @@ def test_upstream_status_errors(client: openai.OpenAI, upstream: int, status: in
 
 def test_messages_of_openrouter_kept(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model=MODEL, messages=HELLO, extra_body={
-            "simulator": {"status": 400, "message": "This endpoint's maximum context length is 128000 tokens.",
-                          "error_type": "context_length_exceeded"}})
+        client.chat.completions.create(
+            model=MODEL,
+            messages=HELLO,
+            extra_body={
+                "simulator": {
+                    "status": 400,
+                    "message": "This endpoint's maximum context length is 128000 tokens.",
+                    "error_type": "context_length_exceeded",
+                }
+            },
+        )
     body = envelope(caught.value)
     assert body["message"] == "This endpoint's maximum context length is 128000 tokens."
     assert body["code"] == "context_length_exceeded"
@@ -74,15 +87,17 @@ def test_messages_of_openrouter_kept(client: openai.OpenAI) -> None:
 
 def test_retry_after_passed_on(client: openai.OpenAI) -> None:
     with pytest.raises(openai.RateLimitError) as caught:
-        client.chat.completions.create(model=MODEL, messages=HELLO,
-                                       extra_body={"simulator": {"status": 429, "retry_after": 7}})
+        client.chat.completions.create(
+            model=MODEL, messages=HELLO, extra_body={"simulator": {"status": 429, "retry_after": 7}}
+        )
     assert caught.value.response.headers["retry-after"] == "7"
 
 
 def test_in_flight_402_is_told_apart(client: openai.OpenAI) -> None:
     with pytest.raises(openai.InternalServerError) as caught:
-        client.chat.completions.create(model=MODEL, messages=HELLO,
-                                       extra_body={"simulator": {"status": 402, "in_flight": True}})
+        client.chat.completions.create(
+            model=MODEL, messages=HELLO, extra_body={"simulator": {"status": 402, "in_flight": True}}
+        )
     assert envelope(caught.value)["code"] == "upstream_in_flight_budget"
     assert caught.value.response.headers["retry-after"] == "1"
 
@@ -90,7 +105,9 @@ def test_in_flight_402_is_told_apart(client: openai.OpenAI) -> None:
 @pytest.mark.parametrize("variant", ["envelope", "choice"])
 def test_http_200_with_error_body(client: openai.OpenAI, variant: str) -> None:
     with pytest.raises(openai.InternalServerError) as caught:
-        client.chat.completions.create(model=MODEL, messages=HELLO, extra_body={"simulator": {"error_body_200": variant}})
+        client.chat.completions.create(
+            model=MODEL, messages=HELLO, extra_body={"simulator": {"error_body_200": variant}}
+        )
     assert caught.value.status_code == 502
     body = envelope(caught.value)
     assert body["code"] == "upstream_error"
@@ -105,7 +122,9 @@ def test_malformed_json_from_upstream(client: openai.OpenAI) -> None:
 
 def test_reset_before_headers(client: openai.OpenAI) -> None:
     with pytest.raises(openai.InternalServerError) as caught:
-        client.chat.completions.create(model=MODEL, messages=HELLO, extra_body={"simulator": {"reset": "before_headers"}})
+        client.chat.completions.create(
+            model=MODEL, messages=HELLO, extra_body={"simulator": {"reset": "before_headers"}}
+        )
     assert caught.value.status_code == 502
     assert envelope(caught.value)["code"] == "upstream_reset"
 
@@ -114,8 +133,11 @@ def test_reset_before_headers(client: openai.OpenAI) -> None:
 @pytest.mark.parametrize("done_after_error", [False, True])
 def test_in_stream_error_shapes(client: openai.OpenAI, shape: int, done_after_error: bool) -> None:
     stream = client.chat.completions.create(
-        model=MODEL, messages=HELLO, stream=True,
-        extra_body={"simulator": {"stream_error": shape, "error_after": 2, "done_after_error": done_after_error}})
+        model=MODEL,
+        messages=HELLO,
+        stream=True,
+        extra_body={"simulator": {"stream_error": shape, "error_after": 2, "done_after_error": done_after_error}},
+    )
     received = []
     with pytest.raises(openai.APIError) as caught:
         for chunk in stream:
@@ -128,32 +150,45 @@ def test_in_stream_error_shapes(client: openai.OpenAI, shape: int, done_after_er
     assert body["type"] in ("server_error", "requests")
 
 
-@pytest.mark.parametrize("knobs", [
-    {"reset_after": 3},
-    {"omit_done": True, "usage_variant": "none", "error_after": 99, "reset_after": 4},
-    {"malformed_after": 2},
-], ids=["reset", "cut-without-finish", "malformed-sse"])
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"reset_after": 3},
+        {"omit_done": True, "usage_variant": "none", "error_after": 99, "reset_after": 4},
+        {"malformed_after": 2},
+    ],
+    ids=["reset", "cut-without-finish", "malformed-sse"],
+)
 def test_broken_streams_end_with_an_error_event(client: openai.OpenAI, knobs: dict[str, Any]) -> None:
     stream = client.chat.completions.create(model=MODEL, messages=HELLO, stream=True, extra_body={"simulator": knobs})
     with pytest.raises(openai.APIError) as caught:
         for _ in stream:
             pass
     assert not isinstance(caught.value, openai.APIStatusError)
-    assert isinstance(caught.value.body, dict) and caught.value.body["code"] in ("upstream_reset", "upstream_invalid_response")
+    assert isinstance(caught.value.body, dict) and caught.value.body["code"] in (
+        "upstream_reset",
+        "upstream_invalid_response",
+    )
 
 
 def test_stream_without_done_still_ends_cleanly(http: httpx.Client) -> None:
     """OpenRouter may end a finished stream without `[DONE]`; the client still gets one."""
-    with http.stream("POST", "/v1/chat/completions", json={
-            "model": MODEL, "messages": HELLO, "stream": True, "simulator": {"omit_done": True}}) as response:
+    with http.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": HELLO, "stream": True, "simulator": {"omit_done": True}},
+    ) as response:
         text = response.read().decode()
     assert text.endswith("data: [DONE]\n\n")
     assert '"error"' not in text
 
 
 def test_keepalive_comments_stay_comments(http: httpx.Client) -> None:
-    with http.stream("POST", "/v1/chat/completions", json={
-            "model": MODEL, "messages": HELLO, "stream": True, "simulator": {"keepalives": 6}}) as response:
+    with http.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": HELLO, "stream": True, "simulator": {"keepalives": 6}},
+    ) as response:
         events = [e for e in response.read().decode().split("\n\n") if e]
     assert events[:6] == [": OPENROUTER PROCESSING"] * 6
     assert all(e.startswith("data: ") for e in events[6:])
@@ -163,7 +198,9 @@ def test_keepalive_comments_stay_comments(http: httpx.Client) -> None:
 def test_unknown_model_is_404_before_upstream(client: openai.OpenAI, simulator: SimulatorThread) -> None:
     rid = request_id()
     with pytest.raises(openai.NotFoundError) as caught:
-        client.chat.completions.create(model="nobody/no-such-model", messages=HELLO, extra_headers={"x-request-id": rid})
+        client.chat.completions.create(
+            model="nobody/no-such-model", messages=HELLO, extra_headers={"x-request-id": rid}
+        )
     assert envelope(caught.value)["code"] == "model_not_found"
     assert simulator.find(rid) == []
 

@@ -17,13 +17,17 @@ from tests.support import CLIENT_KEY, UPSTREAM_KEY, GatewayServer, request_id
 HELLO = [{"role": "user", "content": "Hi"}]
 
 
-def send(http: httpx.Client, simulator: SimulatorThread, body: dict[str, Any] | bytes,
-         headers: dict[str, str] | None = None) -> tuple[httpx.Response, dict[str, Any]]:
+def send(
+    http: httpx.Client, simulator: SimulatorThread, body: dict[str, Any] | bytes, headers: dict[str, str] | None = None
+) -> tuple[httpx.Response, dict[str, Any]]:
     """POST a chat request through the gateway; returns the response and what OpenRouter got."""
     rid = request_id()
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    response = http.post("/v1/chat/completions", content=raw,
-                         headers={"content-type": "application/json", "x-request-id": rid, **(headers or {})})
+    response = http.post(
+        "/v1/chat/completions",
+        content=raw,
+        headers={"content-type": "application/json", "x-request-id": rid, **(headers or {})},
+    )
     entries = simulator.find(rid)
     assert len(entries) == 1, entries
     return response, entries[0]
@@ -48,8 +52,11 @@ def test_attribution_headers_and_gateway_key(http: httpx.Client, simulator: Simu
 
 
 def test_openrouter_key_is_not_accepted_from_clients(gateway: GatewayServer) -> None:
-    response = httpx.post(gateway.url + "/v1/chat/completions", json={"model": "openai/gpt-4o-mini", "messages": HELLO},
-                          headers={"Authorization": f"Bearer {UPSTREAM_KEY}"})
+    response = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json={"model": "openai/gpt-4o-mini", "messages": HELLO},
+        headers={"Authorization": f"Bearer {UPSTREAM_KEY}"},
+    )
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "invalid_api_key"
     assert UPSTREAM_KEY not in response.text
@@ -63,13 +70,23 @@ def test_reasoning_effort_becomes_reasoning_object(http: httpx.Client, simulator
 
 
 def test_reasoning_effort_values_are_not_validated(http: httpx.Client, simulator: SimulatorThread) -> None:
-    _, entry = send(http, simulator, {"model": "openai/gpt-5-mini", "messages": HELLO, "reasoning_effort": "galaxy-brain"})
+    _, entry = send(
+        http, simulator, {"model": "openai/gpt-5-mini", "messages": HELLO, "reasoning_effort": "galaxy-brain"}
+    )
     assert upstream_body(entry)["reasoning"] == {"effort": "galaxy-brain"}
 
 
 def test_reasoning_effort_merges_into_reasoning_object(http: httpx.Client, simulator: SimulatorThread) -> None:
-    _, entry = send(http, simulator, {"model": "openai/gpt-5-mini", "messages": HELLO, "reasoning_effort": "high",
-                                      "reasoning": {"exclude": True, "summary": "auto"}})
+    _, entry = send(
+        http,
+        simulator,
+        {
+            "model": "openai/gpt-5-mini",
+            "messages": HELLO,
+            "reasoning_effort": "high",
+            "reasoning": {"exclude": True, "summary": "auto"},
+        },
+    )
     body = upstream_body(entry)
     assert body["reasoning"] == {"exclude": True, "summary": "auto", "effort": "high"}
     assert "reasoning_effort" not in body
@@ -77,21 +94,27 @@ def test_reasoning_effort_merges_into_reasoning_object(http: httpx.Client, simul
 
 def test_conflicting_reasoning_is_refused(http: httpx.Client) -> None:
     for reasoning in ({"effort": "low"}, {"max_tokens": 2048}):
-        response = http.post("/v1/chat/completions", json={
-            "model": "openai/gpt-5-mini", "messages": HELLO, "reasoning_effort": "high", "reasoning": reasoning})
+        response = http.post(
+            "/v1/chat/completions",
+            json={"model": "openai/gpt-5-mini", "messages": HELLO, "reasoning_effort": "high", "reasoning": reasoning},
+        )
         assert response.status_code == 400
         assert response.json()["error"]["param"] == "reasoning_effort"
 
 
-@pytest.mark.parametrize(("sent", "expected"), [
-    ({}, {"enabled": True}),
-    ({"reasoning": {"enabled": False}}, {"enabled": False}),
-    ({"reasoning_effort": "low"}, {"effort": "low"}),
-    ({"reasoning": {"max_tokens": 4096}}, {"max_tokens": 4096}),
-    ({"reasoning": {"exclude": True}}, {"enabled": True, "exclude": True}),
-])
-def test_per_model_reasoning_defaults(http: httpx.Client, simulator: SimulatorThread, sent: dict[str, Any],
-                                      expected: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [
+        ({}, {"enabled": True}),
+        ({"reasoning": {"enabled": False}}, {"enabled": False}),
+        ({"reasoning_effort": "low"}, {"effort": "low"}),
+        ({"reasoning": {"max_tokens": 4096}}, {"max_tokens": 4096}),
+        ({"reasoning": {"exclude": True}}, {"enabled": True, "exclude": True}),
+    ],
+)
+def test_per_model_reasoning_defaults(
+    http: httpx.Client, simulator: SimulatorThread, sent: dict[str, Any], expected: dict[str, Any]
+) -> None:
     _, entry = send(http, simulator, {"model": "deepseek/deepseek-v3.2", "messages": HELLO, **sent})
     assert upstream_body(entry)["reasoning"] == expected
 
@@ -101,12 +124,15 @@ def test_no_reasoning_default_for_other_models(http: httpx.Client, simulator: Si
     assert "reasoning" not in upstream_body(entry)
 
 
-@pytest.mark.parametrize(("requested", "resolved"), [
-    ("gpt-4o-mini", "openai/gpt-4o-mini"),
-    ("thinker", "deepseek/deepseek-v3.2"),
-    ("default", "openai/gpt-4o-mini"),
-    (None, "openai/gpt-4o-mini"),
-])
+@pytest.mark.parametrize(
+    ("requested", "resolved"),
+    [
+        ("gpt-4o-mini", "openai/gpt-4o-mini"),
+        ("thinker", "deepseek/deepseek-v3.2"),
+        ("default", "openai/gpt-4o-mini"),
+        (None, "openai/gpt-4o-mini"),
+    ],
+)
 def test_aliases_resolved(http: httpx.Client, simulator: SimulatorThread, requested: str | None, resolved: str) -> None:
     body: dict[str, Any] = {"messages": HELLO}
     if requested is not None:
@@ -117,8 +143,11 @@ def test_aliases_resolved(http: httpx.Client, simulator: SimulatorThread, reques
 
 
 def test_aliases_resolved_in_fallback_models(http: httpx.Client, simulator: SimulatorThread) -> None:
-    _, entry = send(http, simulator, {"model": "openai/gpt-4o-mini", "messages": HELLO,
-                                      "models": ["thinker", "anthropic/claude-sonnet-4.5"]})
+    _, entry = send(
+        http,
+        simulator,
+        {"model": "openai/gpt-4o-mini", "messages": HELLO, "models": ["thinker", "anthropic/claude-sonnet-4.5"]},
+    )
     assert upstream_body(entry)["models"] == ["deepseek/deepseek-v3.2", "anthropic/claude-sonnet-4.5"]
 
 
@@ -151,9 +180,12 @@ def test_unknown_fields_pass_unchanged_when_body_is_rewritten(http: httpx.Client
 
 
 def test_steering_headers_pass_and_others_do_not(http: httpx.Client, simulator: SimulatorThread) -> None:
-    _, entry = send(http, simulator, {"model": "openai/gpt-4o-mini", "messages": HELLO},
-                    headers={"x-session-id": "abc", "x-openrouter-cache": "true", "x-title": "Spoofed",
-                             "cookie": "session=secret"})
+    _, entry = send(
+        http,
+        simulator,
+        {"model": "openai/gpt-4o-mini", "messages": HELLO},
+        headers={"x-session-id": "abc", "x-openrouter-cache": "true", "x-title": "Spoofed", "cookie": "session=secret"},
+    )
     headers = entry["headers"]
     assert headers["x-session-id"] == "abc" and headers["x-openrouter-cache"] == "true"
     assert headers["x-title"] == "Gateway Tests"

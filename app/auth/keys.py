@@ -31,9 +31,7 @@ def hash_key(key: str) -> bytes:
 def bearer_token(authorization: str | None) -> str:
     """The token of an `Authorization: Bearer …` header, or a 401 saying what is missing."""
     if not authorization:
-        raise AuthenticationError(
-            "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."
-        )
+        raise AuthenticationError("You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
     scheme, _, token = authorization.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:

@@ -125,7 +125,9 @@ class Catalog:
     async def require_entries(self) -> dict[str, dict[str, Any]]:
         entries = await self.entries()
         if not entries:
-            raise UpstreamError("The model catalogue could not be loaded from OpenRouter.", code="catalogue_unavailable")
+            raise UpstreamError(
+                "The model catalogue could not be loaded from OpenRouter.", code="catalogue_unavailable"
+            )
         return entries
 
 

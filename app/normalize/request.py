@@ -36,7 +36,9 @@ def require_fields(payload: dict[str, Any], required: tuple[tuple[str, type | tu
     for name, kind in required:
         value = payload.get(name)
         if value is None:
-            raise InvalidRequestError(f"Missing required parameter: '{name}'.", param=name, code="missing_required_parameter")
+            raise InvalidRequestError(
+                f"Missing required parameter: '{name}'.", param=name, code="missing_required_parameter"
+            )
         if not isinstance(value, kind) or (isinstance(value, (list, str)) and not value):
             raise InvalidRequestError(f"Invalid value for '{name}'.", param=name, code="invalid_type")
 
@@ -135,7 +137,9 @@ def impose_policy(payload: dict[str, Any], policy: dict[str, Any]) -> bool:
     changed = False
     for name, value in policy.items():
         mine = payload.get(name)
-        merged = _deep_merge(mine, value) if isinstance(mine, dict) and isinstance(value, dict) else copy.deepcopy(value)
+        merged = (
+            _deep_merge(mine, value) if isinstance(mine, dict) and isinstance(value, dict) else copy.deepcopy(value)
+        )
         if merged != mine:
             payload[name] = merged
             changed = True

@@ -100,7 +100,7 @@ def _is_in_flight_budget(message: str | None, metadata: dict[str, Any] | None) -
         or metadata.get("reason") == "in_flight_budget_exhausted"
     ):
         return True
-    return bool(message) and "in-flight" in message
+    return message is not None and "in-flight" in message
 
 
 def status_of(error: Any, fallback: int = 502) -> int:

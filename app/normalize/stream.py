@@ -24,7 +24,7 @@ _FINISH = b'"finish_reason":"'
 class StreamRelay:
     """Feed it upstream bytes; it returns the bytes for the client."""
 
-    __slots__ = ("_buffer", "error", "finished", "include_usage", "model", "done", "saw_data", "usage")
+    __slots__ = ("_buffer", "done", "error", "finished", "include_usage", "model", "saw_data", "usage")
 
     def __init__(self, include_usage: bool) -> None:
         self.include_usage = include_usage
@@ -66,9 +66,7 @@ class StreamRelay:
         if self.finished or self.usage is not None:
             self.done = True
             return out + DONE
-        return out + self.fail(
-            UpstreamConnectionError("OpenRouter ended the stream before the response was complete.")
-        )
+        return out + self.fail(UpstreamConnectionError("OpenRouter ended the stream before the response was complete."))
 
     def fail(self, error: GatewayError) -> bytes:
         """End the stream with one OpenAI-style error event."""
@@ -96,7 +94,9 @@ class StreamRelay:
             self.done = True
             return DONE
         if not _looks_like_json(data):
-            return self.fail(UpstreamConnectionError("OpenRouter sent a malformed stream event.", code="upstream_invalid_response"))
+            return self.fail(
+                UpstreamConnectionError("OpenRouter sent a malformed stream event.", code="upstream_invalid_response")
+            )
         if b"error" not in data and b'"usage"' not in data:
             if _FINISH in data:
                 self.finished = True
@@ -104,7 +104,9 @@ class StreamRelay:
         try:
             chunk = orjson.loads(data)
         except orjson.JSONDecodeError:
-            return self.fail(UpstreamConnectionError("OpenRouter sent a malformed stream event.", code="upstream_invalid_response"))
+            return self.fail(
+                UpstreamConnectionError("OpenRouter sent a malformed stream event.", code="upstream_invalid_response")
+            )
         if not isinstance(chunk, dict):
             return event + b"\n\n"
         error = _chunk_error(chunk)

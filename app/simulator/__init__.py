@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -20,8 +20,7 @@ async def start_simulator(simulator: Simulator, host: str, port: int) -> tuple[w
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()
-    server = site._server
-    assert server is not None and server.sockets
+    server = cast(asyncio.Server, site._server)
     return runner, int(server.sockets[0].getsockname()[1])
 
 

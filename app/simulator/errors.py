@@ -11,8 +11,11 @@ from aiohttp import web
 _MESSAGES = {
     400: ("Provider returned error", "invalid_request"),
     401: ("User not found.", "authentication"),
-    402: ("This request requires more credits, or fewer max_tokens. You requested up to 65536 tokens, "
-          "but can only afford 1000. To increase, visit https://openrouter.ai/settings/credits", "payment_required"),
+    402: (
+        "This request requires more credits, or fewer max_tokens. You requested up to 65536 tokens, "
+        "but can only afford 1000. To increase, visit https://openrouter.ai/settings/credits",
+        "payment_required",
+    ),
     403: ("Input was flagged by moderation", "content_policy_violation"),
     404: ("No endpoints found matching your data policy.", "not_found"),
     408: ("Request timed out", "timeout"),
@@ -32,10 +35,13 @@ def error_body(status: int, spec: dict[str, Any]) -> dict[str, Any]:
     message, error_type = _MESSAGES.get(status, (f"Error {status}", "unmapped"))
     metadata: dict[str, Any] = {"error_type": spec.get("error_type", error_type)}
     if status == 429:
-        metadata.update(raw='{"error":{"message":"Rate limit reached, retry later"}}', provider_name="Venice",
-                        is_byok=False)
+        metadata.update(
+            raw='{"error":{"message":"Rate limit reached, retry later"}}', provider_name="Venice", is_byok=False
+        )
     if status == 403:
-        metadata.update(reasons=["harassment"], flagged_input="...", provider_name="OpenAI", model_slug="openai/gpt-4o-mini")
+        metadata.update(
+            reasons=["harassment"], flagged_input="...", provider_name="OpenAI", model_slug="openai/gpt-4o-mini"
+        )
     if status == 402 and spec.get("in_flight"):
         message = "Insufficient credits given your current in-flight requests"
         metadata.update(reason="in_flight_budget_exhausted", limit_source="openrouter_in_flight_budget")
@@ -55,5 +61,6 @@ def error_response(status: int, spec: dict[str, Any]) -> web.Response:
         headers["Retry-After"] = str(spec["retry_after"])
     elif status == 402 and spec.get("in_flight"):
         headers["Retry-After"] = "1"
-    return web.Response(body=orjson.dumps(error_body(status, spec)), status=status, content_type="application/json",
-                        headers=headers)
+    return web.Response(
+        body=orjson.dumps(error_body(status, spec)), status=status, content_type="application/json", headers=headers
+    )

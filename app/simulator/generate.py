@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import re
 import secrets
 import string
@@ -18,8 +19,27 @@ from app.simulator.catalogue import price
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 _PIECE = re.compile(r"\s*\S+|\s+$")
 _SIGNING_KEY = b"openrouter-simulator-thinking-signature"
-_WORDS = ("lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore "
-          "et dolore magna aliqua").split()
+_WORDS = [
+    "lorem",
+    "ipsum",
+    "dolor",
+    "sit",
+    "amet",
+    "consectetur",
+    "adipiscing",
+    "elit",
+    "sed",
+    "do",
+    "eiusmod",
+    "tempor",
+    "incididunt",
+    "ut",
+    "labore",
+    "et",
+    "dolore",
+    "magna",
+    "aliqua",
+]
 _ALNUM = string.ascii_letters + string.digits
 
 
@@ -40,7 +60,9 @@ def text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return " ".join(part.get("text", "") for part in content if isinstance(part, dict) and isinstance(part.get("text"), str))
+        return " ".join(
+            part.get("text", "") for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
     return ""
 
 
@@ -63,8 +85,9 @@ def prompt_tokens(payload: dict[str, Any]) -> int:
 
 
 def last_user_text(payload: dict[str, Any]) -> str:
-    if isinstance(payload.get("prompt"), str):
-        return payload["prompt"]
+    prompt = payload.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
     for message in reversed(payload.get("messages") or []):
         if isinstance(message, dict) and message.get("role") == "user":
             return text_of(message.get("content"))
@@ -72,8 +95,9 @@ def last_user_text(payload: dict[str, Any]) -> str:
 
 
 def reply_text(payload: dict[str, Any], knobs: dict[str, Any], model_id: str) -> str:
-    if isinstance(knobs.get("reply"), str):
-        return knobs["reply"]
+    reply = knobs.get("reply")
+    if isinstance(reply, str):
+        return reply
     if isinstance(knobs.get("words"), int):
         return " ".join(_WORDS[i % len(_WORDS)] for i in range(max(0, knobs["words"])))
     messages = payload.get("messages") or []
@@ -102,8 +126,8 @@ def reasoning_wanted(model: dict[str, Any], payload: dict[str, Any]) -> tuple[bo
 
 
 def reasoning_text(payload: dict[str, Any]) -> str:
-    reasoning = payload.get("reasoning") if isinstance(payload.get("reasoning"), dict) else {}
-    effort = reasoning.get("effort", "medium")
+    reasoning = payload.get("reasoning")
+    effort = reasoning.get("effort", "medium") if isinstance(reasoning, dict) else "medium"
     words = len(last_user_text(payload).split())
     thought = f"The user wrote {words} words. I should answer briefly and clearly."
     repeat = {"high": 3, "xhigh": 4, "max": 4}.get(effort, 1) if isinstance(effort, str) else 1
@@ -118,16 +142,28 @@ def reasoning_details(fmt: str, text: str, tool_call_id: str | None) -> list[dic
     if fmt == "openai-responses-v1":
         return [
             {"type": "reasoning.summary", "summary": text, "format": fmt, "index": 0},
-            {"type": "reasoning.encrypted", "data": "gAAAAB" + base64.b64encode(text.encode()).decode(),
-             "id": "rs_" + secrets.token_hex(12), "format": fmt, "index": 1},
+            {
+                "type": "reasoning.encrypted",
+                "data": "gAAAAB" + base64.b64encode(text.encode()).decode(),
+                "id": "rs_" + secrets.token_hex(12),
+                "format": fmt,
+                "index": 1,
+            },
         ]
     detail: dict[str, Any] = {"type": "reasoning.text", "text": text, "format": fmt, "index": 0}
     if fmt == "anthropic-claude-v1":
         detail["signature"] = sign(text)
     details = [detail]
     if fmt == "google-gemini-v1" and tool_call_id:
-        details.append({"type": "reasoning.encrypted", "data": base64.b64encode(b"thought:" + text.encode()).decode(),
-                        "id": tool_call_id, "format": fmt, "index": 1})
+        details.append(
+            {
+                "type": "reasoning.encrypted",
+                "data": base64.b64encode(b"thought:" + text.encode()).decode(),
+                "id": tool_call_id,
+                "format": fmt,
+                "index": 1,
+            }
+        )
     return details
 
 
@@ -165,21 +201,28 @@ def tool_call(payload: dict[str, Any], knobs: dict[str, Any], model: dict[str, A
     if not isinstance(arguments, str):
         arguments = _arguments_for(function.get("parameters") or {})
     prefix = {"Anthropic": "toolu_", "Google AI Studio": "tool_"}.get(model["_provider"], "call_")
-    return {"id": prefix + random_id(24), "type": "function",
-            "function": {"name": str(function.get("name", "tool")), "arguments": arguments}}
+    return {
+        "id": prefix + random_id(24),
+        "type": "function",
+        "function": {"name": str(function.get("name", "tool")), "arguments": arguments},
+    }
 
 
 def _arguments_for(schema: dict[str, Any]) -> str:
-    import json
-
     values: dict[str, Any] = {}
     for name, spec in (schema.get("properties") or {}).items():
         spec = spec if isinstance(spec, dict) else {}
         if spec.get("enum"):
             values[name] = spec["enum"][0]
         else:
-            values[name] = {"string": "Paris", "integer": 1, "number": 1.5, "boolean": True,
-                            "array": [], "object": {}}.get(spec.get("type", "string"), "Paris")
+            values[name] = {
+                "string": "Paris",
+                "integer": 1,
+                "number": 1.5,
+                "boolean": True,
+                "array": [],
+                "object": {},
+            }.get(spec.get("type", "string"), "Paris")
     return json.dumps(values, separators=(",", ":"))
 
 
@@ -213,8 +256,14 @@ def produce(payload: dict[str, Any], knobs: dict[str, Any], model: dict[str, Any
     content = "" if tool else reply_text(payload, knobs, model["id"])
     reasons, excluded = reasoning_wanted(model, payload)
     text = reasoning_text(payload) if reasons else None
-    out = Output(content=content, reasoning=text, reasoning_excluded=excluded, tool=tool,
-                 finish_reason="tool_calls" if tool else "stop", prompt_tokens=prompt_tokens(payload))
+    out = Output(
+        content=content,
+        reasoning=text,
+        reasoning_excluded=excluded,
+        tool=tool,
+        finish_reason="tool_calls" if tool else "stop",
+        prompt_tokens=prompt_tokens(payload),
+    )
     if text and not excluded:
         out.details = reasoning_details(model["_reasoning_format"], text, tool["id"] if tool else None)
     cached = knobs.get("cached_tokens")
@@ -241,7 +290,12 @@ def usage(model: dict[str, Any], prompt: int, completion: int, reasoning: int, c
         "total_tokens": prompt + completion,
         "cost": float(cost),
         "is_byok": False,
-        "prompt_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0, "audio_tokens": 0, "video_tokens": 0},
+        "prompt_tokens_details": {
+            "cached_tokens": cached,
+            "cache_write_tokens": 0,
+            "audio_tokens": 0,
+            "video_tokens": 0,
+        },
         "cost_details": {
             "upstream_inference_cost": float(cost),
             "upstream_inference_prompt_cost": float(prompt_cost),

@@ -28,14 +28,26 @@ class Record:
     def served(self, gen: Generation) -> None:
         usage = gen.usage()
         self.entry.update(
-            status=200, stream=self.stream, generation_id=gen.id, model_served=gen.model_name,
-            usage=usage if gen.billable else None, cost=usage["cost"] if gen.billable else 0.0,
-            completed=gen.finished and not gen.failed, failed=gen.failed,
+            status=200,
+            stream=self.stream,
+            generation_id=gen.id,
+            model_served=gen.model_name,
+            usage=usage if gen.billable else None,
+            cost=usage["cost"] if gen.billable else 0.0,
+            completed=gen.finished and not gen.failed,
+            failed=gen.failed,
         )
 
     def served_usage(self, gen_id: str, model: str, usage: dict[str, Any]) -> None:
-        self.entry.update(status=200, generation_id=gen_id, model_served=model, usage=usage, cost=usage["cost"],
-                          completed=True, failed=False)
+        self.entry.update(
+            status=200,
+            generation_id=gen_id,
+            model_served=model,
+            usage=usage,
+            cost=usage["cost"],
+            completed=True,
+            failed=False,
+        )
 
     def disconnected(self, gen: Generation) -> None:
         self.served(gen)

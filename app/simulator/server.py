@@ -67,8 +67,18 @@ class Simulator:
     async def key(self, request: web.Request) -> web.Response:
         if (refused := self._refuse(request)) is not None:
             return refused
-        return _json({"data": {"label": "sk-or-v1-sim...", "limit": None, "limit_remaining": None, "usage": 0,
-                               "is_free_tier": False, "is_management_key": False}})
+        return _json(
+            {
+                "data": {
+                    "label": "sk-or-v1-sim...",
+                    "limit": None,
+                    "limit_remaining": None,
+                    "usage": 0,
+                    "is_free_tier": False,
+                    "is_management_key": False,
+                }
+            }
+        )
 
     async def generation(self, request: web.Request) -> web.Response:
         if (refused := self._refuse(request)) is not None:
@@ -129,17 +139,22 @@ class Simulator:
             return _json(error_body(502, {"message": "Provider returned error"}), headers=headers)
         body = gen.completion_body()
         if variant == "choice":
-            body["choices"][0].update(finish_reason="error", native_finish_reason="error",
-                                      error=error_body(502, {"message": "Provider disconnected mid-generation"})["error"])
+            body["choices"][0].update(
+                finish_reason="error",
+                native_finish_reason="error",
+                error=error_body(502, {"message": "Provider disconnected mid-generation"})["error"],
+            )
         if knobs.get("malformed") == "json":
-            return web.Response(body=b'{"id": "gen-broken", "choices": [', content_type="application/json",
-                                headers=headers)
+            return web.Response(
+                body=b'{"id": "gen-broken", "choices": [', content_type="application/json", headers=headers
+            )
         return _json(body, headers=headers)
 
     async def _stream(self, request: web.Request, gen: Generation, record: Record) -> web.StreamResponse:
         knobs = gen.knobs
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                               "X-Generation-Id": gen.id})
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Generation-Id": gen.id}
+        )
         record.stream = True
         await response.prepare(request)
         try:
@@ -227,7 +242,8 @@ class Simulator:
             inputs = [inputs]
         if not isinstance(inputs, list) or not inputs:
             return record.answered(error_response(400, {"message": "input: Required"}))
-        dimensions = payload.get("dimensions") if isinstance(payload.get("dimensions"), int) else 256
+        dimensions = payload.get("dimensions")
+        dimensions = dimensions if isinstance(dimensions, int) and 0 < dimensions <= 8192 else 256
         data = []
         for index, item in enumerate(inputs):
             vector = generate.embedding(str(item), dimensions)
@@ -240,8 +256,14 @@ class Simulator:
         usage = {"prompt_tokens": tokens, "total_tokens": tokens, "cost": usage["cost"], "is_byok": False}
         gen_id = f"gen-emb-{int(time.time())}-{generate.random_id()}"
         record.served_usage(gen_id, model["id"], usage)
-        body = {"object": "list", "data": data, "model": model["_upstream_name"], "usage": usage,
-                "provider": model["_provider"], "id": gen_id}
+        body = {
+            "object": "list",
+            "data": data,
+            "model": model["_upstream_name"],
+            "usage": usage,
+            "provider": model["_provider"],
+            "id": gen_id,
+        }
         return record.answered(_json(body, headers={"X-Generation-Id": gen_id}))
 
     # -- helpers ---------------------------------------------------------------------------
@@ -257,8 +279,15 @@ class Simulator:
 class Generation:
     """One completion being served: its chunks, what was sent so far, and its final stats."""
 
-    def __init__(self, payload: dict[str, Any], knobs: dict[str, Any], model: dict[str, Any],
-                 out: generate.Output, kind: str, keepalives: int) -> None:
+    def __init__(
+        self,
+        payload: dict[str, Any],
+        knobs: dict[str, Any],
+        model: dict[str, Any],
+        out: generate.Output,
+        kind: str,
+        keepalives: int,
+    ) -> None:
         self.id = f"gen-{int(time.time())}-{generate.random_id()}"
         self.created = int(time.time())
         self.payload, self.knobs, self.model, self.out, self.kind = payload, knobs, model, out, kind
@@ -277,49 +306,84 @@ class Generation:
         reasoning = out.reasoning_tokens if (self.finished or self.reasoning_sent) else 0
         tool = 0
         if out.tool and (self.finished or self.tool_sent):
-            tool = generate.count_tokens(out.tool["function"]["name"]) + generate.count_tokens(out.tool["function"]["arguments"])
+            tool = generate.count_tokens(out.tool["function"]["name"]) + generate.count_tokens(
+                out.tool["function"]["arguments"]
+            )
         completion = generate.count_tokens(self.emitted) + reasoning + tool
         return generate.usage(self.model, out.prompt_tokens, completion, reasoning, out.cached_tokens)
 
     def stats(self) -> dict[str, Any]:
         usage = self.usage()
         return {
-            "id": self.id, "model": self.model_name, "provider_name": self.provider, "streamed": self.kind != "embedding"
-            and self.payload.get("stream") is True, "cancelled": self.cancelled, "finish_reason": self.out.finish_reason,
-            "tokens_prompt": usage["prompt_tokens"], "tokens_completion": usage["completion_tokens"],
-            "native_tokens_prompt": usage["prompt_tokens"], "native_tokens_completion": usage["completion_tokens"],
+            "id": self.id,
+            "model": self.model_name,
+            "provider_name": self.provider,
+            "streamed": self.kind != "embedding" and self.payload.get("stream") is True,
+            "cancelled": self.cancelled,
+            "finish_reason": self.out.finish_reason,
+            "tokens_prompt": usage["prompt_tokens"],
+            "tokens_completion": usage["completion_tokens"],
+            "native_tokens_prompt": usage["prompt_tokens"],
+            "native_tokens_completion": usage["completion_tokens"],
             "native_tokens_reasoning": usage["completion_tokens_details"]["reasoning_tokens"],
             "native_tokens_cached": usage["prompt_tokens_details"]["cached_tokens"],
-            "total_cost": usage["cost"] if self.billable else 0, "usage": usage["cost"] if self.billable else 0,
-            "is_byok": False, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created)),
+            "total_cost": usage["cost"] if self.billable else 0,
+            "usage": usage["cost"] if self.billable else 0,
+            "is_byok": False,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created)),
         }
 
     def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model_name,
-                "provider": self.provider, "choices": choices}
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model_name,
+            "provider": self.provider,
+            "choices": choices,
+        }
 
     def _choice(self, delta: dict[str, Any], finish: str | None = None, native: str | None = None) -> dict[str, Any]:
         if self.kind == "text":
-            return {"index": 0, "text": delta.get("content") or "", "finish_reason": finish,
-                    "native_finish_reason": native, "logprobs": None}
+            return {
+                "index": 0,
+                "text": delta.get("content") or "",
+                "finish_reason": finish,
+                "native_finish_reason": native,
+                "logprobs": None,
+            }
         return {"index": 0, "delta": delta, "finish_reason": finish, "native_finish_reason": native, "logprobs": None}
 
     def completion_body(self) -> dict[str, Any]:
         out = self.out
         usage = self.usage()
         if self.kind == "text":
-            choice = {"index": 0, "text": out.content, "finish_reason": out.finish_reason,
-                      "native_finish_reason": out.finish_reason, "logprobs": None}
+            choice = {
+                "index": 0,
+                "text": out.content,
+                "finish_reason": out.finish_reason,
+                "native_finish_reason": out.finish_reason,
+                "logprobs": None,
+            }
             return {**self._envelope([choice]), "object": "text_completion", "usage": usage}
-        message: dict[str, Any] = {"role": "assistant", "content": out.content, "refusal": None,
-                                   "reasoning": None if out.reasoning_excluded else out.reasoning}
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": out.content,
+            "refusal": None,
+            "reasoning": None if out.reasoning_excluded else out.reasoning,
+        }
         if out.details:
             message["reasoning_details"] = out.details
         if out.tool:
             message["tool_calls"] = [out.tool]
-        choice = {"index": 0, "logprobs": None, "finish_reason": out.finish_reason,
-                  "native_finish_reason": out.finish_reason, "message": message}
+        choice = {
+            "index": 0,
+            "logprobs": None,
+            "finish_reason": out.finish_reason,
+            "native_finish_reason": out.finish_reason,
+            "message": message,
+        }
         return {**self._envelope([choice]), "object": "chat.completion", "usage": usage}
 
     def chunks(self) -> list[dict[str, Any]]:
@@ -349,7 +413,15 @@ class Generation:
             deltas.append({"role": "assistant", "content": "", "reasoning": piece, "reasoning_details": [detail]})
         extra = [d for d in out.details if d["type"] == "reasoning.encrypted" and d["format"] == "openai-responses-v1"]
         if fmt == "anthropic-claude-v1":
-            extra = [{"type": "reasoning.text", "text": "", "signature": generate.sign(out.reasoning), "format": fmt, "index": 0}]
+            extra = [
+                {
+                    "type": "reasoning.text",
+                    "text": "",
+                    "signature": generate.sign(out.reasoning),
+                    "format": fmt,
+                    "index": 0,
+                }
+            ]
         if extra:
             deltas.append({"role": "assistant", "content": "", "reasoning": "", "reasoning_details": extra})
         return deltas
@@ -357,16 +429,27 @@ class Generation:
     def _tool_deltas(self) -> list[dict[str, Any]]:
         tool = self.out.tool
         assert tool is not None
-        first: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": [
-            {"index": 0, "id": tool["id"], "type": "function", "function": {"name": tool["function"]["name"], "arguments": ""}}]}
+        first: dict[str, Any] = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "index": 0,
+                    "id": tool["id"],
+                    "type": "function",
+                    "function": {"name": tool["function"]["name"], "arguments": ""},
+                }
+            ],
+        }
         gemini = [d for d in self.out.details if d["type"] == "reasoning.encrypted" and d["id"] == tool["id"]]
         if gemini:
             first["reasoning_details"] = gemini
         deltas = [first]
         parts = _split(tool["function"]["arguments"], 3) or [""]
         for part in parts:
-            deltas.append({"role": "assistant", "content": None,
-                           "tool_calls": [{"index": 0, "function": {"arguments": part}}]})
+            deltas.append(
+                {"role": "assistant", "content": None, "tool_calls": [{"index": 0, "function": {"arguments": part}}]}
+            )
         return deltas
 
     def note_sent(self, chunk: dict[str, Any]) -> None:
@@ -390,21 +473,36 @@ class Generation:
 
     def stream_error(self, shape: int) -> dict[str, Any]:
         """The five in-stream error shapes of openrouter-api.md §4.5."""
-        provider_error = {"code": 502, "message": "Provider returned error",
-                          "metadata": {"error_type": "provider_unavailable", "provider_code": "upstream_502"}}
+        provider_error = {
+            "code": 502,
+            "message": "Provider returned error",
+            "metadata": {"error_type": "provider_unavailable", "provider_code": "upstream_502"},
+        }
         if shape == 1:
             choice = {"index": 0, "delta": {"content": ""}, "finish_reason": "error", "native_finish_reason": "error"}
             return {**self._envelope([choice]), "error": provider_error}
         if shape == 2:
             return {**self._envelope([]), "error": provider_error}
         if shape == 3:
-            return {"error": {"message": "Rate limit exceeded: free-models-per-day", "code": 429,
-                              "metadata": {"headers": {"X-RateLimit-Limit": "200", "X-RateLimit-Remaining": "0",
-                                                       "X-RateLimit-Reset": "1743292800000"},
-                                           "provider_name": "Google AI Studio"}},
-                    "user_id": "user_sim"}
+            return {
+                "error": {
+                    "message": "Rate limit exceeded: free-models-per-day",
+                    "code": 429,
+                    "metadata": {
+                        "headers": {
+                            "X-RateLimit-Limit": "200",
+                            "X-RateLimit-Remaining": "0",
+                            "X-RateLimit-Reset": "1743292800000",
+                        },
+                        "provider_name": "Google AI Studio",
+                    },
+                },
+                "user_id": "user_sim",
+            }
         if shape == 4:
-            return self._envelope([self._choice({"role": "assistant", "content": ""}, "error", "MALFORMED_FUNCTION_CALL")])
+            return self._envelope(
+                [self._choice({"role": "assistant", "content": ""}, "error", "MALFORMED_FUNCTION_CALL")]
+            )
         return self._envelope([self._choice({"role": "assistant", "content": ""}, "stop", "network_error")])
 
 
@@ -438,33 +536,53 @@ def _parse(raw: bytes) -> tuple[dict[str, Any], web.Response | None]:
 def _model_of(payload: dict[str, Any], kind: str) -> tuple[dict[str, Any], web.Response | None]:
     model_id = payload.get("model") or "openai/gpt-4o-mini"
     if not isinstance(model_id, str) or "/" not in model_id:
-        return {}, error_response(400, {"message": f"{model_id} is not a valid model ID", "error_type": "invalid_request"})
+        return {}, error_response(
+            400, {"message": f"{model_id} is not a valid model ID", "error_type": "invalid_request"}
+        )
     base = model_id if model_id in BY_ID else model_id.rsplit(":", 1)[0]
     model = BY_ID.get(base)
     if model is None:
         return {}, error_response(404, {"message": f"No endpoints found for {model_id}.", "error_type": "not_found"})
     is_embedding = model["architecture"]["output_modalities"] == ["embeddings"]
     if is_embedding != (kind == "embedding"):
-        return {}, error_response(400, {"message": f"{model_id} does not support this endpoint",
-                                        "error_type": "invalid_request"})
+        return {}, error_response(
+            400, {"message": f"{model_id} does not support this endpoint", "error_type": "invalid_request"}
+        )
     return model, None
 
 
 def _check_request(payload: dict[str, Any], model: dict[str, Any], kind: str) -> web.Response | None:
     if kind == "chat" and not isinstance(payload.get("messages"), list):
-        return error_response(400, {"message": '[{"code":"invalid_type","expected":"array","received":"undefined",'
-                                               '"path":["messages"],"message":"Required"}]', "error_type": "invalid_request"})
+        return error_response(
+            400,
+            {
+                "message": '[{"code":"invalid_type","expected":"array","received":"undefined",'
+                '"path":["messages"],"message":"Required"}]',
+                "error_type": "invalid_request",
+            },
+        )
     if kind == "text" and not isinstance(payload.get("prompt"), (str, list)):
         return error_response(400, {"message": "prompt: Required", "error_type": "invalid_request"})
     reasoning = payload.get("reasoning")
     if isinstance(reasoning, dict) and "effort" in reasoning and "max_tokens" in reasoning:
-        return error_response(400, {"message": "Only one of reasoning.effort and reasoning.max_tokens may be set",
-                                    "error_type": "invalid_request"})
+        return error_response(
+            400,
+            {
+                "message": "Only one of reasoning.effort and reasoning.max_tokens may be set",
+                "error_type": "invalid_request",
+            },
+        )
     effort = payload.get("reasoning_effort")
     if effort is not None and isinstance(reasoning, dict) and reasoning.get("effort") not in (None, effort):
-        return error_response(400, {"message": "reasoning_effort contradicts reasoning.effort",
-                                    "error_type": "invalid_request"})
+        return error_response(
+            400, {"message": "reasoning_effort contradicts reasoning.effort", "error_type": "invalid_request"}
+        )
     if model["_reasoning_format"] == "anthropic-claude-v1" and generate.bad_signature(payload):
-        return error_response(400, {"message": "messages.1.content.0: Invalid `signature` in `thinking` block",
-                                    "error_type": "invalid_request"})
+        return error_response(
+            400,
+            {
+                "message": "messages.1.content.0: Invalid `signature` in `thinking` block",
+                "error_type": "invalid_request",
+            },
+        )
     return None

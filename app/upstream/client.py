@@ -105,7 +105,7 @@ class OpenRouterClient:
         try:
             async with asyncio.timeout(first_byte_timeout):
                 response = await self._session.post(self._base_url + path, data=body, headers=headers)
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise _translate(exc) from exc
         return UpstreamResponse(response)
 
@@ -116,7 +116,7 @@ class OpenRouterClient:
             async with asyncio.timeout(timeout):
                 async with self._session.get(self._base_url + path, headers=headers, params=params) as response:
                     raw = await response.read()
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise _translate(exc) from exc
         try:
             return response.status, orjson.loads(raw)

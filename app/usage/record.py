@@ -28,7 +28,9 @@ class Usage:
         return cls(
             prompt_tokens=_count(usage.get("prompt_tokens")),
             completion_tokens=_count(usage.get("completion_tokens")),
-            reasoning_tokens=_count(completion_details.get("reasoning_tokens") if isinstance(completion_details, dict) else 0),
+            reasoning_tokens=_count(
+                completion_details.get("reasoning_tokens") if isinstance(completion_details, dict) else 0
+            ),
             cached_tokens=_count(prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else 0),
             cost_usd=float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None,
         )

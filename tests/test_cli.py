@@ -1,0 +1,91 @@
+"""The `gateway` command: `serve` refuses to start without its secrets; `simulate` serves the
+simulator on its own port, with `GET /generation` answering after its brief 404."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from tests.support import wait_until
+from tests.test_demo import free_port
+
+GATEWAY = Path(sys.executable).with_name("gateway")
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "OPENROUTER_"))}
+
+
+def test_serve_refuses_without_keys(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(GATEWAY), "serve", "--port", str(free_port())],
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "api_key: GATEWAY_API_KEY is not set" in result.stderr
+    assert "upstream.api_key: OPENROUTER_API_KEY is not set" in result.stderr
+
+
+def test_serve_refuses_placeholder_keys(tmp_path: Path) -> None:
+    env = {**clean_env(), "GATEWAY_API_KEY": "changeme", "OPENROUTER_API_KEY": "sk-or-v1-xxxxxxxxxxxx"}
+    result = subprocess.run([str(GATEWAY), "serve"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "placeholder" in result.stderr
+
+
+def test_simulate_serves_openrouter(tmp_path: Path) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [str(GATEWAY), "simulate", "--port", str(port), "--api-key", "sk-or-test-key"],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}/api/v1"
+    try:
+
+        def models() -> httpx.Response | None:
+            try:
+                return httpx.get(base + "/models", timeout=1)
+            except httpx.HTTPError:
+                return None
+
+        catalogue = wait_until(models, 30, "simulator start").json()
+        ids = {m["id"] for m in catalogue["data"]}
+        assert {
+            "deepseek/deepseek-v3.2",
+            "openai/text-embedding-3-small",
+            "meta-llama/llama-3.3-70b-instruct:free",
+        } <= ids
+        deepseek = next(m for m in catalogue["data"] if m["id"] == "deepseek/deepseek-v3.2")
+        assert deepseek["pricing"]["prompt"] == "0.00000028" and deepseek["context_length"] == 163840
+
+        auth = {"Authorization": "Bearer sk-or-test-key"}
+        assert (
+            httpx.post(base + "/chat/completions", json={}, headers={"Authorization": "Bearer nope"}).status_code == 401
+        )
+        reply = httpx.post(
+            base + "/chat/completions",
+            headers=auth,
+            json={"model": "deepseek/deepseek-v3.2", "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert reply.status_code == 200 and reply.headers["x-generation-id"] == reply.json()["id"]
+        gen = f"{base}/generation?id={reply.json()['id']}"
+        assert httpx.get(gen, headers=auth).status_code == 404  # "often 404s for a moment"
+        stats = httpx.get(gen, headers=auth).json()["data"]
+        assert stats["total_cost"] == reply.json()["usage"]["cost"]
+        assert stats["tokens_completion"] == reply.json()["usage"]["completion_tokens"]
+        log = httpx.get(f"http://127.0.0.1:{port}/_sim/requests").json()
+        assert any(e["path"] == "/api/v1/chat/completions" and e["status"] == 200 for e in log)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
