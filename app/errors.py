@@ -4,10 +4,14 @@
     ├── InvalidRequestError           400 invalid_request_error / specific code
     │   ├── RequestTooLargeError      413 request_too_large
     │   └── UnsupportedMediaTypeError 415 unsupported_media_type
+    │   ├── NotFoundError             404 not_found (an admin resource)
+    │   └── ConflictError             409 already_exists | read_only | … (x-should-retry: false)
     ├── RouteNotFoundError            404 unknown_url
     ├── AuthenticationError           401 invalid_api_key
+    ├── AdminDisabledError            403 admin_api_disabled
     ├── ModelNotAllowedError          403 model_not_allowed
     ├── ModelNotFoundError            404 model_not_found
+    ├── StoreUnavailableError         503 store_unavailable
     ├── RateLimitError                429 requests|tokens / rate_limit_exceeded
     │   └── BudgetExceededError       429 insufficient_quota (x-should-retry: false)
     └── UpstreamError                 502 server_error / upstream_error
@@ -84,6 +88,22 @@ class UnsupportedMediaTypeError(InvalidRequestError):
     code = "unsupported_media_type"
 
 
+class NotFoundError(InvalidRequestError):
+    status = 404
+    code = "not_found"
+
+
+class ConflictError(InvalidRequestError):
+    """The request contradicts what exists; repeating it gives the same answer."""
+
+    status = 409
+    code = "already_exists"
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers.setdefault("x-should-retry", "false")
+
+
 class RouteNotFoundError(InvalidRequestError):
     status = 404
     code = "unknown_url"
@@ -93,6 +113,18 @@ class AuthenticationError(GatewayError):
     status = 401
     type = "invalid_request_error"
     code = "invalid_api_key"
+
+
+class AdminDisabledError(GatewayError):
+    status = 403
+    type = "invalid_request_error"
+    code = "admin_api_disabled"
+
+
+class StoreUnavailableError(GatewayError):
+    status = 503
+    type = "server_error"
+    code = "store_unavailable"
 
 
 class ModelNotAllowedError(GatewayError):

@@ -13,12 +13,14 @@ from typing import Any, Protocol
 
 import orjson
 
-from app.auth.keys import Principal
+from app.auth.keys import KeyAuthenticator, Principal, hash_key
+from app.auth.registry import Registry
 from app.catalog.models import Catalog
-from app.errors import GatewayError, InvalidRequestError, UpstreamError
+from app.errors import GatewayError, InvalidRequestError, ModelNotAllowedError, UpstreamError, UpstreamUnavailableError
 from app.normalize import request as normalize
 from app.normalize.response import body_error, error_from_status
 from app.settings import Settings
+from app.store.base import Store
 from app.upstream.client import OpenRouterClient, UpstreamResponse, attribution_headers
 from app.usage.record import Usage
 
@@ -105,14 +107,24 @@ class Gateway:
     """Everything a request needs, built once per process."""
 
     def __init__(
-        self, settings: Settings, client: OpenRouterClient, catalog: Catalog, authenticator: Any, meter: Meter
+        self,
+        settings: Settings,
+        client: OpenRouterClient,
+        catalog: Catalog,
+        store: Store,
+        authenticator: KeyAuthenticator,
+        meter: Meter,
     ) -> None:
         self.settings = settings
         self.client = client
         self.catalog = catalog
+        self.store = store
+        self.registry = Registry(store)
         self.authenticator = authenticator
         self.meter = meter
         self.draining = False
+        admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
+        self.admin_key_hash = hash_key(admin_key).encode() if admin_key else None
         self._headers = {
             **attribution_headers(settings.attribution),
             "Authorization": client.auth_header(),
@@ -120,9 +132,8 @@ class Gateway:
         }
 
     # 1. authenticate
-    def authenticate(self, authorization: str | None) -> Principal:
-        principal: Principal = self.authenticator.authenticate(authorization)
-        return principal
+    async def authenticate(self, authorization: str | None) -> Principal:
+        return await self.authenticator.authenticate(authorization)
 
     # 2. parse
     @staticmethod
@@ -141,8 +152,17 @@ class Gateway:
         call.model_requested, call.model = requested, model
         call.stream = payload.get("stream") is True
         call.include_usage = call.stream and normalize.wants_usage(payload)
+        principal = call.principal
         if model is not None:
+            if not principal.allows(model):
+                raise ModelNotAllowedError(f"This key may not use the model '{model}'.", param="model")
             await self.catalog.check_known(model)
+        fallbacks = payload.get("models")
+        if isinstance(fallbacks, list):
+            for name in fallbacks:
+                target = self.catalog.resolve(name) if isinstance(name, str) else None
+                if target is not None and not principal.allows(target):
+                    raise ModelNotAllowedError(f"This key may not use the model '{target}'.", param="models")
 
     # 4. normalise
     def to_upstream(self, call: ProxyCall, payload: dict[str, Any], raw: bytes) -> bytes:
@@ -156,13 +176,24 @@ class Gateway:
             changed = True
         if call.endpoint is not EMBEDDINGS:
             changed |= normalize.fold_reasoning_effort(payload)
+        team = call.principal.team
+        if team is not None and team.defaults:
+            changed |= normalize.merge_defaults(payload, team.defaults)
         if call.model is not None:
             changed |= normalize.merge_defaults(payload, self.catalog.settings_for(call.model).defaults)
+        if team is not None and team.provider:
+            changed |= normalize.impose_policy(payload, {"provider": team.provider})
         return normalize.encode(payload) if changed else raw
 
     # 6. forward
     async def forward(self, call: ProxyCall, body: bytes, client_headers: Mapping[str, str]) -> UpstreamResponse:
-        headers = {**self._headers, "X-Request-Id": call.request_id}
+        team = call.principal.team
+        if team is not None and team.missing_key_env:
+            raise UpstreamUnavailableError(
+                f"Team '{team.name}' has no OpenRouter key on this gateway. Tell the gateway operator.",
+                code="upstream_key_missing",
+            )
+        headers = {**(team.headers if team else self._headers), "X-Request-Id": call.request_id}
         for name in PASSED_REQUEST_HEADERS:
             value = client_headers.get(name)
             if value is not None:

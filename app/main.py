@@ -6,6 +6,7 @@ Run with `gateway serve`, or `uvicorn app.main:create_app --factory`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -19,13 +20,15 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
-from app.api import chat, health, models
+from app.api import admin, chat, health, models
 from app.api.responses import error_response, gateway_error_handler
-from app.auth.keys import StaticKeyAuthenticator
+from app.auth.keys import KeyAuthenticator
+from app.auth.teams import TeamPolicyFactory
 from app.catalog.models import Catalog
 from app.errors import GatewayError, InvalidRequestError, RouteNotFoundError, UpstreamError
 from app.gateway import Gateway, LogMeter
-from app.settings import ConfigError, Settings, load_settings
+from app.settings import Settings, load_settings, read_secret
+from app.store import Store, StoreError, open_store
 from app.upstream.client import OpenRouterClient, open_session
 
 log = logging.getLogger("gateway")
@@ -33,28 +36,23 @@ log = logging.getLogger("gateway")
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
-    if settings.api_key is None:
-        raise ConfigError(["api_key: set GATEWAY_API_KEY (the key clients must send)"])
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         session = open_session(settings.upstream)
         client = OpenRouterClient(session, settings.upstream)
-
-        async def fetch_models() -> list[dict[str, Any]]:
-            status, body = await client.get_json("/models", timeout=settings.upstream.connect_timeout_s + 10)
-            if status != 200 or not isinstance(body, dict) or not isinstance(body.get("data"), list):
-                raise UpstreamError(f"GET /models answered {status}")
-            models: list[dict[str, Any]] = body["data"]
-            return models
-
-        catalog = Catalog(fetch_models, settings.upstream.catalog_ttl_s, settings.models)
-        assert settings.api_key is not None
-        authenticator = StaticKeyAuthenticator(settings.api_key.get_secret_value())
-        app.state.gateway = Gateway(settings, client, catalog, authenticator, LogMeter())
+        store = open_store(settings)
         try:
-            yield
+            gateway = await _start_gateway(settings, client, store)
+            app.state.gateway = gateway
+            flusher = asyncio.ensure_future(_flush_last_used(gateway))
+            try:
+                yield
+            finally:
+                flusher.cancel()
+                await _flush_once(gateway)
         finally:
+            await store.close()
             await session.close()
 
     app = FastAPI(
@@ -66,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for prefix in ("/v1", "/api/v1"):
         app.include_router(chat.router, prefix=prefix, include_in_schema=prefix == "/v1")
         app.include_router(models.router, prefix=prefix, include_in_schema=prefix == "/v1")
+    app.include_router(admin.router)
     app.include_router(health.router)
     app.add_exception_handler(GatewayError, gateway_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -73,6 +72,39 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(Exception, _unexpected_error)
     app.add_middleware(RequestIdMiddleware)
     return app
+
+
+async def _start_gateway(settings: Settings, client: OpenRouterClient, store: Store) -> Gateway:
+    async def fetch_models() -> list[dict[str, Any]]:
+        status, body = await client.get_json("/models", timeout=settings.upstream.connect_timeout_s + 10)
+        if status != 200 or not isinstance(body, dict) or not isinstance(body.get("data"), list):
+            raise UpstreamError(f"GET /models answered {status}")
+        models: list[dict[str, Any]] = body["data"]
+        return models
+
+    catalog = Catalog(fetch_models, settings.upstream.catalog_ttl_s, settings.models)
+    teams = TeamPolicyFactory(settings.attribution, client.auth_header(), read_secret)
+    bootstrap = settings.api_key.get_secret_value() if settings.api_key else None
+    authenticator = KeyAuthenticator(store, teams, bootstrap, cache_ttl_s=settings.auth_cache_ttl_s)
+    gateway = Gateway(settings, client, catalog, store, authenticator, LogMeter())
+    await gateway.registry.load_declared([t.record() for t in settings.teams], [k.record() for k in settings.keys])
+    return gateway
+
+
+async def _flush_last_used(gateway: Gateway, every_s: float = 5.0) -> None:
+    """Last-used times reach the store in batches, never as a write per request."""
+    while True:
+        await asyncio.sleep(every_s)
+        await _flush_once(gateway)
+
+
+async def _flush_once(gateway: Gateway) -> None:
+    taken = gateway.authenticator.take_last_used()
+    try:
+        await gateway.store.touch_keys(taken)
+    except StoreError:
+        for key_id, when in taken.items():  # keep them for the next try
+            gateway.authenticator.last_used.setdefault(key_id, when)
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:

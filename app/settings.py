@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from app.auth.records import KEY_ID, KeyFields, KeyRecord, Name, TeamFields, TeamRecord
 
 DEFAULT_CONFIG_FILE = "config/gateway.yaml"
 _PLACEHOLDERS = re.compile(
@@ -107,6 +109,42 @@ class ModelsSettings(_Section):
         return aliases
 
 
+class DeclaredTeam(TeamFields):
+    """A team declared in the config file (read-only through the admin API)."""
+
+    name: Name
+
+    def record(self) -> TeamRecord:
+        return TeamRecord(**self.model_dump(exclude_unset=True), declared=True)
+
+
+class DeclaredKey(KeyFields):
+    """A key declared by the SHA-256 of its plaintext (`gateway keys generate` makes one)."""
+
+    id: str
+    name: Name
+    team: Name
+    hash: str
+
+    @field_validator("id")
+    @classmethod
+    def _key_id(cls, value: str) -> str:
+        if not KEY_ID.match(value):
+            raise ValueError("12 lowercase letters or digits: the part after 'sk-gw-' in the key")
+        return value
+
+    @field_validator("hash")
+    @classmethod
+    def _sha256(cls, value: str) -> str:
+        value = value.removeprefix("sha256:").lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", value):
+            raise ValueError("the SHA-256 of the key, as 64 hex digits (optionally prefixed 'sha256:')")
+        return value
+
+    def record(self) -> KeyRecord:
+        return KeyRecord(**self.model_dump(exclude_unset=True), declared=True)
+
+
 class Settings(BaseSettings):
     """Everything the gateway is told; built once and passed to `create_app`."""
 
@@ -117,16 +155,41 @@ class Settings(BaseSettings):
     config_file: str | None = Field(DEFAULT_CONFIG_FILE, description="YAML file (GATEWAY_CONFIG)")
     host: str = "0.0.0.0"
     port: int = Field(8080, ge=0, le=65535)
-    api_key: SecretStr | None = Field(None, description="static client key until key management")
-    admin_key: SecretStr | None = None
-    store: str = "memory"
+    api_key: SecretStr | None = Field(None, description="optional bootstrap client key (no team, no limits)")
+    admin_key: SecretStr | None = Field(None, description="Bearer key of the admin API; unset = admin API off")
+    store: str = Field("memory", description="memory, or a redis:// / rediss:// / unix:// URL")
+    store_prefix: str = Field("gw", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="namespace of our Redis keys")
+    store_timeout_s: float = Field(0.5, gt=0, le=30, description="longest wait for one store call")
+    auth_cache_ttl_s: float = Field(30.0, ge=0, description="re-read a cached key at least this often")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     upstream: UpstreamSettings = Field(default_factory=lambda: UpstreamSettings())
     attribution: AttributionSettings = Field(default_factory=AttributionSettings)
     models: ModelsSettings = Field(default_factory=lambda: ModelsSettings())
+    teams: list[DeclaredTeam] = Field(default_factory=list, description="teams declared here (read-only)")
+    keys: list[DeclaredKey] = Field(default_factory=list, description="keys declared by hash (read-only)")
 
     _check_keys = field_validator("api_key", "admin_key")(_refuse_placeholder)
+
+    @field_validator("store")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("'memory' or a redis://, rediss:// or unix:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _declared_entries_agree(self) -> Settings:
+        teams = [t.name for t in self.teams]
+        if len(set(teams)) != len(teams):
+            raise ValueError("teams: each name may be declared once")
+        ids = [k.id for k in self.keys]
+        if len(set(ids)) != len(ids):
+            raise ValueError("keys: each id may be declared once")
+        names = [(k.team, k.name) for k in self.keys]
+        if len(set(names)) != len(names):
+            raise ValueError("keys: each name may be declared once per team")
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -206,6 +269,11 @@ def _dig(data: Any, parts: tuple[str, ...]) -> Any:
             return None
         data = data.get(part)
     return data
+
+
+def read_secret(env_name: str) -> str | None:
+    """A secret named by configuration (e.g. a team's `upstream_key_env`)."""
+    return os.environ.get(env_name) or None
 
 
 def load_settings(**overrides: Any) -> Settings:

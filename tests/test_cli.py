@@ -30,8 +30,32 @@ def test_serve_refuses_without_keys(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 2
-    assert "api_key: GATEWAY_API_KEY is not set" in result.stderr
+    assert "admin_key: no client could get in" in result.stderr
     assert "upstream.api_key: OPENROUTER_API_KEY is not set" in result.stderr
+
+
+def test_admin_key_alone_is_a_way_in(tmp_path: Path) -> None:
+    """Since key management, GATEWAY_API_KEY is only an optional bootstrap key."""
+    env = {**clean_env(), "GATEWAY_ADMIN_KEY": "sk-admin-0123456789abcdef", "OPENROUTER_API_KEY": "sk-or-v1-0123456789"}
+    result = subprocess.run(
+        [str(GATEWAY), "check", "--config", str(tmp_path / "none.yaml")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "file not found" in result.stderr
+    (tmp_path / "gateway.yaml").write_text("port: 8080\n")
+    result = subprocess.run(
+        [str(GATEWAY), "check", "--config", str(tmp_path / "gateway.yaml")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
 
 
 def test_serve_refuses_placeholder_keys(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ router = APIRouter(tags=["OpenAI"])
 
 async def proxy(request: Request, gateway: Gateway, endpoint: Endpoint) -> Any:
     """DESIGN §4: authenticate → parse → resolve → normalise → admit → forward → relay → meter."""
-    principal = gateway.authenticate(request.headers.get("authorization"))
+    principal = await gateway.authenticate(request.headers.get("authorization"))
     raw = await read_json_body(request, gateway.settings.max_body_bytes)
     payload = gateway.parse(raw, endpoint)
     call = ProxyCall(request_id(request), endpoint, principal)

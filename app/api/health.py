@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from starlette.responses import JSONResponse
 
 from app.api.deps import GatewayDep
+from app.store import StoreError
 
 router = APIRouter(tags=["Operations"])
 
@@ -19,4 +20,8 @@ async def healthz() -> dict[str, str]:
 async def readyz(gateway: GatewayDep) -> JSONResponse:
     if gateway.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
+    try:
+        await gateway.store.ping()
+    except StoreError:
+        return JSONResponse({"status": "store unavailable"}, status_code=503)
     return JSONResponse({"status": "ready"})

@@ -1,31 +1,53 @@
-"""Client keys: reading the bearer token, hashing, constant-time comparison.
+"""Client keys: the `sk-gw-<id>-<secret>` format, SHA-256 at rest, constant-time checks, and the
+authenticator of the request path (key -> record -> team, cached in-process, dropped from the
+cache the moment any replica announces a change).
 
-Until key management lands, one static key (`GATEWAY_API_KEY`) lets clients in.
+`GATEWAY_API_KEY`, if set, stays valid as a bootstrap key with no team and no limits.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
+import secrets
+import string
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime
 
-from app.errors import AuthenticationError
+from app.auth.records import KEY_ID, KeyRecord, now
+from app.auth.teams import TeamPolicy, TeamPolicyFactory, allowed
+from app.errors import AuthenticationError, StoreUnavailableError
+from app.store.base import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "sk-gw-"
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+_SECRET_ALPHABET = string.ascii_letters + string.digits
+_SECRET_LENGTH = 32  # 32 chars of 62 = 190 bits
 
 
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who is calling: the key (by id and name, never its secret) and its team."""
-
-    key_id: str
-    key_name: str
-    team: str | None = None
-    models: tuple[str, ...] = ()
-    attributes: dict[str, Any] = field(default_factory=dict)
+def new_key_id() -> str:
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(12))
 
 
-def hash_key(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+def new_key(key_id: str) -> str:
+    return f"{PREFIX}{key_id}-{''.join(secrets.choice(_SECRET_ALPHABET) for _ in range(_SECRET_LENGTH))}"
+
+
+def key_id_of(token: str) -> str | None:
+    """The public id inside a well-formed gateway key, or None."""
+    if len(token) < len(PREFIX) + 13 + 16 or not token.startswith(PREFIX) or token[len(PREFIX) + 12] != "-":
+        return None
+    key_id = token[len(PREFIX) : len(PREFIX) + 12]
+    return key_id if KEY_ID.match(key_id) else None
+
+
+def hash_key(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def bearer_token(authorization: str | None) -> str:
@@ -39,15 +61,131 @@ def bearer_token(authorization: str | None) -> str:
     return token
 
 
-class StaticKeyAuthenticator:
-    """One shared key; compares SHA-256 digests in constant time."""
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the key (by id and name, never its secret) and its team."""
 
-    def __init__(self, key: str) -> None:
-        self._digest = hash_key(key)
-        self._principal = Principal(key_id="static", key_name="static")
+    key_id: str
+    key_name: str
+    team: TeamPolicy | None = None
+    models: tuple[str, ...] = ()
+    record: KeyRecord | None = None
+    _decisions: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
 
-    def authenticate(self, authorization: str | None) -> Principal:
+    @property
+    def team_name(self) -> str | None:
+        return self.team.name if self.team else None
+
+    @property
+    def allowlists(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return self.models, self.team.models if self.team else ()
+
+    def allows(self, model: str) -> bool:
+        """Both the key's and the team's allowlists must admit the model (empty = any)."""
+        decision = self._decisions.get(model)
+        if decision is None:
+            decision = allowed(model, self.models) and (self.team is None or allowed(model, self.team.models))
+            if len(self._decisions) < 4096:
+                self._decisions[model] = decision
+        return decision
+
+
+BOOTSTRAP = Principal(key_id="bootstrap", key_name="bootstrap")
+
+
+@dataclass(slots=True)
+class _Entry:
+    fetched: float
+    record: KeyRecord | None
+    principal: Principal | None
+
+
+class KeyAuthenticator:
+    """Bearer key -> Principal, with an in-process cache the store's change feed keeps honest."""
+
+    def __init__(
+        self,
+        store: Store,
+        teams: TeamPolicyFactory,
+        bootstrap_key: str | None = None,
+        cache_ttl_s: float = 30.0,
+        miss_ttl_s: float = 2.0,
+    ) -> None:
+        self._store = store
+        self._teams = teams
+        self._bootstrap = hash_key(bootstrap_key).encode() if bootstrap_key else None
+        self._ttl = cache_ttl_s
+        self._miss_ttl = miss_ttl_s
+        self._cache: dict[str, _Entry] = {}
+        self._pending: dict[str, asyncio.Future[_Entry]] = {}
+        self.last_used: dict[str, datetime] = {}
+        store.on_change(self.invalidate)
+
+    async def authenticate(self, authorization: str | None) -> Principal:
         token = bearer_token(authorization)
-        if not hmac.compare_digest(hash_key(token), self._digest):
+        digest = hash_key(token).encode()
+        if self._bootstrap is not None and hmac.compare_digest(digest, self._bootstrap):
+            return BOOTSTRAP
+        key_id = key_id_of(token)
+        if key_id is None:
             raise AuthenticationError("Incorrect API key provided.")
-        return self._principal
+        entry = await self._entry(key_id)
+        record = entry.record
+        if record is None or entry.principal is None or not _secret_matches(record, digest):
+            raise AuthenticationError("Incorrect API key provided.")
+        if record.revoked:
+            raise AuthenticationError("This API key has been revoked.")
+        if record.expires_at is not None and record.expires_at <= now():
+            raise AuthenticationError(f"This API key expired at {record.expires_at.isoformat()}.")
+        self.last_used[key_id] = now()
+        return entry.principal
+
+    def invalidate(self, change: str) -> None:
+        kind, _, name = change.partition(":")
+        if kind == "key":
+            self._cache.pop(name, None)
+        elif kind == "team":
+            for key_id in [k for k, e in self._cache.items() if e.record is None or e.record.team == name]:
+                self._cache.pop(key_id, None)
+        else:
+            self._cache.clear()
+
+    async def _entry(self, key_id: str) -> _Entry:
+        entry = self._cache.get(key_id)
+        if entry is not None and time.monotonic() - entry.fetched < (self._ttl if entry.record else self._miss_ttl):
+            return entry
+        pending = self._pending.get(key_id)
+        if pending is None:
+            pending = self._pending[key_id] = asyncio.ensure_future(self._load(key_id, stale=entry))
+            pending.add_done_callback(lambda _: self._pending.pop(key_id, None))
+        return await asyncio.shield(pending)
+
+    async def _load(self, key_id: str, stale: _Entry | None) -> _Entry:
+        try:
+            record = await self._store.get_key(key_id)
+            team = await self._store.get_team(record.team) if record else None
+        except StoreError as exc:
+            if stale is not None:
+                return stale  # a store outage must not lock out keys we already know
+            log.warning("key store unavailable: %s", exc)
+            raise StoreUnavailableError("The key store is unavailable; try again shortly.") from None
+        principal = None
+        if record is not None:
+            policy = self._teams.build(team) if team else None
+            principal = Principal(key_id, record.name, policy, tuple(record.models), record)
+        entry = _Entry(time.monotonic(), record, principal)
+        self._cache[key_id] = entry
+        return entry
+
+    def take_last_used(self) -> dict[str, datetime]:
+        taken, self.last_used = self.last_used, {}
+        return taken
+
+
+def _secret_matches(record: KeyRecord, digest: bytes) -> bool:
+    match = hmac.compare_digest(digest, record.hash.encode())
+    moment = None
+    for previous in record.previous:
+        moment = moment or now()
+        match |= hmac.compare_digest(digest, previous.hash.encode()) and previous.valid_until > moment
+    return match

@@ -8,7 +8,7 @@ import asyncio
 import fnmatch
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
@@ -45,7 +45,8 @@ class Catalog:
         self._entries: dict[str, dict[str, Any]] = {}
         self._fetched_at = float("-inf")
         self._refresh: asyncio.Task[None] | None = None
-        self._list_body: bytes | None = None
+        self._list_entries: dict[str, dict[str, Any]] | None = None
+        self._list_bodies: dict[Hashable, bytes] = {}
         self.settings_for = lru_cache(maxsize=4096)(self._settings_for)
 
     # -- names -----------------------------------------------------------------------------
@@ -85,7 +86,6 @@ class Catalog:
             return
         self._entries = {m["id"]: m for m in models if isinstance(m, dict) and isinstance(m.get("id"), str)}
         self._fetched_at = time.monotonic()
-        self._list_body = None
 
     async def check_known(self, model_id: str) -> None:
         """404 for a model OpenRouter does not list. Without a catalogue, let OpenRouter judge."""
@@ -102,22 +102,29 @@ class Catalog:
         return prices_of(entry) if entry else None
 
     # -- the OpenAI view -------------------------------------------------------------------
-    async def openai_list(self) -> bytes:
-        """`GET /v1/models` body: OpenAI's list shape, OpenRouter's fields kept as extras."""
+    async def openai_list(self, allows: Callable[[str], bool], allowlists: Hashable) -> bytes:
+        """`GET /v1/models` body: OpenAI's list shape, OpenRouter's fields kept as extras, only
+        the models `allows` admits (bodies cached per distinct allowlist)."""
         entries = await self.require_entries()
-        if self._list_body is None:
-            data = [to_openai_model(entry) for entry in entries.values()]
+        if self._list_entries is not entries:
+            self._list_bodies.clear()
+            self._list_entries = entries
+        body = self._list_bodies.get(allowlists)
+        if body is None:
+            data = [to_openai_model(entry) for model_id, entry in entries.items() if allows(model_id)]
             for alias, target in self._models.aliases.items():
-                if target in entries:
+                if target in entries and allows(target):
                     data.append({**to_openai_model(entries[target]), "id": alias, "alias_of": target})
-            self._list_body = orjson.dumps({"object": "list", "data": data})
-        return self._list_body
+            body = orjson.dumps({"object": "list", "data": data})
+            if len(self._list_bodies) < 1024:
+                self._list_bodies[allowlists] = body
+        return body
 
-    async def openai_model(self, name: str) -> dict[str, Any]:
+    async def openai_model(self, name: str, allows: Callable[[str], bool]) -> dict[str, Any]:
         entries = await self.require_entries()
         model_id = self.resolve(name) or name
         entry = entries.get(model_id)
-        if entry is None:
+        if entry is None or not allows(model_id):
             raise ModelNotFoundError(f"The model '{name}' does not exist.", param="model")
         model = to_openai_model(entry)
         return model if model_id == name else {**model, "id": name, "alias_of": model_id}

@@ -1,4 +1,4 @@
-"""The `gateway` command: serve, serve --demo, simulate, check."""
+"""`gateway serve` (and `--demo`), `gateway simulate`, `gateway check`."""
 
 from __future__ import annotations
 
@@ -10,20 +10,18 @@ import signal
 import sys
 from typing import Any
 
-from app.settings import ConfigError, Settings, load_settings
+from app.settings import ConfigError, Settings, load_settings, read_secret
 
 DEMO_UPSTREAM_KEY = "sk-or-simulated-demo-key"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible gateway in front of OpenRouter.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def add_commands(commands: Any) -> None:
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--demo", action="store_true", help="run against the built-in OpenRouter simulator")
     serve.add_argument("--host", help="listen address (default GATEWAY_HOST or 0.0.0.0; demo: 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default GATEWAY_PORT or 8080)")
     serve.add_argument("--config", help="YAML config file (default GATEWAY_CONFIG or config/gateway.yaml)")
+    serve.set_defaults(handler=_serve)
 
     simulate = commands.add_parser("simulate", help="run the OpenRouter simulator on its own port")
     simulate.add_argument("--host", default="127.0.0.1")
@@ -31,13 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     simulate.add_argument("--api-key", action="append", help="accept only this key (repeatable)")
     simulate.add_argument("--no-log", action="store_true", help="keep no request log (benchmarks)")
     simulate.add_argument("--keepalives", type=int, default=2, help="keep-alive comments before each stream")
+    simulate.set_defaults(handler=_simulate)
 
-    check = commands.add_parser("check", help="validate the configuration")
+    check = commands.add_parser("check", help="validate the configuration and the environment")
     check.add_argument("--config", help="YAML config file (default GATEWAY_CONFIG or config/gateway.yaml)")
-
-    args = parser.parse_args(argv)
-    handler = {"serve": _serve, "simulate": _simulate, "check": _check}[args.command]
-    return handler(args)
+    check.set_defaults(handler=_check)
 
 
 def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
@@ -54,8 +50,14 @@ def _problems(settings: Settings) -> list[str]:
     problems = []
     if settings.upstream.api_key is None:
         problems.append("upstream.api_key: OPENROUTER_API_KEY is not set")
-    if settings.api_key is None:
-        problems.append("api_key: GATEWAY_API_KEY is not set (clients need a key; or run `gateway serve --demo`)")
+    if settings.api_key is None and settings.admin_key is None and not settings.keys:
+        problems.append(
+            "admin_key: no client could get in; set GATEWAY_ADMIN_KEY (to create keys), GATEWAY_API_KEY "
+            "(a bootstrap key) or declare keys in the config file; or try `gateway serve --demo`"
+        )
+    for team in settings.teams:
+        if team.upstream_key_env and read_secret(team.upstream_key_env) is None:
+            problems.append(f"teams.{team.name}.upstream_key_env: {team.upstream_key_env} is not set")
     for alias, target in settings.models.aliases.items():
         if target in settings.models.aliases:
             problems.append(f"models.aliases.{alias}: points at another alias ({target}); name an OpenRouter id")
@@ -140,6 +142,8 @@ def _demo_settings(args: argparse.Namespace) -> Settings:
     return settings.model_copy(
         update={
             "api_key": settings.api_key or SecretStr("sk-gw-demo-" + secrets.token_hex(16)),
+            "admin_key": settings.admin_key or SecretStr("sk-gw-admin-demo-" + secrets.token_hex(16)),
+            "store": "memory",
             "upstream": settings.upstream.model_copy(update={"api_key": SecretStr(DEMO_UPSTREAM_KEY)}),
         }
     )
@@ -148,6 +152,7 @@ def _demo_settings(args: argparse.Namespace) -> Settings:
 def _print_demo(settings: Settings, simulator_url: str) -> None:
     assert settings.api_key is not None
     key = settings.api_key.get_secret_value()
+    admin = settings.admin_key.get_secret_value() if settings.admin_key else ""
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     base = f"http://{host}:{settings.port}/v1"
     print(
@@ -168,6 +173,12 @@ Or with the OpenAI SDK (pip install openai):
   reply = client.chat.completions.create(
       model="deepseek/deepseek-v3.2", messages=[{{"role": "user", "content": "Hello!"}}])
   print(reply.choices[0].message.content)
+
+Manage teams and keys (the demo keeps them in memory):
+
+  export GATEWAY_ADMIN_KEY={admin} GATEWAY_URL=http://{host}:{settings.port}
+  gateway teams create demo --models 'openai/*' 'deepseek/*'
+  gateway keys create --name me --team demo
 """,
         flush=True,
     )
@@ -195,7 +206,3 @@ def _simulate(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

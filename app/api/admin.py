@@ -1,0 +1,169 @@
+"""The admin API: teams and keys. Bearer `GATEWAY_ADMIN_KEY`; without it the API is off."""
+
+from __future__ import annotations
+
+import hmac
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse
+
+from app.api.deps import GatewayDep
+from app.auth.keys import hash_key
+from app.auth.records import KEY_ID, NAME, KeyFields, KeyRecord, Name, TeamFields, TeamRecord
+from app.errors import AdminDisabledError, AuthenticationError, NotFoundError
+from app.gateway import Gateway
+
+_bearer = HTTPBearer(auto_error=False, description="GATEWAY_ADMIN_KEY")
+
+
+def require_admin(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
+) -> None:
+    gateway: Gateway = request.app.state.gateway
+    expected = gateway.admin_key_hash
+    if expected is None:
+        raise AdminDisabledError("The admin API is off: set GATEWAY_ADMIN_KEY to turn it on.")
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise AuthenticationError("The admin API needs 'Authorization: Bearer <GATEWAY_ADMIN_KEY>'.")
+    if not hmac.compare_digest(hash_key(credentials.credentials).encode(), expected):
+        raise AuthenticationError("Incorrect admin key provided.")
+
+
+router = APIRouter(prefix="/admin", tags=["Admin"], dependencies=[Depends(require_admin)])
+
+
+class TeamCreate(TeamFields):
+    name: Name
+
+
+class KeyCreate(KeyFields):
+    name: Name
+    team: Name
+
+
+class KeyUpdate(KeyFields):
+    name: Name | None = None
+
+
+class Rotation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    grace_period_s: float = Field(0, ge=0, le=30 * 86400, description="how long the old secret keeps working")
+
+
+class KeyOut(KeyFields):
+    id: str
+    name: str
+    team: str
+    created_at: datetime
+    updated_at: datetime
+    rotated_at: datetime | None
+    last_used_at: datetime | None
+    revoked: bool
+    revoked_at: datetime | None
+    declared: bool
+    previous_secret_valid_until: str | None
+
+
+class KeyWithSecret(KeyOut):
+    key: str = Field(description="the plaintext key; shown only now")
+
+
+class TeamList(BaseModel):
+    object: str = "list"
+    data: list[TeamRecord]
+
+
+class KeyList(BaseModel):
+    object: str = "list"
+    data: list[KeyOut]
+
+
+def _team_name(name: str) -> str:
+    if not NAME.match(name):
+        raise NotFoundError(f"No team named '{name[:64]}'.", param="name", code="team_not_found")
+    return name
+
+
+def _key_id(key_id: str) -> str:
+    if not KEY_ID.match(key_id):
+        raise NotFoundError(f"No key with id '{key_id[:64]}'.", param="id", code="key_not_found")
+    return key_id
+
+
+def _key_out(key: KeyRecord, plaintext: str | None = None) -> dict[str, Any]:
+    data = key.public()
+    if plaintext is not None:
+        data["key"] = plaintext
+    return data
+
+
+@router.post("/teams", status_code=201, response_model=TeamRecord, summary="Create a team")
+async def create_team(body: TeamCreate, gateway: GatewayDep) -> Any:
+    fields = TeamFields.model_validate(body.model_dump(exclude={"name"}, exclude_unset=True))
+    return await gateway.registry.create_team(body.name, fields)
+
+
+@router.get("/teams", response_model=TeamList, summary="List teams")
+async def list_teams(gateway: GatewayDep) -> Any:
+    return {"object": "list", "data": await gateway.registry.store.list_teams()}
+
+
+@router.get("/teams/{name}", response_model=TeamRecord, summary="Show a team")
+async def show_team(name: str, gateway: GatewayDep) -> Any:
+    return await gateway.registry.team(_team_name(name))
+
+
+@router.patch("/teams/{name}", response_model=TeamRecord, summary="Update a team")
+async def update_team(name: str, body: TeamFields, gateway: GatewayDep) -> Any:
+    return await gateway.registry.update_team(_team_name(name), body.model_dump(exclude_unset=True))
+
+
+@router.delete("/teams/{name}", status_code=204, summary="Delete a team without active keys")
+async def delete_team(name: str, gateway: GatewayDep) -> None:
+    await gateway.registry.delete_team(_team_name(name))
+
+
+@router.post("/keys", status_code=201, response_model=KeyWithSecret, summary="Create a key (shown once)")
+async def create_key(body: KeyCreate, gateway: GatewayDep) -> Any:
+    fields = KeyFields.model_validate(body.model_dump(exclude={"name", "team"}, exclude_unset=True))
+    key, plaintext = await gateway.registry.create_key(body.name, body.team, fields)
+    return JSONResponse(_key_out(key, plaintext), status_code=201)
+
+
+@router.get("/keys", response_model=KeyList, summary="List keys (never their secrets)")
+async def list_keys(
+    gateway: GatewayDep,
+    team: Annotated[str | None, Query(description="only this team's keys")] = None,
+    include_revoked: bool = True,
+) -> Any:
+    keys = await gateway.registry.store.list_keys(team=team)
+    return {"object": "list", "data": [_key_out(k) for k in keys if include_revoked or not k.revoked]}
+
+
+@router.get("/keys/{key_id}", response_model=KeyOut, summary="Show a key")
+async def show_key(key_id: str, gateway: GatewayDep) -> Any:
+    return _key_out(await gateway.registry.key(_key_id(key_id)))
+
+
+@router.patch("/keys/{key_id}", response_model=KeyOut, summary="Update a key")
+async def update_key(key_id: str, body: KeyUpdate, gateway: GatewayDep) -> Any:
+    changes = body.model_dump(exclude_unset=True)
+    if changes.get("name", "") is None:
+        changes.pop("name")
+    return _key_out(await gateway.registry.update_key(_key_id(key_id), changes))
+
+
+@router.post("/keys/{key_id}/revoke", response_model=KeyOut, summary="Revoke a key (every replica, within 1 s)")
+async def revoke_key(key_id: str, gateway: GatewayDep) -> Any:
+    return _key_out(await gateway.registry.revoke_key(_key_id(key_id)))
+
+
+@router.post("/keys/{key_id}/rotate", response_model=KeyWithSecret, summary="New secret, same id")
+async def rotate_key(key_id: str, gateway: GatewayDep, body: Rotation | None = None) -> Any:
+    key, plaintext = await gateway.registry.rotate_key(_key_id(key_id), (body or Rotation()).grace_period_s)
+    return _key_out(key, plaintext)

@@ -1,0 +1,270 @@
+"""`gateway teams …` and `gateway keys …`: the admin API from the command line.
+
+The gateway's URL comes from `--url` or `GATEWAY_URL`; the admin key from `GATEWAY_ADMIN_KEY`
+(never from the command line, where it would land in shell history).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+
+from app.cli.tables import record, table
+
+TEAM_COLUMNS = (
+    "name",
+    "models",
+    "rpm",
+    "tpm",
+    "max_concurrency",
+    "budget_usd",
+    "budget_period",
+    "app_title",
+    "upstream_key_env",
+    "declared",
+)
+KEY_COLUMNS = ("id", "name", "team", "models", "rpm", "tpm", "budget_usd", "expires_at", "last_used_at", "revoked")
+LIMIT_FIELDS = ("rpm", "tpm", "max_concurrency", "budget_usd", "budget_period")
+
+
+class CommandError(Exception):
+    pass
+
+
+def add_commands(commands: Any) -> None:
+    teams = commands.add_parser("teams", help="manage teams through the admin API").add_subparsers(
+        dest="action", required=True
+    )
+    create = teams.add_parser("create", help="create a team")
+    create.add_argument("name")
+    _team_options(create)
+    _common(create, _team_create)
+    _common(teams.add_parser("list", help="list teams"), _team_list)
+    show = teams.add_parser("show", help="show a team")
+    show.add_argument("name")
+    _common(show, _team_show)
+    update = teams.add_parser("update", help="change a team")
+    update.add_argument("name")
+    _team_options(update)
+    _clear_option(update)
+    _common(update, _team_update)
+    delete = teams.add_parser("delete", help="delete a team (it must have no active keys)")
+    delete.add_argument("name")
+    _common(delete, _team_delete)
+
+    keys = commands.add_parser("keys", help="manage keys through the admin API").add_subparsers(
+        dest="action", required=True
+    )
+    create = keys.add_parser("create", help="create a key; its secret is shown once")
+    create.add_argument("--name", required=True)
+    create.add_argument("--team", required=True)
+    _key_options(create)
+    _common(create, _key_create)
+    listing = keys.add_parser("list", help="list keys (never their secrets)")
+    listing.add_argument("--team")
+    listing.add_argument("--active", action="store_true", help="leave out revoked keys")
+    _common(listing, _key_list)
+    for action, helptext, handler in (("show", "show a key", _key_show), ("revoke", "revoke a key", _key_revoke)):
+        sub = keys.add_parser(action, help=helptext)
+        sub.add_argument("id")
+        _common(sub, handler)
+    update = keys.add_parser("update", help="change a key")
+    update.add_argument("id")
+    update.add_argument("--name")
+    _key_options(update)
+    _clear_option(update)
+    _common(update, _key_update)
+    rotate = keys.add_parser("rotate", help="new secret, same id")
+    rotate.add_argument("id")
+    rotate.add_argument("--grace", type=float, default=0, help="seconds the old secret keeps working (default 0)")
+    _common(rotate, _key_rotate)
+    generate = keys.add_parser("generate", help="make a key offline, to declare by hash in the config file")
+    generate.add_argument("--name", required=True)
+    generate.add_argument("--team", required=True)
+    generate.set_defaults(handler=_key_generate)
+
+
+def _common(parser: argparse.ArgumentParser, handler: Any) -> None:
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("GATEWAY_URL", "http://127.0.0.1:8080"),
+        help="the gateway (default GATEWAY_URL or http://127.0.0.1:8080)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(handler=lambda args: _run(handler, args))
+
+
+def _limit_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", metavar="GLOB", help="allowed model globs, e.g. 'openai/*'")
+    parser.add_argument("--rpm", type=int, help="requests per minute")
+    parser.add_argument("--tpm", type=int, help="tokens per minute")
+    parser.add_argument("--max-concurrency", type=int, help="requests in flight")
+    parser.add_argument("--budget-usd", type=float, help="spend allowed per budget period")
+    parser.add_argument("--budget-period", choices=("day", "month", "total"))
+    parser.add_argument("--metadata", type=json.loads, help="free-form JSON object")
+
+
+def _team_options(parser: argparse.ArgumentParser) -> None:
+    _limit_options(parser)
+    parser.add_argument("--app-url", help="HTTP-Referer for this team")
+    parser.add_argument("--app-title", help="X-OpenRouter-Title for this team")
+    parser.add_argument("--category", action="append", dest="categories", help="X-OpenRouter-Categories (max 2)")
+    parser.add_argument("--upstream-key-env", help="env var holding this team's OpenRouter key")
+    parser.add_argument("--provider", type=json.loads, help='provider policy, e.g. \'{"data_collection":"deny"}\'')
+    parser.add_argument("--defaults", type=json.loads, help="body fields merged under every request (JSON)")
+
+
+def _key_options(parser: argparse.ArgumentParser) -> None:
+    _limit_options(parser)
+    parser.add_argument("--expires-at", help="ISO 8601 time")
+    parser.add_argument("--expires-in", help="e.g. 90d, 12h, 30m")
+
+
+def _clear_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--clear", action="append", default=[], metavar="FIELD", help="unset a field (repeatable)")
+
+
+def _fields(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
+    body = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    if getattr(args, "expires_in", None):
+        body["expires_at"] = (datetime.now(UTC) + _duration(args.expires_in)).isoformat()
+    for name in getattr(args, "clear", []):
+        body[name.replace("-", "_")] = None
+    return body
+
+
+def _duration(text: str) -> timedelta:
+    match = re.fullmatch(r"(\d+)([dhms])", text)
+    if not match:
+        raise CommandError(f"--expires-in: {text!r} is not like 90d, 12h, 30m or 45s")
+    unit = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}[match.group(2)]
+    return timedelta(**{unit: int(match.group(1))})
+
+
+TEAM_FIELDS = (
+    "models",
+    *LIMIT_FIELDS,
+    "metadata",
+    "app_url",
+    "app_title",
+    "categories",
+    "upstream_key_env",
+    "provider",
+    "defaults",
+)
+KEY_FIELDS = ("name", "models", *LIMIT_FIELDS, "metadata", "expires_at")
+
+
+# -- handlers ---------------------------------------------------------------------------------
+def _team_create(api: Api, args: argparse.Namespace) -> Any:
+    return api.call("POST", "/admin/teams", {"name": args.name, **_fields(args, TEAM_FIELDS)})
+
+
+def _team_list(api: Api, args: argparse.Namespace) -> Any:
+    return api.call("GET", "/admin/teams")["data"]
+
+
+def _team_show(api: Api, args: argparse.Namespace) -> Any:
+    return api.call("GET", f"/admin/teams/{args.name}")
+
+
+def _team_update(api: Api, args: argparse.Namespace) -> Any:
+    return api.call("PATCH", f"/admin/teams/{args.name}", _fields(args, TEAM_FIELDS))
+
+
+def _team_delete(api: Api, args: argparse.Namespace) -> Any:
+    api.call("DELETE", f"/admin/teams/{args.name}")
+    return {"deleted": args.name}
+
+
+def _key_create(api: Api, args: argparse.Namespace) -> Any:
+    return api.call("POST", "/admin/keys", {"team": args.team, **_fields(args, KEY_FIELDS)})
+
+
+def _key_list(api: Api, args: argparse.Namespace) -> Any:
+    params = {"team": args.team} if args.team else {}
+    if args.active:
+        params["include_revoked"] = "false"
+    return api.call("GET", "/admin/keys", params=params)["data"]
+
+
+def _key_show(api: Api, args: argparse.Namespace) -> Any:
+    return api.call("GET", f"/admin/keys/{args.id}")
+
+
+def _key_update(api: Api, args: argparse.Namespace) -> Any:
+    return api.call("PATCH", f"/admin/keys/{args.id}", _fields(args, KEY_FIELDS))
+
+
+def _key_revoke(api: Api, args: argparse.Namespace) -> Any:
+    return api.call("POST", f"/admin/keys/{args.id}/revoke")
+
+
+def _key_rotate(api: Api, args: argparse.Namespace) -> Any:
+    return api.call("POST", f"/admin/keys/{args.id}/rotate", {"grace_period_s": args.grace})
+
+
+def _key_generate(args: argparse.Namespace) -> int:
+    from app.auth.keys import hash_key, new_key, new_key_id
+
+    key_id = new_key_id()
+    plaintext = new_key(key_id)
+    print(f"key (give it to its user; it is not stored anywhere): {plaintext}\n")
+    print("declare it in config/gateway.yaml:\n")
+    print(
+        f"keys:\n  - id: {key_id}\n    name: {args.name}\n    team: {args.team}\n    hash: sha256:{hash_key(plaintext)}"
+    )
+    return 0
+
+
+# -- plumbing ---------------------------------------------------------------------------------
+class Api:
+    def __init__(self, url: str) -> None:
+        admin_key = os.environ.get("GATEWAY_ADMIN_KEY")
+        if not admin_key:
+            raise CommandError("set GATEWAY_ADMIN_KEY to the gateway's admin key")
+        self.client = httpx.Client(
+            base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {admin_key}"}, timeout=30
+        )
+
+    def call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, params: dict[str, str] | None = None
+    ) -> Any:
+        try:
+            response = self.client.request(method, path, json=body, params=params)
+        except httpx.HTTPError as exc:
+            raise CommandError(f"cannot reach the gateway at {self.client.base_url}: {exc}") from None
+        if response.status_code >= 400:
+            try:
+                error = response.json()["error"]
+                message = error["message"] + (f" (code {error['code']})" if error.get("code") else "")
+            except (ValueError, KeyError, TypeError):
+                message = response.text[:200]
+            raise CommandError(f"{response.status_code}: {message}")
+        return response.json() if response.content else None
+
+
+def _run(handler: Any, args: argparse.Namespace) -> int:
+    try:
+        result = handler(Api(args.url), args)
+    except CommandError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif isinstance(result, list):
+        columns = KEY_COLUMNS if args.command == "keys" else TEAM_COLUMNS
+        print(table(result, columns))
+    else:
+        if isinstance(result, dict) and "key" in result and args.command == "keys":
+            print(f"key: {result['key']}   (shown once: store it now)\n", file=sys.stderr)
+            result = {k: v for k, v in result.items() if k != "key"}
+        print(record(result))
+    return 0

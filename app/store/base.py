@@ -1,0 +1,58 @@
+"""The store interface (DESIGN §7): one Protocol, two backends (memory, Redis), the same
+contract tests for both. This layer holds key and team records and announces changes so
+every replica can drop what it cached."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Protocol
+
+from app.auth.records import KeyRecord, TeamRecord
+
+ChangeListener = Callable[[str], Awaitable[None] | None]
+
+
+class StoreError(Exception):
+    """The store could not be reached or answered wrongly."""
+
+
+class Store(Protocol):
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    # teams
+    async def create_team(self, team: TeamRecord) -> bool:
+        """False if a team of that name exists."""
+
+    async def get_team(self, name: str) -> TeamRecord | None: ...
+
+    async def list_teams(self) -> list[TeamRecord]: ...
+
+    async def update_team(self, team: TeamRecord) -> bool:
+        """False if the team does not exist."""
+
+    async def delete_team(self, name: str) -> bool: ...
+
+    # keys
+    async def create_key(self, key: KeyRecord) -> str | None:
+        """Stores the key unless its name is taken in its team; returns the holder's id then."""
+
+    async def get_key(self, key_id: str) -> KeyRecord | None: ...
+
+    async def list_keys(self, team: str | None = None) -> list[KeyRecord]: ...
+
+    async def update_key(self, key: KeyRecord, old_name: str) -> str | None:
+        """Replaces the record; if renamed onto a taken name, returns the holder's id instead."""
+
+    async def delete_key(self, key_id: str) -> bool: ...
+
+    async def touch_keys(self, last_used: dict[str, datetime]) -> None:
+        """Record when keys were last used (flushed in batches, not per request)."""
+
+    # changes
+    async def publish(self, change: str) -> None:
+        """Tell every replica that `change` ("key:<id>", "team:<name>" or "*") is stale."""
+
+    def on_change(self, listener: ChangeListener) -> None: ...

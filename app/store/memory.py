@@ -1,0 +1,100 @@
+"""The embedded store: one process, nothing shared. The default."""
+
+from __future__ import annotations
+
+import inspect
+from datetime import datetime
+
+from app.auth.records import KeyRecord, TeamRecord
+from app.store.base import ChangeListener
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self._teams: dict[str, str] = {}
+        self._keys: dict[str, str] = {}  # records kept as JSON, so callers never share objects
+        self._names: dict[tuple[str, str], str] = {}
+        self._last_used: dict[str, datetime] = {}
+        self._listeners: list[ChangeListener] = []
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def create_team(self, team: TeamRecord) -> bool:
+        if team.name in self._teams:
+            return False
+        self._teams[team.name] = team.model_dump_json()
+        return True
+
+    async def get_team(self, name: str) -> TeamRecord | None:
+        raw = self._teams.get(name)
+        return TeamRecord.model_validate_json(raw) if raw else None
+
+    async def list_teams(self) -> list[TeamRecord]:
+        return [TeamRecord.model_validate_json(raw) for _, raw in sorted(self._teams.items())]
+
+    async def update_team(self, team: TeamRecord) -> bool:
+        if team.name not in self._teams:
+            return False
+        self._teams[team.name] = team.model_dump_json()
+        return True
+
+    async def delete_team(self, name: str) -> bool:
+        return self._teams.pop(name, None) is not None
+
+    async def create_key(self, key: KeyRecord) -> str | None:
+        holder = self._names.get((key.team, key.name))
+        if holder is not None:
+            return holder
+        self._names[(key.team, key.name)] = key.id
+        self._keys[key.id] = key.model_dump_json()
+        return None
+
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        raw = self._keys.get(key_id)
+        if raw is None:
+            return None
+        key = KeyRecord.model_validate_json(raw)
+        if key_id in self._last_used:
+            key.last_used_at = self._last_used[key_id]
+        return key
+
+    async def list_keys(self, team: str | None = None) -> list[KeyRecord]:
+        keys = [await self.get_key(key_id) for key_id in self._keys]
+        return sorted((k for k in keys if k and (team is None or k.team == team)), key=lambda k: k.created_at)
+
+    async def update_key(self, key: KeyRecord, old_name: str) -> str | None:
+        if key.name != old_name:
+            holder = self._names.get((key.team, key.name))
+            if holder is not None and holder != key.id:
+                return holder
+            self._names.pop((key.team, old_name), None)
+            self._names[(key.team, key.name)] = key.id
+        self._keys[key.id] = key.model_dump_json()
+        return None
+
+    async def delete_key(self, key_id: str) -> bool:
+        raw = self._keys.pop(key_id, None)
+        if raw is None:
+            return False
+        key = KeyRecord.model_validate_json(raw)
+        self._names.pop((key.team, key.name), None)
+        self._last_used.pop(key_id, None)
+        return True
+
+    async def touch_keys(self, last_used: dict[str, datetime]) -> None:
+        for key_id, when in last_used.items():
+            if key_id in self._keys:
+                self._last_used[key_id] = max(when, self._last_used.get(key_id, when))
+
+    async def publish(self, change: str) -> None:
+        for listener in self._listeners:
+            result = listener(change)
+            if inspect.isawaitable(result):
+                await result
+
+    def on_change(self, listener: ChangeListener) -> None:
+        self._listeners.append(listener)

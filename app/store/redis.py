@@ -1,0 +1,241 @@
+"""The shared store: Redis, for many replicas. Records are JSON strings under one hash tag
+(`{gw}`), so the multi-key scripts also run on Redis Cluster. Changes go out on a pub/sub
+channel; every replica drops what it cached within milliseconds, and drops everything if it
+ever loses the channel (it may have missed a message)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+from datetime import datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from app.auth.records import KeyRecord, TeamRecord
+from app.store.base import ChangeListener, StoreError
+
+log = logging.getLogger(__name__)
+
+_CREATE_TEAM = """
+if redis.call('SET', KEYS[1], ARGV[2], 'NX') then
+  redis.call('SADD', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
+_DELETE_TEAM = """
+redis.call('SREM', KEYS[2], ARGV[1])
+return redis.call('DEL', KEYS[1])
+"""
+# KEYS: key record, key-id set, names hash of the team; ARGV: id, name, json
+_CREATE_KEY = """
+if redis.call('HSETNX', KEYS[3], ARGV[2], ARGV[1]) == 0 then
+  return redis.call('HGET', KEYS[3], ARGV[2])
+end
+redis.call('SET', KEYS[1], ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[1])
+return false
+"""
+# KEYS: key record, names hash; ARGV: id, old name, new name, json
+_UPDATE_KEY = """
+if ARGV[2] ~= ARGV[3] then
+  local holder = redis.call('HGET', KEYS[2], ARGV[3])
+  if holder and holder ~= ARGV[1] then return holder end
+  redis.call('HDEL', KEYS[2], ARGV[2])
+  redis.call('HSET', KEYS[2], ARGV[3], ARGV[1])
+end
+redis.call('SET', KEYS[1], ARGV[4])
+return false
+"""
+# KEYS: key record, key-id set, names hash, last-used hash; ARGV: id, name
+_DELETE_KEY = """
+redis.call('SREM', KEYS[2], ARGV[1])
+if redis.call('HGET', KEYS[3], ARGV[2]) == ARGV[1] then redis.call('HDEL', KEYS[3], ARGV[2]) end
+redis.call('HDEL', KEYS[4], ARGV[1])
+return redis.call('DEL', KEYS[1])
+"""
+
+
+class RedisStore:
+    def __init__(self, url: str, prefix: str = "gw", timeout_s: float = 0.5) -> None:
+        self.redis: aioredis.Redis = aioredis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            health_check_interval=15,
+            decode_responses=False,
+        )
+        # Change notifications wait on a connection of their own, with no read timeout.
+        self._pubsub_client: aioredis.Redis = aioredis.from_url(
+            url, socket_connect_timeout=timeout_s, health_check_interval=5
+        )
+        tag = "{" + prefix + "}"
+        self._teams_key = f"{tag}:teams"
+        self._keys_key = f"{tag}:keys"
+        self._last_used_key = f"{tag}:lastused"
+        self._tag = tag
+        self.channel = f"{prefix}:changes"
+        self._scripts = {
+            name: self.redis.register_script(src)
+            for name, src in (
+                ("create_team", _CREATE_TEAM),
+                ("delete_team", _DELETE_TEAM),
+                ("create_key", _CREATE_KEY),
+                ("update_key", _UPDATE_KEY),
+                ("delete_key", _DELETE_KEY),
+            )
+        }
+        self._listeners: list[ChangeListener] = []
+        self._listener_task: asyncio.Task[None] | None = None
+
+    def _team(self, name: str) -> str:
+        return f"{self._tag}:team:{name}"
+
+    def _key(self, key_id: str) -> str:
+        return f"{self._tag}:key:{key_id}"
+
+    def _names(self, team: str) -> str:
+        return f"{self._tag}:keynames:{team}"
+
+    async def _call(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self._scripts[name](keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis: {exc}") from exc
+
+    async def _do(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis: {exc}") from exc
+
+    async def ping(self) -> None:
+        await self._do(self.redis.ping())
+
+    async def close(self) -> None:
+        if self._listener_task is not None:
+            self._listener_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener_task
+        await self.redis.aclose()
+        await self._pubsub_client.aclose()
+
+    # -- teams -----------------------------------------------------------------------------
+    async def create_team(self, team: TeamRecord) -> bool:
+        created = await self._call(
+            "create_team", [self._team(team.name), self._teams_key], [team.name, team.model_dump_json()]
+        )
+        return bool(created)
+
+    async def get_team(self, name: str) -> TeamRecord | None:
+        raw = await self._do(self.redis.get(self._team(name)))
+        return TeamRecord.model_validate_json(raw) if raw else None
+
+    async def list_teams(self) -> list[TeamRecord]:
+        names = sorted(n.decode() for n in await self._do(self.redis.smembers(self._teams_key)))
+        if not names:
+            return []
+        raws = await self._do(self.redis.mget([self._team(n) for n in names]))
+        return [TeamRecord.model_validate_json(raw) for raw in raws if raw]
+
+    async def update_team(self, team: TeamRecord) -> bool:
+        updated = await self._do(self.redis.set(self._team(team.name), team.model_dump_json(), xx=True))
+        return bool(updated)
+
+    async def delete_team(self, name: str) -> bool:
+        return bool(await self._call("delete_team", [self._team(name), self._teams_key], [name]))
+
+    # -- keys ------------------------------------------------------------------------------
+    async def create_key(self, key: KeyRecord) -> str | None:
+        holder = await self._call(
+            "create_key",
+            [self._key(key.id), self._keys_key, self._names(key.team)],
+            [key.id, key.name, key.model_dump_json()],
+        )
+        return holder.decode() if holder else None
+
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(self._key(key_id))
+            pipe.hget(self._last_used_key, key_id)
+            raw, last_used = await self._do(pipe.execute())
+        return self._with_last_used(raw, last_used) if raw else None
+
+    async def list_keys(self, team: str | None = None) -> list[KeyRecord]:
+        ids = [i.decode() for i in await self._do(self.redis.smembers(self._keys_key))]
+        if not ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.mget([self._key(i) for i in ids])
+            pipe.hmget(self._last_used_key, ids)
+            raws, used = await self._do(pipe.execute())
+        keys = [self._with_last_used(raw, u) for raw, u in zip(raws, used, strict=True) if raw]
+        return sorted((k for k in keys if team is None or k.team == team), key=lambda k: k.created_at)
+
+    @staticmethod
+    def _with_last_used(raw: bytes, last_used: bytes | None) -> KeyRecord:
+        key = KeyRecord.model_validate_json(raw)
+        if last_used:
+            key.last_used_at = datetime.fromisoformat(last_used.decode())
+        return key
+
+    async def update_key(self, key: KeyRecord, old_name: str) -> str | None:
+        holder = await self._call(
+            "update_key",
+            [self._key(key.id), self._names(key.team)],
+            [key.id, old_name, key.name, key.model_dump_json(exclude={"last_used_at"})],
+        )
+        return holder.decode() if holder else None
+
+    async def delete_key(self, key_id: str) -> bool:
+        key = await self.get_key(key_id)
+        if key is None:
+            return False
+        keys = [self._key(key_id), self._keys_key, self._names(key.team), self._last_used_key]
+        return bool(await self._call("delete_key", keys, [key_id, key.name]))
+
+    async def touch_keys(self, last_used: dict[str, datetime]) -> None:
+        if last_used:
+            await self._do(
+                self.redis.hset(self._last_used_key, mapping={k: v.isoformat() for k, v in last_used.items()})
+            )
+
+    # -- changes ---------------------------------------------------------------------------
+    async def publish(self, change: str) -> None:
+        await self._do(self.redis.publish(self.channel, change))
+        await self._notify(change)  # this replica too, without waiting for the round trip
+
+    def on_change(self, listener: ChangeListener) -> None:
+        self._listeners.append(listener)
+        if self._listener_task is None:
+            self._listener_task = asyncio.ensure_future(self._listen())
+
+    async def _notify(self, change: str) -> None:
+        for listener in self._listeners:
+            result = listener(change)
+            if inspect.isawaitable(result):
+                await result
+
+    async def _listen(self) -> None:
+        """Follow the change channel for as long as the store is open, reconnecting as needed."""
+        while True:
+            pubsub = self._pubsub_client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                await self._notify("*")  # anything could have changed while we were not listening
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message and message.get("type") == "message":
+                        await self._notify(message["data"].decode())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the listener must outlive any Redis trouble
+                log.warning("change channel lost (%s); reconnecting", exc)
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
