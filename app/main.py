@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             gateway = await _start_gateway(settings, client, store)
             app.state.gateway = gateway
-            flusher = asyncio.ensure_future(_flush_last_used(gateway))
+            flusher = asyncio.ensure_future(_flush_last_used(gateway, settings.last_used_flush_s))
             try:
                 yield
             finally:
@@ -91,7 +91,7 @@ async def _start_gateway(settings: Settings, client: OpenRouterClient, store: St
     return gateway
 
 
-async def _flush_last_used(gateway: Gateway, every_s: float = 5.0) -> None:
+async def _flush_last_used(gateway: Gateway, every_s: float) -> None:
     """Last-used times reach the store in batches, never as a write per request."""
     while True:
         await asyncio.sleep(every_s)

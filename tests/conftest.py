@@ -3,19 +3,31 @@ official `openai` client pointed at the gateway."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
 
+from app.auth.keys import hash_key
 from app.simulator import SimulatorThread
-from tests.support import CLIENT_KEY, UPSTREAM_KEY, GatewayServer, gateway_settings
+from tests.redis_server import RedisServer
+from tests.support import (
+    ADMIN_KEY,
+    CLIENT_KEY,
+    DECLARED_ID,
+    DECLARED_KEY,
+    TEAM_UPSTREAM_KEY,
+    UPSTREAM_KEY,
+    GatewayServer,
+    gateway_settings,
+)
 
 
 @pytest.fixture(scope="session")
 def simulator() -> Iterator[SimulatorThread]:
-    sim = SimulatorThread(api_keys={UPSTREAM_KEY}).start()
+    sim = SimulatorThread(api_keys={UPSTREAM_KEY, TEAM_UPSTREAM_KEY}).start()
     yield sim
     sim.stop()
 
@@ -36,3 +48,25 @@ def client(gateway: GatewayServer) -> Iterator[openai.OpenAI]:
 def http(gateway: GatewayServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=20) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def keyed(simulator: SimulatorThread) -> Iterator[GatewayServer]:
+    os.environ["TEAM_ML_OPENROUTER_KEY"] = TEAM_UPSTREAM_KEY
+    settings = gateway_settings(
+        simulator.base_url,
+        admin_key=ADMIN_KEY,
+        last_used_flush_s=0.2,
+        teams=[{"name": "gitops", "models": ["openai/*"], "app_title": "GitOps Team"}],
+        keys=[{"id": DECLARED_ID, "name": "ci", "team": "gitops", "hash": "sha256:" + hash_key(DECLARED_KEY)}],
+    )
+    with GatewayServer(settings) as server:
+        yield server
+    del os.environ["TEAM_ML_OPENROUTER_KEY"]

@@ -98,3 +98,66 @@ def gateway_settings(simulator_url: str, **overrides: Any) -> Settings:
         else:
             base[name] = value
     return Settings(**base)
+
+
+ADMIN_KEY = "sk-gw-admin-test-0123456789abcdef"
+DECLARED_ID = "declared0key"
+DECLARED_KEY = "sk-gw-declared0key-DeclaredSecretForTests0123456789"
+TEAM_UPSTREAM_KEY = "sk-or-v1-team-ml-upstream-key-for-tests"
+
+
+class GatewayProcess:
+    """`gateway serve` as a real separate process (a replica), configured by environment."""
+
+    def __init__(self, env: dict[str, str], log_path: str) -> None:
+        import os
+        import socket
+        import sys
+        from pathlib import Path
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "OPENROUTER_"))}
+        self.env = {**clean, "GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(self.port), **env}
+        self.binary = str(Path(sys.executable).with_name("gateway"))
+        self.log_path = log_path
+        self.process: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> GatewayProcess:
+        import subprocess
+        from pathlib import Path
+
+        import httpx
+
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen([self.binary, "serve"], env=self.env, stdout=log, stderr=log)
+
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"gateway exited: {Path(self.log_path).read_text()[-2000:]}")
+            try:
+                return httpx.get(self.url + "/readyz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, 30, "gateway process ready")
+        return self
+
+    def stop(self) -> int:
+        if self.process is None:
+            return 0
+        self.process.terminate()
+        code: int = self.process.wait(30)
+        self.process = None
+        return code
+
+    def __enter__(self) -> GatewayProcess:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

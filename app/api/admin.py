@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse
 
 from app.api.deps import GatewayDep
 from app.auth.keys import hash_key
-from app.auth.records import KEY_ID, NAME, KeyFields, KeyRecord, Name, TeamFields, TeamRecord
+from app.auth.records import KEY_ID, NAME, Amount, KeyFields, KeyRecord, Name, TeamFields, TeamRecord
 from app.errors import AdminDisabledError, AuthenticationError, NotFoundError
 from app.gateway import Gateway
 
@@ -52,7 +52,7 @@ class KeyUpdate(KeyFields):
 class Rotation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    grace_period_s: float = Field(0, ge=0, le=30 * 86400, description="how long the old secret keeps working")
+    grace_period_s: Amount = Field(0, ge=0, le=30 * 86400, description="how long the old secret keeps working")
 
 
 class KeyOut(KeyFields):

@@ -9,7 +9,7 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 KEY_ID = re.compile(r"^[a-z0-9]{12}$")
@@ -57,6 +57,12 @@ def _env_name(value: str) -> str:
     return value
 
 
+def _number(value: Any) -> Any:
+    if isinstance(value, (bool, str)):
+        raise ValueError("must be a number")
+    return value
+
+
 def _utc(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
@@ -69,6 +75,8 @@ OneLine = Annotated[str, AfterValidator(_one_line)]
 Category = Annotated[str, AfterValidator(_category)]
 EnvName = Annotated[str, AfterValidator(_env_name)]
 Metadata = Annotated[dict[str, Any], Field(max_length=64)]
+Count = Annotated[int, BeforeValidator(_number)]
+Amount = Annotated[float, BeforeValidator(_number)]
 
 
 class LimitFields(BaseModel):
@@ -77,10 +85,10 @@ class LimitFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: list[Glob] = Field(default_factory=list, max_length=256, description="allowed model globs; empty = any")
-    rpm: int | None = Field(None, ge=0, le=10**9, description="requests per minute")
-    tpm: int | None = Field(None, ge=0, le=10**12, description="tokens per minute")
-    max_concurrency: int | None = Field(None, ge=0, le=10**6, description="requests in flight")
-    budget_usd: float | None = Field(None, ge=0, le=10**9, description="spend allowed per budget period")
+    rpm: Count | None = Field(None, ge=0, le=10**9, description="requests per minute")
+    tpm: Count | None = Field(None, ge=0, le=10**12, description="tokens per minute")
+    max_concurrency: Count | None = Field(None, ge=0, le=10**6, description="requests in flight")
+    budget_usd: Amount | None = Field(None, ge=0, le=10**9, description="spend allowed per budget period")
     budget_period: Period | None = Field(None, description="day | month | total (calendar, UTC)")
 
     @model_validator(mode="after")

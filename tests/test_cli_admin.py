@@ -1,0 +1,142 @@
+"""`gateway teams …` and `gateway keys …` against a running gateway's admin API."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.support import ADMIN_KEY, GatewayServer
+
+GATEWAY = Path(sys.executable).with_name("gateway")
+
+
+def run(gateway: GatewayServer, *args: str, admin_key: str | None = ADMIN_KEY) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    if admin_key:
+        env["GATEWAY_ADMIN_KEY"] = admin_key
+    env["GATEWAY_URL"] = gateway.url
+    return subprocess.run([str(GATEWAY), *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def as_json(result: subprocess.CompletedProcess[str]) -> Any:
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_teams_commands(keyed: GatewayServer) -> None:
+    team = "cli-" + uuid.uuid4().hex[:8]
+    created = as_json(
+        run(
+            keyed,
+            "teams",
+            "create",
+            team,
+            "--models",
+            "openai/*",
+            "deepseek/*",
+            "--rpm",
+            "60",
+            "--budget-usd",
+            "25",
+            "--app-title",
+            "CLI Team",
+            "--category",
+            "cli-agent",
+            "--provider",
+            '{"data_collection": "deny"}',
+            "--json",
+        )
+    )
+    assert created["models"] == ["openai/*", "deepseek/*"] and created["budget_period"] == "month"
+    assert created["provider"] == {"data_collection": "deny"}
+
+    listing = run(keyed, "teams", "list")
+    assert listing.returncode == 0 and listing.stdout.splitlines()[0].split()[:2] == ["NAME", "MODELS"]
+    assert any(line.startswith(team) and "openai/*,deepseek/*" in line for line in listing.stdout.splitlines())
+
+    updated = as_json(run(keyed, "teams", "update", team, "--tpm", "5000", "--clear", "rpm", "--json"))
+    assert updated["tpm"] == 5000 and updated["rpm"] is None
+    shown = run(keyed, "teams", "show", team)
+    assert "app_title" in shown.stdout and "CLI Team" in shown.stdout
+
+    assert run(keyed, "teams", "delete", team).returncode == 0
+    missing = run(keyed, "teams", "show", team)
+    assert missing.returncode == 1 and "404" in missing.stderr and "team_not_found" in missing.stderr
+
+
+def test_keys_commands(keyed: GatewayServer) -> None:
+    team = "cli-" + uuid.uuid4().hex[:8]
+    assert run(keyed, "teams", "create", team).returncode == 0
+    created = run(
+        keyed,
+        "keys",
+        "create",
+        "--name",
+        "alice",
+        "--team",
+        team,
+        "--models",
+        "openai/*",
+        "--expires-in",
+        "30d",
+        "--rpm",
+        "10",
+        "--metadata",
+        '{"owner": "alice"}',
+    )
+    assert created.returncode == 0, created.stderr
+    plaintext = created.stderr.split("key: ", 1)[1].split()[0]
+    assert plaintext.startswith("sk-gw-") and plaintext not in created.stdout
+    key_id = plaintext[6:18]
+    assert key_id in created.stdout
+
+    response = httpx.get(keyed.url + "/v1/models", headers={"Authorization": f"Bearer {plaintext}"})
+    assert response.status_code == 200
+
+    again = run(keyed, "keys", "create", "--name", "alice", "--team", team)
+    assert again.returncode == 1 and "409" in again.stderr and "key_exists" in again.stderr
+
+    listed = as_json(run(keyed, "keys", "list", "--team", team, "--json"))
+    assert [k["id"] for k in listed] == [key_id] and "key" not in listed[0]
+    table = run(keyed, "keys", "list", "--team", team)
+    assert table.stdout.splitlines()[0].split()[:3] == ["ID", "NAME", "TEAM"] and key_id in table.stdout
+
+    updated = as_json(run(keyed, "keys", "update", key_id, "--name", "alice2", "--budget-usd", "2", "--json"))
+    assert updated["name"] == "alice2" and updated["budget_usd"] == 2
+    rotated = as_json(run(keyed, "keys", "rotate", key_id, "--grace", "60", "--json"))
+    assert rotated["id"] == key_id and rotated["key"] != plaintext
+    assert as_json(run(keyed, "keys", "show", key_id, "--json"))["previous_secret_valid_until"]
+    revoked = as_json(run(keyed, "keys", "revoke", key_id, "--json"))
+    assert revoked["revoked"] is True
+    assert as_json(run(keyed, "keys", "list", "--team", team, "--active", "--json")) == []
+    response = httpx.get(keyed.url + "/v1/models", headers={"Authorization": f"Bearer {rotated['key']}"})
+    assert response.status_code == 401
+
+
+def test_cli_needs_the_admin_key(keyed: GatewayServer) -> None:
+    result = run(keyed, "teams", "list", admin_key=None)
+    assert result.returncode == 1 and "GATEWAY_ADMIN_KEY" in result.stderr
+    wrong = run(keyed, "teams", "list", admin_key="sk-not-the-admin-key")
+    assert wrong.returncode == 1 and "401" in wrong.stderr
+
+
+def test_generate_prints_a_declarable_key(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(GATEWAY), "keys", "generate", "--name", "ci", "--team", "ops"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0
+    plaintext = result.stdout.split("it is not stored anywhere): ", 1)[1].split()[0]
+    config = tmp_path / "gateway.yaml"
+    config.write_text("teams:\n  - name: ops\n" + result.stdout.split("config/gateway.yaml:\n\n", 1)[1])
+    from app.auth.keys import hash_key
+    from app.settings import Settings
+
+    settings = Settings(config_file=str(config))
+    assert settings.keys[0].hash == hash_key(plaintext) and settings.keys[0].id == plaintext[6:18]

@@ -1,0 +1,376 @@
+"""Virtual keys and teams through the admin API and on the request path: formats, hashing,
+allowlists, rotation, revocation, expiry, team attribution and policy, declared entries, and
+bad admin input (never a 500)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from app.auth.keys import hash_key, new_key, new_key_id
+from app.simulator import SimulatorThread
+from tests.support import (
+    ADMIN_KEY,
+    CLIENT_KEY,
+    DECLARED_ID,
+    DECLARED_KEY,
+    TEAM_UPSTREAM_KEY,
+    UPSTREAM_KEY,
+    GatewayServer,
+    wait_until,
+)
+from tests.support import request_id as new_request_id
+
+HELLO = [{"role": "user", "content": "Hello"}]
+KEY_FORMAT = re.compile(r"^sk-gw-[a-z0-9]{12}-[A-Za-z0-9]{32}$")
+
+
+@pytest.fixture
+def admin(keyed: GatewayServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=keyed.url + "/admin", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
+        yield client
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{new_key_id()}"
+
+
+def make_team(admin: httpx.Client, **fields: Any) -> str:
+    name = unique("team")
+    response = admin.post("/teams", json={"name": name, **fields})
+    assert response.status_code == 201, response.text
+    return name
+
+
+def make_key(admin: httpx.Client, team: str, **fields: Any) -> dict[str, Any]:
+    response = admin.post("/keys", json={"name": unique("key"), "team": team, **fields})
+    assert response.status_code == 201, response.text
+    created: dict[str, Any] = response.json()
+    return created
+
+
+def sdk(gateway: GatewayServer, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=20)
+
+
+def test_admin_api_is_off_without_admin_key(gateway: GatewayServer) -> None:
+    for method, path in (("GET", "/admin/teams"), ("POST", "/admin/keys"), ("GET", "/admin/keys/abc")):
+        response = httpx.request(method, gateway.url + path, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        assert response.status_code == 403
+        assert response.json()["error"]["code"] == "admin_api_disabled"
+        assert "GATEWAY_ADMIN_KEY" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "Bearer wrong-admin-key", f"Bearer {CLIENT_KEY}", f"Bearer {DECLARED_KEY}", f"Basic {ADMIN_KEY}"],
+)
+def test_admin_api_refuses_other_keys(keyed: GatewayServer, authorization: str | None) -> None:
+    headers = {"Authorization": authorization} if authorization else {}
+    response = httpx.get(keyed.url + "/admin/keys", headers=headers)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_key_is_shown_once_and_stored_hashed(keyed: GatewayServer, admin: httpx.Client) -> None:
+    team = make_team(admin)
+    created = make_key(admin, team, metadata={"owner": "alice"})
+    assert KEY_FORMAT.match(created["key"])
+    assert created["key"].startswith(f"sk-gw-{created['id']}-")
+    assert created["metadata"] == {"owner": "alice"} and created["revoked"] is False
+
+    shown = admin.get(f"/keys/{created['id']}").json()
+    listing = admin.get("/keys", params={"team": team}).text
+    for text in (json.dumps(shown), listing):
+        assert created["key"] not in text and created["key"].rsplit("-", 1)[1] not in text
+        assert hash_key(created["key"]) not in text and '"hash"' not in text
+    assert [k["id"] for k in admin.get("/keys", params={"team": team}).json()["data"]] == [created["id"]]
+
+    with sdk(keyed, created["key"]) as client:
+        assert client.chat.completions.create(model="openai/gpt-4o-mini", messages=HELLO).choices[0].message.content
+
+
+def test_same_name_in_team_is_an_idempotent_409(admin: httpx.Client) -> None:
+    team = make_team(admin)
+    first = make_key(admin, team)
+    for _ in range(2):
+        again = admin.post("/keys", json={"name": first["name"], "team": team})
+        assert again.status_code == 409
+        assert again.headers["x-should-retry"] == "false"
+        assert again.json()["error"]["code"] == "key_exists"
+        assert again.json()["error"]["metadata"] == {"id": first["id"]}
+    assert len(admin.get("/keys", params={"team": team}).json()["data"]) == 1
+    assert admin.post("/teams", json={"name": team}).status_code == 409
+
+
+def test_unusable_keys_get_401(keyed: GatewayServer, admin: httpx.Client) -> None:
+    team = make_team(admin)
+    revoked = make_key(admin, team)
+    assert admin.post(f"/keys/{revoked['id']}/revoke").json()["revoked"] is True
+    expiring = make_key(admin, team, expires_at=(datetime.now(UTC) + timedelta(seconds=1.5)).isoformat())
+    with sdk(keyed, expiring["key"]) as client:
+        client.chat.completions.create(model="openai/gpt-4o-mini", messages=HELLO)  # works until it expires
+    unknown = new_key(new_key_id())
+    tampered = revoked["key"][:-1] + ("A" if revoked["key"][-1] != "A" else "B")
+    candidates = [unknown, tampered, "sk-gw-short", "not-a-key", revoked["key"], UPSTREAM_KEY]
+    wait_until(lambda: datetime.now(UTC) > datetime.fromisoformat(expiring["expires_at"]), 5, "expiry")
+    candidates.append(expiring["key"])
+    for key in candidates:
+        with sdk(keyed, key) as client, pytest.raises(openai.AuthenticationError) as caught:
+            client.chat.completions.create(model="openai/gpt-4o-mini", messages=HELLO)
+        assert caught.value.status_code == 401
+        assert caught.value.body["code"] == "invalid_api_key"  # type: ignore[index]
+
+
+def test_allowlist_applies_to_requests_and_model_listing(keyed: GatewayServer, admin: httpx.Client) -> None:
+    team = make_team(admin, models=["openai/*", "deepseek/*"])
+    key = make_key(admin, team, models=["openai/*"])  # narrower than its team
+    with sdk(keyed, key["key"]) as client:
+        assert client.chat.completions.create(model="gpt-4o-mini", messages=HELLO).choices  # alias -> openai/
+        for model in ("deepseek/deepseek-v3.2", "thinker", "anthropic/claude-sonnet-4.5"):
+            with pytest.raises(openai.PermissionDeniedError) as caught:
+                client.chat.completions.create(model=model, messages=HELLO)
+            assert caught.value.body["code"] == "model_not_allowed"  # type: ignore[index]
+        with pytest.raises(openai.PermissionDeniedError):
+            client.chat.completions.create(
+                model="openai/gpt-4o-mini", messages=HELLO, extra_body={"models": ["anthropic/claude-sonnet-4.5"]}
+            )
+        with pytest.raises(openai.PermissionDeniedError):
+            client.embeddings.create(model="qwen/qwen3-embedding-8b", input="x")
+        listed = {m.id for m in client.models.list()}
+        assert listed and all(m.startswith("openai/") or m == "gpt-4o-mini" for m in listed)
+        assert "openai/text-embedding-3-small" in listed
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("deepseek/deepseek-v3.2")
+    with sdk(keyed, make_key(admin, team)["key"]) as client:  # the team's list, inherited
+        assert "deepseek/deepseek-v3.2" in {m.id for m in client.models.list()}
+
+
+def test_rotation_keeps_id_and_honours_grace(keyed: GatewayServer, admin: httpx.Client) -> None:
+    team = make_team(admin)
+    original = make_key(admin, team)
+    rotated = admin.post(f"/keys/{original['id']}/rotate", json={"grace_period_s": 1.5}).json()
+    assert rotated["id"] == original["id"] and rotated["key"] != original["key"]
+    assert rotated["previous_secret_valid_until"] is not None and rotated["rotated_at"] is not None
+    with sdk(keyed, rotated["key"]) as new, sdk(keyed, original["key"]) as old:
+        assert new.chat.completions.create(model="openai/gpt-4o-mini", messages=HELLO).choices
+        assert old.chat.completions.create(model="openai/gpt-4o-mini", messages=HELLO).choices  # in grace
+
+        def old_refused() -> bool:
+            try:
+                old.models.list()
+                return False
+            except openai.AuthenticationError:
+                return True
+
+        wait_until(old_refused, 5, "grace period end")
+        assert new.chat.completions.create(model="openai/gpt-4o-mini", messages=HELLO).choices
+
+    again = admin.post(f"/keys/{original['id']}/rotate").json()  # default grace: 0
+    with sdk(keyed, rotated["key"]) as old, pytest.raises(openai.AuthenticationError):
+        old.models.list()
+    with sdk(keyed, again["key"]) as new:
+        assert new.models.list()
+
+
+def test_team_attribution_policy_and_upstream_key(
+    keyed: GatewayServer, admin: httpx.Client, simulator: SimulatorThread
+) -> None:
+    ml = make_team(
+        admin,
+        app_title="ML Research",
+        categories=["cli-agent"],
+        upstream_key_env="TEAM_ML_OPENROUTER_KEY",
+        provider={"data_collection": "deny", "zdr": True},
+        defaults={"temperature": 0.3},
+    )
+    other = make_team(admin)
+    ml_key, other_key = make_key(admin, ml)["key"], make_key(admin, other)["key"]
+    body = {"provider": {"data_collection": "allow", "order": ["deepinfra"]}, "temperature": 0.9}
+
+    sent = {}
+    for name, key in (("ml", ml_key), ("other", other_key)):
+        rid = new_request_id()
+        with sdk(keyed, key) as client:
+            client.chat.completions.create(
+                model="openai/gpt-4o-mini", messages=HELLO, extra_body=body, extra_headers={"x-request-id": rid}
+            )
+        (sent[name],) = simulator.find(rid)
+
+    ml_headers, ml_body = sent["ml"]["headers"], json.loads(sent["ml"]["body"])
+    assert ml_headers["x-openrouter-title"] == ml_headers["x-title"] == "ML Research"
+    assert ml_headers["x-openrouter-categories"] == "cli-agent"
+    assert ml_headers["http-referer"] == "https://example.com/our-app"  # not overridden
+    assert ml_headers["authorization"] == f"Bearer {TEAM_UPSTREAM_KEY}"
+    assert ml_body["provider"] == {"data_collection": "deny", "order": ["deepinfra"], "zdr": True}  # policy wins
+    assert ml_body["temperature"] == 0.9  # defaults do not override the client
+
+    other_headers, other_body = sent["other"]["headers"], json.loads(sent["other"]["body"])
+    assert other_headers["x-openrouter-title"] == "Gateway Tests"
+    assert other_headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert other_body["provider"] == body["provider"]
+
+    assert admin.patch(f"/teams/{ml}", json={"app_title": "ML Platform"}).status_code == 200
+    rid = new_request_id()
+    with sdk(keyed, ml_key) as client:  # a team change reaches cached keys at once
+        client.chat.completions.create(model="openai/gpt-4o-mini", messages=HELLO, extra_headers={"x-request-id": rid})
+    assert simulator.find(rid)[0]["headers"]["x-openrouter-title"] == "ML Platform"
+
+
+def test_team_defaults_fill_in(keyed: GatewayServer, admin: httpx.Client, simulator: SimulatorThread) -> None:
+    team = make_team(admin, defaults={"temperature": 0.3, "reasoning": {"effort": "low"}})
+    rid = new_request_id()
+    with sdk(keyed, make_key(admin, team)["key"]) as client:
+        client.chat.completions.create(model="openai/gpt-4o-mini", messages=HELLO, extra_headers={"x-request-id": rid})
+    body = json.loads(simulator.find(rid)[0]["body"])
+    assert body["temperature"] == 0.3 and body["reasoning"] == {"effort": "low"}
+
+
+def test_team_without_its_upstream_key_is_refused_clearly(keyed: GatewayServer, admin: httpx.Client) -> None:
+    team = make_team(admin, upstream_key_env="TEAM_NOBODY_SET_THIS_KEY")
+    with sdk(keyed, make_key(admin, team)["key"]) as client, pytest.raises(openai.InternalServerError) as caught:
+        client.chat.completions.create(model="openai/gpt-4o-mini", messages=HELLO)
+    assert caught.value.status_code == 503 and caught.value.body["code"] == "upstream_key_missing"  # type: ignore[index]
+
+
+def test_declared_entries_work_and_are_read_only(
+    keyed: GatewayServer, admin: httpx.Client, simulator: SimulatorThread
+) -> None:
+    rid = new_request_id()
+    with sdk(keyed, DECLARED_KEY) as client:
+        client.chat.completions.create(model="openai/gpt-4o-mini", messages=HELLO, extra_headers={"x-request-id": rid})
+        with pytest.raises(openai.PermissionDeniedError):
+            client.chat.completions.create(model="deepseek/deepseek-v3.2", messages=HELLO)
+    assert simulator.find(rid)[0]["headers"]["x-openrouter-title"] == "GitOps Team"
+    shown = admin.get(f"/keys/{DECLARED_ID}").json()
+    assert shown["declared"] is True and shown["team"] == "gitops"
+    for response in (
+        admin.post(f"/keys/{DECLARED_ID}/revoke"),
+        admin.patch(f"/keys/{DECLARED_ID}", json={"rpm": 1}),
+        admin.post(f"/keys/{DECLARED_ID}/rotate"),
+        admin.patch("/teams/gitops", json={"rpm": 1}),
+        admin.delete("/teams/gitops"),
+    ):
+        assert response.status_code == 409 and response.json()["error"]["code"] == "read_only"
+
+
+def test_last_used_is_recorded(keyed: GatewayServer, admin: httpx.Client) -> None:
+    key = make_key(admin, make_team(admin))
+    assert key["last_used_at"] is None
+    before = datetime.now(UTC)
+    with sdk(keyed, key["key"]) as client:
+        client.models.list()
+    shown = wait_until(lambda: admin.get(f"/keys/{key['id']}").json()["last_used_at"], 5, "last_used_at")
+    assert datetime.fromisoformat(shown) >= before - timedelta(seconds=1)
+
+
+def test_team_and_key_updates(admin: httpx.Client) -> None:
+    team = make_team(admin, rpm=10, budget_usd=5)
+    assert admin.get(f"/teams/{team}").json()["budget_period"] == "month"  # a budget needs a period
+    updated = admin.patch(f"/teams/{team}", json={"rpm": None, "tpm": 1000}).json()
+    assert updated["rpm"] is None and updated["tpm"] == 1000 and updated["budget_usd"] == 5
+    key = make_key(admin, team)
+    renamed = admin.patch(f"/keys/{key['id']}", json={"name": "renamed", "budget_usd": 1.5, "budget_period": "day"})
+    assert renamed.status_code == 200 and renamed.json()["name"] == "renamed"
+    assert renamed.json()["budget_period"] == "day"
+    other = make_key(admin, team)
+    clash = admin.patch(f"/keys/{other['id']}", json={"name": "renamed"})
+    assert clash.status_code == 409 and clash.json()["error"]["code"] == "key_exists"
+    assert admin.delete(f"/teams/{team}").status_code == 409  # active keys
+    for k in (key, other):
+        admin.post(f"/keys/{k['id']}/revoke")
+    assert admin.delete(f"/teams/{team}").status_code == 204
+    assert admin.get(f"/teams/{team}").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "field"),
+    [
+        ("POST", "/teams", {}, "name"),
+        ("POST", "/teams", {"name": "bad name!"}, "name"),
+        ("POST", "/teams", {"name": "t1", "rpm": -1}, "rpm"),
+        ("POST", "/teams", {"name": "t1", "tpm": "lots"}, "tpm"),
+        ("POST", "/teams", {"name": "t1", "budget_usd": -0.01}, "budget_usd"),
+        ("POST", "/teams", {"name": "t1", "budget_period": "week"}, "budget_period"),
+        ("POST", "/teams", {"name": "t1", "models": ["openai/[gpt"]}, "models"),
+        ("POST", "/teams", {"name": "t1", "models": ["has space/x"]}, "models"),
+        ("POST", "/teams", {"name": "t1", "models": "openai/*"}, "models"),
+        ("POST", "/teams", {"name": "t1", "categories": ["Not Valid"]}, "categories"),
+        ("POST", "/teams", {"name": "t1", "app_title": "two\nlines"}, "app_title"),
+        ("POST", "/teams", {"name": "t1", "upstream_key_env": "lower-case"}, "upstream_key_env"),
+        ("POST", "/teams", {"name": "t1", "provider": ["deny"]}, "provider"),
+        ("POST", "/teams", {"name": "t1", "surprise": 1}, "surprise"),
+        ("POST", "/keys", {"team": "gitops"}, "name"),
+        ("POST", "/keys", {"name": "k"}, "team"),
+        ("POST", "/keys", {"name": "k", "team": "no-such-team"}, "team"),
+        ("POST", "/keys", {"name": "k", "team": "gitops", "max_concurrency": -5}, "max_concurrency"),
+        ("POST", "/keys", {"name": "k", "team": "gitops", "expires_at": "next tuesday"}, "expires_at"),
+        ("POST", "/keys", {"name": "k", "team": "gitops", "expires_at": "2001-01-01T00:00:00Z"}, "expires_at"),
+        ("POST", "/keys", {"name": "k", "team": "gitops", "metadata": "x"}, "metadata"),
+        ("POST", "/keys", {"name": "k", "team": "gitops", "rpm": 1.5}, "rpm"),
+        ("PATCH", "/teams/gitops", {"rpm": True}, "rpm"),
+        ("POST", f"/keys/{DECLARED_ID}/rotate", {"grace_period_s": -1}, "grace_period_s"),
+    ],
+)
+def test_bad_admin_input_names_the_field(
+    admin: httpx.Client, method: str, path: str, body: dict[str, Any], field: str
+) -> None:
+    response = admin.request(method, path, json=body)
+    assert response.status_code in (400, 422), response.text
+    error = response.json()["error"]
+    assert field in error["message"] or error["param"] == field, error
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[]", b'"x"', b"\xff\xfe"])
+def test_admin_body_not_an_object(admin: httpx.Client, raw: bytes) -> None:
+    response = admin.post("/teams", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code in (400, 422)
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/keys/..%2F..%2Fetc%2Fpasswd",
+        "/keys/UPPERCASEID1",
+        "/keys/aaaaaaaaaaaa",
+        "/teams/no-such-team",
+        "/teams/..",
+        "/keys/aaaaaaaaaaaa/revoke",
+    ],
+)
+def test_unknown_admin_resources_are_404(admin: httpx.Client, path: str) -> None:
+    method = "POST" if path.endswith("revoke") else "GET"
+    response = admin.request(method, path)
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_admin_api_is_in_the_openapi_schema(keyed: GatewayServer) -> None:
+    schema = httpx.get(keyed.url + "/openapi.json").json()
+    for path in (
+        "/admin/teams",
+        "/admin/teams/{name}",
+        "/admin/keys",
+        "/admin/keys/{key_id}",
+        "/admin/keys/{key_id}/revoke",
+        "/admin/keys/{key_id}/rotate",
+    ):
+        assert path in schema["paths"], path
+    assert any(s.get("scheme") == "bearer" for s in schema["components"]["securitySchemes"].values())
+    created = schema["paths"]["/admin/keys"]["post"]["responses"]["201"]["content"]["application/json"]["schema"]
+    assert created["$ref"].endswith("KeyWithSecret")
+
+
+def test_bootstrap_key_still_works(keyed: GatewayServer) -> None:
+    with sdk(keyed, CLIENT_KEY) as client:
+        assert client.chat.completions.create(model="deepseek/deepseek-v3.2", messages=HELLO).choices
+    assert time.time() > 0
