@@ -18,6 +18,7 @@
         ├── UpstreamConnectionError   502 upstream_unreachable | upstream_reset (retryable)
         ├── UpstreamTimeoutError      504 upstream_timeout
         ├── UpstreamUnavailableError  503 upstream_auth_failed | upstream_insufficient_credits
+        ├── CircuitOpenError          503 upstream_circuit_open (the model keeps failing; retry-after)
         └── UpstreamStatusError       OpenRouter's status and message, mapped by DESIGN §5
 
 `code` is always a string reason; OpenAI SDKs choose their exception class from the status.
@@ -34,6 +35,7 @@ class GatewayError(Exception):
     status = 500
     type = "server_error"
     code: str | None = "internal_error"
+    upstream_status: int | None = None  # OpenRouter's status, when the error came from it
 
     def __init__(
         self,
@@ -179,6 +181,11 @@ class UpstreamUnavailableError(UpstreamError):
     def __init__(self, message: str, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
         self.headers.setdefault("x-should-retry", "false")
+
+
+class CircuitOpenError(UpstreamError):
+    status = 503
+    code = "upstream_circuit_open"
 
 
 class UpstreamStatusError(UpstreamError):

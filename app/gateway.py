@@ -1,27 +1,31 @@
-"""The gateway's request path, stage by stage (DESIGN §4), free of any web framework.
+"""The gateway's request path, stage by stage (DESIGN §4), free of any web framework:
+authenticate → parse → resolve → normalise → admit → forward → relay → meter.
 
 `api/` calls these stages in order; `main.py` builds one `Gateway` per process in the lifespan.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Protocol
-
-import orjson
 
 from app.auth.keys import KeyAuthenticator, Principal, hash_key
 from app.auth.registry import Registry
+from app.call import EMBEDDINGS, Endpoint, ProxyCall
 from app.catalog.models import Catalog
-from app.errors import GatewayError, InvalidRequestError, ModelNotAllowedError, UpstreamError, UpstreamUnavailableError
+from app.errors import GatewayError, InvalidRequestError, ModelNotAllowedError, UpstreamUnavailableError
+from app.forwarder import Forwarder, Outcome
+from app.limits.admission import Admission, Demand, demand_of
+from app.limits.checks import NANO
 from app.normalize import request as normalize
-from app.normalize.response import body_error, error_from_status
 from app.settings import Settings
 from app.store.base import Store
-from app.upstream.client import OpenRouterClient, UpstreamResponse, attribution_headers
+from app.upstream.client import OpenRouterClient, attribution_headers
+from app.usage.cost import catalogue_cost
 from app.usage.record import Usage
 
 log = logging.getLogger("gateway.request")
@@ -44,44 +48,6 @@ PASSED_RESPONSE_HEADERS = (
     "x-openrouter-cache-ttl",
     "x-openrouter-cache-source-id",
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    name: str
-    path: str  # below the upstream base URL
-    required: tuple[tuple[str, type | tuple[type, ...]], ...]
-    expect: str  # the list a successful response carries
-    streams: bool = True
-
-
-CHAT = Endpoint("chat.completions", "/chat/completions", (("messages", list),), "choices")
-COMPLETIONS = Endpoint("completions", "/completions", (("prompt", (str, list)),), "choices")
-EMBEDDINGS = Endpoint("embeddings", "/embeddings", (("input", (str, list)),), "data", streams=False)
-
-
-@dataclass(slots=True)
-class ProxyCall:
-    """One request on its way through the gateway; metering reads it at the end."""
-
-    request_id: str
-    endpoint: Endpoint
-    principal: Principal
-    started: float = field(default_factory=time.perf_counter)
-    model_requested: str | None = None
-    model: str | None = None
-    model_served: str | None = None
-    stream: bool = False
-    include_usage: bool = False
-    status: int = 200
-    error_code: str | None = None
-    generation_id: str | None = None
-    usage: Usage | None = None
-    upstream_started: float | None = None
-    first_byte: float | None = None
-    first_token: float | None = None
-    finished: float | None = None
-    client_disconnected: bool = False
 
 
 class Meter(Protocol):
@@ -113,23 +79,34 @@ class Gateway:
         catalog: Catalog,
         store: Store,
         authenticator: KeyAuthenticator,
+        admission: Admission,
         meter: Meter,
     ) -> None:
         self.settings = settings
-        self.client = client
         self.catalog = catalog
         self.store = store
         self.registry = Registry(store)
         self.authenticator = authenticator
+        self.admission = admission
         self.meter = meter
+        self.forwarder = Forwarder(
+            client, settings.upstream, lambda model: catalog.settings_for(model).first_byte_timeout_s
+        )
         self.draining = False
+        self._settling: set[asyncio.Task[None]] = set()
         admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
         self.admin_key_hash = hash_key(admin_key).encode() if admin_key else None
+        self._shared_auth = client.auth_header()
         self._headers = {
             **attribution_headers(settings.attribution),
-            "Authorization": client.auth_header(),
+            "Authorization": self._shared_auth,
             "Content-Type": "application/json",
         }
+
+    def new_call(self, request_id: str, endpoint: Endpoint, principal: Principal) -> ProxyCall:
+        call = ProxyCall(request_id, endpoint, principal)
+        call.deadline = call.started + self.settings.upstream.deadline_s
+        return call
 
     # 1. authenticate
     async def authenticate(self, authorization: str | None) -> Principal:
@@ -185,8 +162,35 @@ class Gateway:
             changed |= normalize.impose_policy(payload, {"provider": team.provider})
         return normalize.encode(payload) if changed else raw
 
-    # 6. forward
-    async def forward(self, call: ProxyCall, body: bytes, client_headers: Mapping[str, str]) -> UpstreamResponse:
+    # 5. admit
+    async def admit(self, call: ProxyCall, payload: dict[str, Any]) -> None:
+        team = call.principal.team
+        shared_key = team is None or team.headers.get("Authorization") == self._shared_auth
+        scopes = self.admission.scopes(call.principal, shared_key)
+        demand = Demand()
+        if self.admission.needs_demand(scopes):
+            demand = await self._demand(call, payload)
+        call.reservation = await self.admission.admit(call.request_id, self.admission.checks(scopes, demand))
+
+    async def _demand(self, call: ProxyCall, payload: dict[str, Any]) -> Demand:
+        models = [m for m in self._models(call) if m is not None]
+        entry = await self.catalog.entry(models[0]) if models else None
+        prices = [await self.catalog.prices(m) for m in models]
+        known = [p for p in prices if p is not None]
+        worst = max(known, key=lambda p: p.prompt + p.completion) if len(known) == len(prices) and known else None
+        return demand_of(payload, entry, worst or await self.catalog.max_prices(), call.endpoint is EMBEDDINGS)
+
+    def _models(self, call: ProxyCall) -> list[str | None]:
+        """The asked model, then its configured fallbacks that this key may use."""
+        if call.model is None:
+            return [None]
+        fallbacks = self.catalog.settings_for(call.model).fallbacks
+        return [call.model, *(m for m in fallbacks if m != call.model and call.principal.allows(m))]
+
+    # 6. forward (7. relay: api/)
+    async def forward(
+        self, call: ProxyCall, body: bytes, payload: dict[str, Any], client_headers: Mapping[str, str]
+    ) -> Outcome:
         team = call.principal.team
         if team is not None and team.missing_key_env:
             raise UpstreamUnavailableError(
@@ -200,43 +204,71 @@ class Gateway:
                 headers[name] = value
         if call.stream:
             headers["Accept"] = "text/event-stream"
-        timeout = min(self.settings.upstream.first_byte_timeout_s, self.remaining(call))
-        call.upstream_started = time.perf_counter()
-        response = await self.client.post(call.endpoint.path, body, headers, timeout)
-        call.first_byte = time.perf_counter()
-        call.generation_id = response.headers.get("x-generation-id")
-        if response.status >= 300:
-            raw = await response.read()
-            raise error_from_status(response.status, raw, response.headers)
-        return response
 
-    def remaining(self, call: ProxyCall) -> float:
-        return max(0.001, call.started + self.settings.upstream.deadline_s - time.perf_counter())
+        def body_for(model: str | None) -> bytes:
+            if model == call.model:
+                return body
+            return normalize.encode({**payload, "model": model})
 
-    # 7. relay (non-streaming)
-    async def read_json(self, call: ProxyCall, response: UpstreamResponse) -> bytes:
-        """The upstream body, checked for an error hidden in an HTTP 200."""
-        raw = await response.read()
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(
-                "OpenRouter returned a body that is not JSON.", code="upstream_invalid_response"
-            ) from None
-        error = body_error(body, call.endpoint.expect)
-        if error is not None:
-            raise error
-        call.usage = Usage.from_openrouter(body.get("usage"))
-        call.model_served = body.get("model") if isinstance(body.get("model"), str) else None
-        return raw
+        call.forwarded = True
+        self.forwarder.budget.in_flight += 1
+        outcome = await self.forwarder.send(call, self._models(call), body_for, headers)
+        if isinstance(outcome, bytes):
+            body_json = call.parsed if isinstance(call.parsed, dict) else {}
+            call.usage = Usage.from_openrouter(body_json.get("usage"))
+            served = body_json.get("model")
+            call.model_served = served if isinstance(served, str) else None
+        return outcome
 
     # 8. meter
     def finish(self, call: ProxyCall, error: GatewayError | None = None) -> None:
         call.finished = time.perf_counter()
         if error is not None:
             call.status, call.error_code = error.status, error.code
+        if call.forwarded:
+            call.forwarded = False
+            self.forwarder.budget.in_flight -= 1
+        if call.reservation is not None and call.reservation.verdict is not None:
+            task = asyncio.ensure_future(self._settle(call))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
         self.meter.record(call)
 
+    async def _settle(self, call: ProxyCall) -> None:
+        reservation = call.reservation
+        assert reservation is not None
+        usage = call.usage
+        if usage is None and call.client_disconnected:
+            # Cut before OpenRouter told us what it used: keep the worst case until it is reconciled.
+            tokens = max((c.amount for c in reservation.checks if c.kind == "tokens"), default=0)
+            cost = Decimal(max((c.amount for c in reservation.checks if c.kind == "budget"), default=0)) / NANO
+        elif usage is None:
+            tokens, cost = 0, Decimal(0)
+        else:
+            tokens = usage.prompt_tokens + usage.completion_tokens
+            cost = await self.cost_of(call, usage)
+        await self.admission.settle(reservation, tokens, cost)
 
-def response_headers(upstream_headers: Mapping[str, str]) -> dict[str, str]:
-    return {name: upstream_headers[name] for name in PASSED_RESPONSE_HEADERS if name in upstream_headers}
+    async def cost_of(self, call: ProxyCall, usage: Usage) -> Decimal:
+        """OpenRouter's own `usage.cost` when it sent one; else the catalogue's prices."""
+        if usage.cost_usd is not None:
+            return Decimal(repr(usage.cost_usd))
+        model = call.model_used or call.model
+        prices = await self.catalog.prices(model) if model else None
+        return catalogue_cost(usage, prices) if prices else Decimal(0)
+
+    async def drain_settlements(self) -> None:
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
+        await self.admission.flush()
+
+
+def response_headers(call: ProxyCall, upstream_headers: Mapping[str, str] | None) -> dict[str, str]:
+    headers = (
+        {n: upstream_headers[n] for n in PASSED_RESPONSE_HEADERS if n in upstream_headers} if upstream_headers else {}
+    )
+    if call.generation_id and "x-generation-id" not in headers:
+        headers["x-generation-id"] = call.generation_id
+    if call.reservation is not None:
+        headers.update(call.reservation.headers())
+    return headers

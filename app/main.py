@@ -27,6 +27,7 @@ from app.auth.teams import TeamPolicyFactory
 from app.catalog.models import Catalog
 from app.errors import GatewayError, InvalidRequestError, RouteNotFoundError, UpstreamError
 from app.gateway import Gateway, LogMeter
+from app.limits.admission import Admission
 from app.settings import Settings, load_settings, read_secret
 from app.store import Store, StoreError, open_store
 from app.upstream.client import OpenRouterClient, open_session
@@ -45,11 +46,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             gateway = await _start_gateway(settings, client, store)
             app.state.gateway = gateway
-            flusher = asyncio.ensure_future(_flush_last_used(gateway, settings.last_used_flush_s))
+            duties = [
+                asyncio.ensure_future(_flush_last_used(gateway, settings.last_used_flush_s)),
+                asyncio.ensure_future(gateway.admission.run()),
+            ]
             try:
                 yield
             finally:
-                flusher.cancel()
+                for duty in duties:
+                    duty.cancel()
+                await gateway.drain_settlements()
                 await _flush_once(gateway)
         finally:
             await store.close()
@@ -86,7 +92,8 @@ async def _start_gateway(settings: Settings, client: OpenRouterClient, store: St
     teams = TeamPolicyFactory(settings.attribution, client.auth_header(), read_secret)
     bootstrap = settings.api_key.get_secret_value() if settings.api_key else None
     authenticator = KeyAuthenticator(store, teams, bootstrap, cache_ttl_s=settings.auth_cache_ttl_s)
-    gateway = Gateway(settings, client, catalog, store, authenticator, LogMeter())
+    admission = Admission(store, settings.limits)
+    gateway = Gateway(settings, client, catalog, store, authenticator, admission, LogMeter())
     await gateway.registry.load_declared([t.record() for t in settings.teams], [k.record() for k in settings.keys])
     return gateway
 

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from app.auth.records import KEY_ID, KeyFields, KeyRecord, Name, TeamFields, TeamRecord
+from app.auth.records import KEY_ID, KeyFields, KeyRecord, LimitValues, Name, TeamFields, TeamRecord
 
 DEFAULT_CONFIG_FILE = "config/gateway.yaml"
 _PLACEHOLDERS = re.compile(
@@ -44,6 +44,24 @@ def _refuse_placeholder(value: SecretStr | None) -> SecretStr | None:
     return value
 
 
+class RetrySettings(_Section):
+    """Retries toward OpenRouter: full-jitter exponential backoff within the request's deadline."""
+
+    max_attempts: int = Field(3, ge=1, le=10, description="tries per model, the first included")
+    backoff_base_s: float = Field(0.25, gt=0)
+    backoff_cap_s: float = Field(8.0, gt=0)
+    budget_ratio: float = Field(0.2, ge=0, le=10, description="retries in progress / requests in flight, at most")
+    budget_min: int = Field(3, ge=0, description="retries always allowed in progress, whatever the ratio")
+
+
+class BreakerSettings(_Section):
+    """A circuit breaker per upstream model."""
+
+    failure_threshold: int = Field(5, ge=1, description="consecutive failures that open it")
+    open_base_s: float = Field(5.0, gt=0, description="first open time; doubles on each reopening")
+    open_cap_s: float = Field(60.0, gt=0)
+
+
 class UpstreamSettings(_Section):
     """How the gateway reaches OpenRouter."""
 
@@ -55,6 +73,8 @@ class UpstreamSettings(_Section):
     deadline_s: float = Field(600.0, gt=0, description="whole request, all tries included")
     max_connections: int = Field(1024, ge=1)
     catalog_ttl_s: float = Field(300.0, ge=0)
+    retries: RetrySettings = Field(default_factory=lambda: RetrySettings())
+    breaker: BreakerSettings = Field(default_factory=lambda: BreakerSettings())
 
     _check_key = field_validator("api_key")(_refuse_placeholder)
 
@@ -93,6 +113,27 @@ class ModelSettings(_Section):
     """What the gateway does for one model (or a glob of models)."""
 
     defaults: dict[str, Any] = Field(default_factory=dict, description="body fields merged under what the client sent")
+    fallbacks: list[str] = Field(default_factory=list, description="models tried after this one's retries fail")
+    first_byte_timeout_s: float | None = Field(None, gt=0, description="per try, overrides the upstream default")
+
+
+class StoreErrorPolicy(_Section):
+    """What admission does while the store is unreachable: admit (open) or refuse (closed)."""
+
+    rate_limits: Literal["open", "closed"] = "open"
+    budgets: Literal["open", "closed"] = "closed"
+
+
+class LimitsSettings(_Section):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    global_: LimitValues = Field(
+        default_factory=lambda: LimitValues(), alias="global", description="all traffic on the shared OpenRouter key"
+    )
+    team_defaults: LimitValues = Field(default_factory=lambda: LimitValues(), description="for teams that set none")
+    key_defaults: LimitValues = Field(default_factory=lambda: LimitValues(), description="for keys that set none")
+    on_store_error: StoreErrorPolicy = Field(default_factory=lambda: StoreErrorPolicy())
+    lease_s: float = Field(120.0, ge=5, description="concurrency slots and budget holds expire unless renewed")
 
 
 class ModelsSettings(_Section):
@@ -167,6 +208,7 @@ class Settings(BaseSettings):
     upstream: UpstreamSettings = Field(default_factory=lambda: UpstreamSettings())
     attribution: AttributionSettings = Field(default_factory=AttributionSettings)
     models: ModelsSettings = Field(default_factory=lambda: ModelsSettings())
+    limits: LimitsSettings = Field(default_factory=lambda: LimitsSettings())
     teams: list[DeclaredTeam] = Field(default_factory=list, description="teams declared here (read-only)")
     keys: list[DeclaredKey] = Field(default_factory=list, description="keys declared by hash (read-only)")
 

@@ -80,7 +80,14 @@ def gateway_settings(simulator_url: str, **overrides: Any) -> Settings:
     base: dict[str, Any] = {
         "config_file": None,
         "api_key": CLIENT_KEY,
-        "upstream": {"base_url": simulator_url, "api_key": UPSTREAM_KEY},
+        # One try and no circuit breaker: these gateways show how single answers are mapped;
+        # retries and breakers have gateways of their own in test_resilience.py.
+        "upstream": {
+            "base_url": simulator_url,
+            "api_key": UPSTREAM_KEY,
+            "retries": {"max_attempts": 1},
+            "breaker": {"failure_threshold": 1_000_000},
+        },
         "attribution": {
             "app_url": "https://example.com/our-app",
             "app_title": "Gateway Tests",

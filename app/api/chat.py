@@ -9,8 +9,9 @@ from starlette.responses import Response
 
 from app.api.deps import GatewayDep, read_json_body, request_id
 from app.api.responses import JSON, SSEResponse
+from app.call import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint
 from app.errors import GatewayError
-from app.gateway import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, Gateway, ProxyCall, response_headers
+from app.gateway import Gateway, response_headers
 from app.normalize.stream import StreamRelay
 
 router = APIRouter(tags=["OpenAI"])
@@ -21,20 +22,20 @@ async def proxy(request: Request, gateway: Gateway, endpoint: Endpoint) -> Any:
     principal = await gateway.authenticate(request.headers.get("authorization"))
     raw = await read_json_body(request, gateway.settings.max_body_bytes)
     payload = gateway.parse(raw, endpoint)
-    call = ProxyCall(request_id(request), endpoint, principal)
+    call = gateway.new_call(request_id(request), endpoint, principal)
     try:
         await gateway.resolve(call, payload)
         body = gateway.to_upstream(call, payload, raw)
-        upstream = await gateway.forward(call, body, request.headers)
-        headers = response_headers(upstream.headers)
-        if call.stream:
-            return SSEResponse(upstream, StreamRelay(call.include_usage), call, headers, gateway.finish)
-        content = await gateway.read_json(call, upstream)
+        await gateway.admit(call, payload)
+        outcome = await gateway.forward(call, body, payload, request.headers)
+        if isinstance(outcome, bytes):
+            gateway.finish(call)
+            return Response(outcome, media_type=JSON, headers=response_headers(call, None))
+        headers = response_headers(call, outcome.headers)
+        return SSEResponse(outcome, StreamRelay(call.include_usage), call, headers, gateway.finish)
     except GatewayError as error:
         gateway.finish(call, error)
         raise
-    gateway.finish(call)
-    return Response(content, media_type=JSON, headers=headers)
 
 
 _BODY = {"content": {"application/json": {"schema": {"type": "object"}}}, "required": True}

@@ -12,8 +12,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from app.call import ProxyCall
 from app.errors import GatewayError, UpstreamError
-from app.gateway import ProxyCall
 from app.normalize.stream import StreamRelay
 from app.upstream.client import UpstreamResponse
 from app.usage.record import Usage

@@ -58,8 +58,8 @@ def _env_name(value: str) -> str:
 
 
 def _number(value: Any) -> Any:
-    if isinstance(value, (bool, str)):
-        raise ValueError("must be a number")
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
     return value
 
 
@@ -79,12 +79,11 @@ Count = Annotated[int, BeforeValidator(_number)]
 Amount = Annotated[float, BeforeValidator(_number)]
 
 
-class LimitFields(BaseModel):
-    """What keys and teams share: the model allowlist, limits and a budget."""
+class LimitValues(BaseModel):
+    """Rate limits and a budget: for a key, a team, or everything (global)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    models: list[Glob] = Field(default_factory=list, max_length=256, description="allowed model globs; empty = any")
     rpm: Count | None = Field(None, ge=0, le=10**9, description="requests per minute")
     tpm: Count | None = Field(None, ge=0, le=10**12, description="tokens per minute")
     max_concurrency: Count | None = Field(None, ge=0, le=10**6, description="requests in flight")
@@ -92,10 +91,16 @@ class LimitFields(BaseModel):
     budget_period: Period | None = Field(None, description="day | month | total (calendar, UTC)")
 
     @model_validator(mode="after")
-    def _period_with_budget(self) -> LimitFields:
+    def _period_with_budget(self) -> LimitValues:
         if self.budget_usd is not None and self.budget_period is None:
             self.budget_period = "month"
         return self
+
+
+class LimitFields(LimitValues):
+    """What keys and teams share: the model allowlist, limits and a budget."""
+
+    models: list[Glob] = Field(default_factory=list, max_length=256, description="allowed model globs; empty = any")
 
 
 class TeamFields(LimitFields):

@@ -47,6 +47,7 @@ class Catalog:
         self._refresh: asyncio.Task[None] | None = None
         self._list_entries: dict[str, dict[str, Any]] | None = None
         self._list_bodies: dict[Hashable, bytes] = {}
+        self._max_prices: tuple[dict[str, dict[str, Any]], Prices] | None = None
         self.settings_for = lru_cache(maxsize=4096)(self._settings_for)
 
     # -- names -----------------------------------------------------------------------------
@@ -96,6 +97,19 @@ class Catalog:
 
     async def entry(self, model_id: str) -> dict[str, Any] | None:
         return (await self.entries()).get(model_id)
+
+    async def max_prices(self) -> Prices:
+        """The dearest prompt and completion prices listed: the worst case for an unpriced model."""
+        entries = await self.entries()
+        if self._max_prices is None or self._max_prices[0] is not entries:
+            listed = [prices_of(e) for e in entries.values()]
+            worst = Prices(
+                prompt=max((p.prompt for p in listed), default=Decimal(0)),
+                completion=max((p.completion for p in listed), default=Decimal(0)),
+                request=max((p.request for p in listed), default=Decimal(0)),
+            )
+            self._max_prices = (entries, worst)
+        return self._max_prices[1]
 
     async def prices(self, model_id: str) -> Prices | None:
         entry = await self.entry(model_id.split(":")[0] if model_id.endswith(_VARIANT_SUFFIXES) else model_id)

@@ -42,6 +42,12 @@ ERROR_FINISH_REASONS = frozenset({"error", "network_error"})
 
 def openrouter_error(status: int, error: Any, headers: Mapping[str, str] | None = None) -> GatewayError:
     """Map an OpenRouter error object (the value of `"error"`) and its status to our tree."""
+    mapped = _map(status, error, headers)
+    mapped.upstream_status = status
+    return mapped
+
+
+def _map(status: int, error: Any, headers: Mapping[str, str] | None) -> GatewayError:
     error = error if isinstance(error, dict) else {"message": error if isinstance(error, str) else None}
     message = error.get("message") if isinstance(error.get("message"), str) else None
     metadata = _metadata(error)
@@ -133,10 +139,12 @@ def choice_error(choice: Any) -> GatewayError | None:
         return openrouter_error(status_of(error), error)
     native = choice.get("native_finish_reason")
     if choice.get("finish_reason") == "error" or native in ERROR_FINISH_REASONS:
-        return UpstreamError(
+        failed = UpstreamError(
             f"The provider stopped with an error ({native or 'error'}).",
             metadata={"native_finish_reason": native} if native else None,
         )
+        failed.upstream_status = 502
+        return failed
     return None
 
 

@@ -23,6 +23,7 @@ class Record:
 
     def answered(self, response: web.StreamResponse) -> web.StreamResponse:
         self.entry["status"] = response.status
+        self.entry["ended"] = time.time()
         return response
 
     def served(self, gen: Generation) -> None:

@@ -4,11 +4,12 @@ every replica can drop what it cached."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Protocol
 
 from app.auth.records import KeyRecord, TeamRecord
+from app.limits.checks import Check, Settlement, Verdict
 
 ChangeListener = Callable[[str], Awaitable[None] | None]
 
@@ -50,6 +51,19 @@ class Store(Protocol):
 
     async def touch_keys(self, last_used: dict[str, datetime]) -> None:
         """Record when keys were last used (flushed in batches, not per request)."""
+
+    # admission (one round trip each)
+    async def admit(self, checks: Sequence[Check], member: str, lease_ms: int) -> Verdict:
+        """Decide every check; reserve all of them only if all pass."""
+
+    async def settle(self, settlements: Sequence[Settlement]) -> None:
+        """Replace estimates by actual use; free concurrency slots and budget holds."""
+
+    async def renew(self, leases: Sequence[tuple[Check, str]], lease_ms: int) -> None:
+        """Extend the leases of requests still running."""
+
+    async def budget_spent(self, check: Check) -> int:
+        """Settled nano-USD of a budget check's period."""
 
     # changes
     async def publish(self, change: str) -> None:

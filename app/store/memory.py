@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from datetime import datetime
 
 from app.auth.records import KeyRecord, TeamRecord
+from app.limits.checks import Check, Settlement, Verdict
+from app.limits.windows import MemoryLimits
 from app.store.base import ChangeListener
 
 
@@ -16,6 +19,7 @@ class MemoryStore:
         self._names: dict[tuple[str, str], str] = {}
         self._last_used: dict[str, datetime] = {}
         self._listeners: list[ChangeListener] = []
+        self._limits = MemoryLimits()
 
     async def ping(self) -> None:
         return None
@@ -89,6 +93,18 @@ class MemoryStore:
         for key_id, when in last_used.items():
             if key_id in self._keys:
                 self._last_used[key_id] = max(when, self._last_used.get(key_id, when))
+
+    async def admit(self, checks: Sequence[Check], member: str, lease_ms: int) -> Verdict:
+        return self._limits.admit(checks, member, lease_ms)
+
+    async def settle(self, settlements: Sequence[Settlement]) -> None:
+        self._limits.settle(settlements)
+
+    async def renew(self, leases: Sequence[tuple[Check, str]], lease_ms: int) -> None:
+        self._limits.renew(leases, lease_ms)
+
+    async def budget_spent(self, check: Check) -> int:
+        return self._limits.spent(check)
 
     async def publish(self, change: str) -> None:
         for listener in self._listeners:

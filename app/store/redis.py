@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -16,6 +17,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from app.auth.records import KeyRecord, TeamRecord
+from app.limits.checks import WINDOW_MS, Check, Settlement, Verdict
+from app.store import lua
 from app.store.base import ChangeListener, StoreError
 
 log = logging.getLogger(__name__)
@@ -87,6 +90,9 @@ class RedisStore:
                 ("create_key", _CREATE_KEY),
                 ("update_key", _UPDATE_KEY),
                 ("delete_key", _DELETE_KEY),
+                ("admit", lua.ADMIT),
+                ("settle", lua.SETTLE),
+                ("renew", lua.RENEW),
             )
         }
         self._listeners: list[ChangeListener] = []
@@ -204,6 +210,47 @@ class RedisStore:
                 self.redis.hset(self._last_used_key, mapping={k: v.isoformat() for k, v in last_used.items()})
             )
 
+    # -- admission -------------------------------------------------------------------------
+    def _limit_keys(self, check: Check) -> list[str]:
+        stem = f"{self._tag}:lim:{check.name}"
+        if check.kind == "tokens":
+            return [stem, stem + ":w", stem + ":s"]
+        if check.kind == "budget":
+            return [stem + ":held", stem + ":hw", stem + ":hs", stem + ":spent"]
+        return [stem]
+
+    async def admit(self, checks: Sequence[Check], member: str, lease_ms: int) -> Verdict:
+        keys: list[str] = []
+        args: list[Any] = [member, lease_ms, WINDOW_MS, len(checks)]
+        for check in checks:
+            keys += self._limit_keys(check)
+            args += [lua.KIND_CODE[check.kind], check.limit, check.amount, check.ttl_s]
+        result = await self._call("admit", keys, args)
+        if result[0] == 0:
+            return Verdict(False, int(result[1]) - 1, int(result[2]), int(result[3]))
+        values = [int(v) for v in result[1:]]
+        return Verdict(True, states=list(zip(values[0::2], values[1::2], strict=True)))
+
+    async def settle(self, settlements: Sequence[Settlement]) -> None:
+        items = [s for s in settlements if s.check.kind != "requests"]
+        if not items:
+            return
+        keys: list[str] = []
+        args: list[Any] = [len(items)]
+        for item in items:
+            keys += self._limit_keys(item.check)
+            args += [lua.KIND_CODE[item.check.kind], item.member, item.actual, item.check.ttl_s]
+        await self._call("settle", keys, args)
+
+    async def renew(self, leases: Sequence[tuple[Check, str]], lease_ms: int) -> None:
+        if leases:
+            keys = [self._limit_keys(check)[0] for check, _ in leases]
+            await self._call("renew", keys, [lease_ms, *(member for _, member in leases)])
+
+    async def budget_spent(self, check: Check) -> int:
+        raw = await self._do(self.redis.get(self._limit_keys(check)[3]))
+        return int(raw or 0)
+
     # -- changes ---------------------------------------------------------------------------
     async def publish(self, change: str) -> None:
         await self._do(self.redis.publish(self.channel, change))
@@ -222,10 +269,14 @@ class RedisStore:
 
     async def _listen(self) -> None:
         """Follow the change channel for as long as the store is open, reconnecting as needed."""
+        lost = False
         while True:
             pubsub = self._pubsub_client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
+                if lost:
+                    log.warning("change channel restored")
+                    lost = False
                 await self._notify("*")  # anything could have changed while we were not listening
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
@@ -234,7 +285,9 @@ class RedisStore:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the listener must outlive any Redis trouble
-                log.warning("change channel lost (%s); reconnecting", exc)
+                if not lost:
+                    log.warning("change channel lost (%s); reconnecting until it returns", exc)
+                    lost = True
                 await asyncio.sleep(0.5)
             finally:
                 with contextlib.suppress(Exception):

@@ -1,0 +1,61 @@
+"""One request on its way through the gateway, and the endpoints it can be for."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from app.auth.keys import Principal
+from app.usage.record import Usage
+
+if TYPE_CHECKING:
+    from app.limits.admission import Reservation
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    name: str
+    path: str  # below the upstream base URL
+    required: tuple[tuple[str, type | tuple[type, ...]], ...]
+    expect: str  # the list a successful response carries
+    streams: bool = True
+
+
+CHAT = Endpoint("chat.completions", "/chat/completions", (("messages", list),), "choices")
+COMPLETIONS = Endpoint("completions", "/completions", (("prompt", (str, list)),), "choices")
+EMBEDDINGS = Endpoint("embeddings", "/embeddings", (("input", (str, list)),), "data", streams=False)
+
+
+@dataclass(slots=True)
+class ProxyCall:
+    """What the gateway knows about one request; metering reads it when the request ends."""
+
+    request_id: str
+    endpoint: Endpoint
+    principal: Principal
+    started: float = field(default_factory=time.perf_counter)
+    model_requested: str | None = None
+    model: str | None = None  # the OpenRouter id asked for (aliases resolved)
+    model_used: str | None = None  # the one that answered (a fallback, perhaps)
+    model_served: str | None = None  # as OpenRouter named it in the response
+    stream: bool = False
+    include_usage: bool = False
+    status: int = 200
+    error_code: str | None = None
+    generation_id: str | None = None
+    usage: Usage | None = None
+    parsed: Any = None  # the non-streaming response body, parsed once
+    reservation: Reservation | None = None
+    attempts: int = 0
+    retries: int = 0
+    upstream_started: float | None = None
+    first_byte: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+    forwarded: bool = False
+    client_disconnected: bool = False
+    deadline: float = float("inf")  # perf_counter time by which the request must be answered
+
+    def time_left(self) -> float:
+        return self.deadline - time.perf_counter()

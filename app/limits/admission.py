@@ -1,0 +1,283 @@
+"""Admission: every limit of a request (key, team, global) decided and reserved in one store
+round trip, settled to real use when the request ends, and told to the client in OpenAI's
+headers.
+
+Store outages follow an explicit policy per concern (`limits.on_store_error`): rate limits
+open by default, budgets closed. An outage is logged once when it starts and once when it
+ends; while it lasts, the store is probed at most once a second instead of on every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
+from typing import Any
+
+from app.auth.keys import Principal
+from app.auth.records import LimitValues
+from app.errors import BudgetExceededError, RateLimitError, StoreUnavailableError
+from app.limits import estimate
+from app.limits.checks import NANO, Check, Settlement, Verdict, budget_period, format_duration
+from app.settings import LimitsSettings
+from app.store.base import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+RATE_KINDS = ("requests", "tokens", "concurrency")
+Scope = tuple[str, str, LimitValues]
+PROBE_INTERVAL_S = 1.0
+MAX_PENDING_SETTLEMENTS = 100_000
+
+
+@dataclass(slots=True)
+class Reservation:
+    """What one request holds: its checks as admitted, to settle when it ends."""
+
+    member: str
+    checks: list[Check]
+    verdict: Verdict | None  # None: admitted without the store (outage, open policy)
+    settled: bool = False
+
+    def headers(self) -> dict[str, str]:
+        """x-ratelimit-* of the tightest requests and tokens limits."""
+        headers: dict[str, str] = {}
+        if self.verdict is None:
+            return headers
+        for kind, suffix in (("requests", "requests"), ("tokens", "tokens")):
+            states = [(s, c) for s, c in zip(self.verdict.states, self.checks, strict=True) if c.kind == kind]
+            if states:
+                (remaining, reset_ms), check = min(states, key=lambda sc: sc[0][0])
+                headers[f"x-ratelimit-limit-{suffix}"] = str(check.limit)
+                headers[f"x-ratelimit-remaining-{suffix}"] = str(max(0, remaining))
+                headers[f"x-ratelimit-reset-{suffix}"] = format_duration(reset_ms)
+        return headers
+
+    @property
+    def leases(self) -> list[tuple[Check, str]]:
+        return [(c, self.member) for c in self.checks if c.kind in ("concurrency", "budget")]
+
+
+@dataclass(slots=True)
+class Demand:
+    """What the request may use at most, known before it runs."""
+
+    tokens: int = 0
+    cost_nano: int = 0
+
+
+@dataclass
+class AdmissionCounters:
+    store_errors: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+
+class Admission:
+    def __init__(
+        self, store: Store, settings: LimitsSettings, on_store_error: Callable[[], None] | None = None
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.lease_ms = int(settings.lease_s * 1000)
+        self.counters = AdmissionCounters()
+        self._on_store_error = on_store_error
+        self._down_since: float | None = None
+        self._next_probe = 0.0
+        self._active: dict[str, Reservation] = {}
+        self._pending: deque[list[Settlement]] = deque(maxlen=MAX_PENDING_SETTLEMENTS)
+
+    # -- which limits apply ------------------------------------------------------------------
+    def scopes(self, principal: Principal, shared_key: bool) -> list[Scope]:
+        """The key's, the team's and (on the shared OpenRouter key) the global limits."""
+        scopes = [("key", principal.key_id, _merged(principal.record, self.settings.key_defaults))]
+        if principal.team is not None:
+            scopes.append(("team", principal.team.name, _merged(principal.team.record, self.settings.team_defaults)))
+        if shared_key:
+            scopes.append(("global", "global", self.settings.global_))
+        return scopes
+
+    @staticmethod
+    def needs_demand(scopes: list[Scope]) -> bool:
+        return any(v.tpm is not None or v.budget_usd is not None for _, _, v in scopes)
+
+    def checks(self, scopes: list[Scope], wanted: Demand) -> list[Check]:
+        checks: list[Check] = []
+        for scope, scope_id, values in scopes:
+            if values.rpm is not None:
+                checks.append(Check(scope, scope_id, "requests", values.rpm))
+            if values.tpm is not None:
+                checks.append(Check(scope, scope_id, "tokens", values.tpm, wanted.tokens))
+            if values.max_concurrency is not None:
+                checks.append(Check(scope, scope_id, "concurrency", values.max_concurrency))
+            if values.budget_usd is not None:
+                period, ttl = budget_period(values.budget_period or "month")
+                limit = int(Decimal(str(values.budget_usd)) * NANO)
+                checks.append(Check(scope, scope_id, "budget", limit, wanted.cost_nano, period, ttl))
+        return checks
+
+    # -- admit ---------------------------------------------------------------------------------
+    async def admit(self, member: str, checks: list[Check]) -> Reservation | None:
+        if not checks:
+            return None
+        verdict = await self._decide(member, checks)
+        if verdict is None:
+            return Reservation(member, [], None)
+        if not verdict.ok:
+            assert verdict.failed is not None
+            raise self._refusal(checks[verdict.failed], verdict)
+        reservation = Reservation(member, checks, verdict)
+        if reservation.leases:
+            self._active[member] = reservation
+        return reservation
+
+    async def _decide(self, member: str, checks: list[Check]) -> Verdict | None:
+        """The store's verdict, or None when the store is down and the policy lets the request in."""
+        if self._down_since is None or time.monotonic() >= self._next_probe:
+            try:
+                verdict = await self.store.admit(checks, member, self.lease_ms)
+            except StoreError as exc:
+                self._store_failed(exc)
+            else:
+                self._store_recovered()
+                return verdict
+        else:
+            self.counters.store_errors += 1
+            if self._on_store_error:
+                self._on_store_error()
+        policy = self.settings.on_store_error
+        if any(c.kind == "budget" for c in checks) and policy.budgets == "closed":
+            raise StoreUnavailableError("Budgets cannot be checked right now (the limits store is unreachable).")
+        if any(c.kind in RATE_KINDS for c in checks) and policy.rate_limits == "closed":
+            raise StoreUnavailableError("Rate limits cannot be checked right now (the limits store is unreachable).")
+        return None
+
+    def _store_failed(self, exc: Exception) -> None:
+        self.counters.store_errors += 1
+        if self._on_store_error:
+            self._on_store_error()
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+            log.warning("limits store unreachable (%s); applying on_store_error policy until it returns", exc)
+        self._next_probe = now + PROBE_INTERVAL_S
+
+    def _store_recovered(self) -> None:
+        if self._down_since is not None:
+            log.warning("limits store reachable again after %.1fs", time.monotonic() - self._down_since)
+            self._down_since = None
+
+    def _refusal(self, check: Check, verdict: Verdict) -> RateLimitError:
+        self.counters.rejected[check.kind] = self.counters.rejected.get(check.kind, 0) + 1
+        if check.kind == "budget":
+            spent = Decimal(verdict.used) / NANO
+            return BudgetExceededError(
+                f"The {check.scope} budget of ${Decimal(check.limit) / NANO} for this period is used up "
+                f"(${spent:.6f} spent or held).",
+                metadata={"scope": check.scope, "period": check.period},
+            )
+        never = verdict.retry_after_ms < 0
+        headers: dict[str, str] = {}
+        if not never:
+            headers["retry-after"] = str(max(1, math.ceil(verdict.retry_after_ms / 1000)))
+            headers["retry-after-ms"] = str(max(0, verdict.retry_after_ms))
+        else:
+            headers["x-should-retry"] = "false"
+        if check.kind in ("requests", "tokens"):
+            headers[f"x-ratelimit-limit-{check.kind}"] = str(check.limit)
+            headers[f"x-ratelimit-remaining-{check.kind}"] = str(max(0, check.limit - verdict.used))
+            headers[f"x-ratelimit-reset-{check.kind}"] = format_duration(max(0, verdict.retry_after_ms))
+        what = {"requests": "requests per minute", "tokens": "tokens per minute", "concurrency": "concurrent requests"}[
+            check.kind
+        ]
+        message = f"Rate limit of the {check.scope}: {check.limit} {what}."
+        if check.kind == "tokens" and never:
+            message = (
+                f"This request may use {check.amount} tokens, more than the {check.scope}'s limit of "
+                f"{check.limit} tokens per minute; lower max_tokens."
+            )
+        return RateLimitError(
+            message,
+            type="tokens" if check.kind == "tokens" else "requests",
+            headers=headers,
+            metadata={"scope": check.scope, "limit": check.kind},
+        )
+
+    # -- settle --------------------------------------------------------------------------------
+    async def settle(self, reservation: Reservation, tokens: int, cost: Decimal) -> None:
+        """Replace the estimates by what the request used (0 if it failed before upstream)."""
+        if reservation.settled:
+            return
+        reservation.settled = True
+        self._active.pop(reservation.member, None)
+        cost_nano = int((cost * NANO).to_integral_value(ROUND_HALF_UP))
+        items = [
+            Settlement(c, reservation.member, cost_nano if c.kind == "budget" else tokens)
+            for c in reservation.checks
+            if c.kind != "requests"
+        ]
+        if items:
+            await self._send(items)
+
+    async def _send(self, items: list[Settlement]) -> None:
+        try:
+            await self.store.settle(items)
+        except StoreError as exc:
+            self._store_failed(exc)
+            self._pending.append(items)  # settled later: spend must not be lost
+
+    async def run(self) -> None:
+        """Background duty: flush settlements held back, renew leases of running requests."""
+        every = self.settings.lease_s / 4
+        renewed = time.monotonic()
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL_S)
+            await self.flush()
+            if time.monotonic() - renewed >= every:
+                renewed = time.monotonic()
+                await self.renew()
+
+    async def flush(self) -> None:
+        while self._pending:
+            items = self._pending[0]
+            try:
+                await self.store.settle(items)
+            except StoreError:
+                return
+            self._pending.popleft()
+            self._store_recovered()
+
+    async def renew(self) -> None:
+        leases = [lease for r in self._active.values() for lease in r.leases]
+        if leases:
+            with contextlib.suppress(StoreError):
+                await self.store.renew(leases, self.lease_ms)
+
+    @property
+    def pending_settlements(self) -> int:
+        return len(self._pending)
+
+
+def _merged(record: Any, defaults: LimitValues) -> LimitValues:
+    """A key's or team's own limits, each missing one taken from the configured defaults."""
+    if record is None:
+        return defaults
+    values = {name: getattr(record, name) for name in LimitValues.model_fields}
+    for name in LimitValues.model_fields:
+        if values[name] is None:
+            values[name] = getattr(defaults, name)
+    if record.budget_usd is not None:
+        values["budget_period"] = record.budget_period
+    return LimitValues.model_construct(**values)
+
+
+def demand_of(payload: dict[str, Any], model_entry: dict[str, Any] | None, prices: Any, embeddings: bool) -> Demand:
+    prompt = estimate.prompt_tokens(payload)
+    completion = estimate.completion_tokens(payload, model_entry, embeddings)
+    cost = estimate.worst_case_cost(prompt, completion, prices)
+    return Demand(prompt + completion, int((cost * NANO).to_integral_value(ROUND_CEILING)))

@@ -1,0 +1,74 @@
+"""The limits that apply to one request, as store-neutral checks, and the store's verdict.
+
+Kinds: `requests` (a rolling one-minute window), `tokens` (rolling minute, weighted; the
+estimate is settled to the real count), `concurrency` (leases that expire unless renewed) and
+`budget` (nano-USD per calendar period in UTC; holds are leases, settled to the real cost).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+WINDOW_MS = 60_000
+NANO = 10**9
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    scope: str  # key | team | global
+    scope_id: str
+    kind: str  # requests | tokens | concurrency | budget
+    limit: int
+    amount: int = 1
+    period: str = ""  # budgets: d20261128 | m202611 | total
+    ttl_s: int = 0  # budgets: how long the period's spend is kept
+
+    @property
+    def name(self) -> str:
+        """The store key's stem: unique per scope, kind and budget period."""
+        stem = f"{self.kind}:{self.scope}:{self.scope_id}"
+        return f"{stem}:{self.period}" if self.period else stem
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    ok: bool
+    failed: int | None = None  # the index of the check that refused
+    retry_after_ms: int = 0  # -1: waiting will never help
+    used: int = 0  # what the refusing check had in use
+    states: list[tuple[int, int]] = field(default_factory=list)  # (remaining, reset_ms) per check
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    check: Check
+    member: str
+    actual: int  # tokens, or nano-USD
+
+
+def budget_period(period: str, moment: datetime | None = None) -> tuple[str, int]:
+    """(period id, seconds to keep its spend) for a calendar budget period in UTC."""
+    moment = moment or datetime.now(UTC)
+    if period == "day":
+        end = datetime(moment.year, moment.month, moment.day, tzinfo=UTC) + timedelta(days=1)
+        return "d" + moment.strftime("%Y%m%d"), int((end - moment).total_seconds()) + 2 * 86400
+    if period == "month":
+        end = datetime(moment.year + moment.month // 12, moment.month % 12 + 1, 1, tzinfo=UTC)
+        return "m" + moment.strftime("%Y%m"), int((end - moment).total_seconds()) + 7 * 86400
+    return "total", 0
+
+
+def format_duration(ms: int) -> str:
+    """OpenAI's style for x-ratelimit-reset-*: 20ms, 1s, 1.5s, 6m0s, 1h2m3s."""
+    if ms < 1000:
+        return f"{max(ms, 0)}ms"
+    seconds = ms / 1000
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    text = f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{int(hours)}h{int(minutes)}m{text}"
+    if minutes:
+        return f"{int(minutes)}m{text}"
+    return text
