@@ -37,6 +37,7 @@ class Record:
             cost=usage["cost"] if gen.billable else 0.0,
             completed=gen.finished and not gen.failed,
             failed=gen.failed,
+            ended=time.time(),
         )
 
     def served_usage(self, gen_id: str, model: str, usage: dict[str, Any]) -> None:
