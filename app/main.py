@@ -25,7 +25,7 @@ from app.api.responses import error_response, gateway_error_handler
 from app.auth.keys import KeyAuthenticator
 from app.auth.teams import TeamPolicyFactory
 from app.catalog.models import Catalog
-from app.errors import GatewayError, InvalidRequestError, RouteNotFoundError, UpstreamError
+from app.errors import GatewayError, InvalidRequestError, RouteNotFoundError, StoreUnavailableError, UpstreamError
 from app.gateway import Gateway, LogMeter
 from app.limits.admission import Admission
 from app.settings import Settings, load_settings, read_secret
@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(health.router)
     app.add_exception_handler(GatewayError, gateway_error_handler)
+    app.add_exception_handler(StoreError, _store_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
@@ -112,6 +113,11 @@ async def _flush_once(gateway: Gateway) -> None:
     except StoreError:
         for key_id, when in taken.items():  # keep them for the next try
             gateway.authenticator.last_used.setdefault(key_id, when)
+
+
+async def _store_error(request: Request, exc: Exception) -> Response:
+    log.warning("store unavailable on %s %s: %s", request.method, request.url.path, exc)
+    return error_response(StoreUnavailableError("The store is unavailable; try again shortly."))
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:

@@ -201,6 +201,7 @@ class Settings(BaseSettings):
     store: str = Field("memory", description="memory, or a redis:// / rediss:// / unix:// URL")
     store_prefix: str = Field("gw", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="namespace of our Redis keys")
     store_timeout_s: float = Field(0.5, gt=0, le=30, description="longest wait for one store call")
+    store_max_connections: int = Field(64, ge=1, description="Redis connections per process")
     auth_cache_ttl_s: float = Field(30.0, ge=0, description="re-read a cached key at least this often")
     last_used_flush_s: float = Field(5.0, gt=0, description="how often last-used times reach the store")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)

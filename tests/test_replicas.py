@@ -11,10 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 
 from app.simulator import SimulatorThread
 from tests.redis_server import RedisServer
+from tests.redis_server import dump as redis_dump
 from tests.support import ADMIN_KEY, UPSTREAM_KEY, GatewayProcess, wait_until
 
 HELLO = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}]}
@@ -115,13 +115,7 @@ def test_no_raw_key_in_redis_or_logs(
     assert chat(b, key["key"] + "x") == 401
     secret = key["key"].rsplit("-", 1)[1]
 
-    client = redis.Redis.from_url(redis_server.url)
-    dump = b""
-    for name in client.scan_iter(match="*"):
-        kind = client.type(name).decode()
-        value = {"string": client.get, "hash": client.hgetall, "set": client.smembers}[kind](name)
-        dump += name + repr(value).encode()
-    client.close()
+    dump = redis_dump(redis_server.url)
     assert key["id"].encode() in dump
     assert secret.encode() not in dump and ADMIN_KEY.encode() not in dump and UPSTREAM_KEY.encode() not in dump
 

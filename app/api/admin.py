@@ -69,6 +69,20 @@ class KeyOut(KeyFields):
     previous_secret_valid_until: str | None
 
 
+class BudgetState(BaseModel):
+    period: str = Field(description="d<YYYYMMDD>, m<YYYYMM> or total (UTC)")
+    limit_usd: float
+    spent_usd: float = Field(description="settled spend of the period (requests still running not included)")
+
+
+class KeyShown(KeyOut):
+    budget: BudgetState | None = None
+
+
+class TeamShown(TeamRecord):
+    budget: BudgetState | None = None
+
+
 class KeyWithSecret(KeyOut):
     key: str = Field(description="the plaintext key; shown only now")
 
@@ -113,9 +127,10 @@ async def list_teams(gateway: GatewayDep) -> Any:
     return {"object": "list", "data": await gateway.registry.store.list_teams()}
 
 
-@router.get("/teams/{name}", response_model=TeamRecord, summary="Show a team")
+@router.get("/teams/{name}", response_model=TeamShown, summary="Show a team and its budget's spend")
 async def show_team(name: str, gateway: GatewayDep) -> Any:
-    return await gateway.registry.team(_team_name(name))
+    team = await gateway.registry.team(_team_name(name))
+    return {**team.model_dump(), "budget": await gateway.admission.budget_state("team", team.name, team)}
 
 
 @router.patch("/teams/{name}", response_model=TeamRecord, summary="Update a team")
@@ -145,9 +160,10 @@ async def list_keys(
     return {"object": "list", "data": [_key_out(k) for k in keys if include_revoked or not k.revoked]}
 
 
-@router.get("/keys/{key_id}", response_model=KeyOut, summary="Show a key")
+@router.get("/keys/{key_id}", response_model=KeyShown, summary="Show a key and its budget's spend")
 async def show_key(key_id: str, gateway: GatewayDep) -> Any:
-    return _key_out(await gateway.registry.key(_key_id(key_id)))
+    key = await gateway.registry.key(_key_id(key_id))
+    return {**_key_out(key), "budget": await gateway.admission.budget_state("key", key.id, key)}
 
 
 @router.patch("/keys/{key_id}", response_model=KeyOut, summary="Update a key")

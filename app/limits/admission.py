@@ -121,6 +121,16 @@ class Admission:
                 checks.append(Check(scope, scope_id, "budget", limit, wanted.cost_nano, period, ttl))
         return checks
 
+    async def budget_state(self, scope: str, scope_id: str, record: Any) -> dict[str, Any] | None:
+        """The current period's settled spend of a key's or team's budget, for the admin API."""
+        defaults = self.settings.key_defaults if scope == "key" else self.settings.team_defaults
+        values = _merged(record, defaults)
+        if values.budget_usd is None:
+            return None
+        period, ttl = budget_period(values.budget_period or "month")
+        spent = await self.store.budget_spent(Check(scope, scope_id, "budget", 0, 0, period, ttl))
+        return {"period": period, "limit_usd": values.budget_usd, "spent_usd": float(Decimal(spent) / NANO)}
+
     # -- admit ---------------------------------------------------------------------------------
     async def admit(self, member: str, checks: list[Check]) -> Reservation | None:
         if not checks:

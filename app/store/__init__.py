@@ -14,4 +14,9 @@ def open_store(settings: Settings) -> Store:
         return MemoryStore()
     from app.store.redis import RedisStore
 
-    return RedisStore(settings.store, prefix=settings.store_prefix, timeout_s=settings.store_timeout_s)
+    return RedisStore(
+        settings.store,
+        prefix=settings.store_prefix,
+        timeout_s=settings.store_timeout_s,
+        max_connections=settings.store_max_connections,
+    )

@@ -64,14 +64,17 @@ return redis.call('DEL', KEYS[1])
 
 
 class RedisStore:
-    def __init__(self, url: str, prefix: str = "gw", timeout_s: float = 0.5) -> None:
-        self.redis: aioredis.Redis = aioredis.from_url(
+    def __init__(self, url: str, prefix: str = "gw", timeout_s: float = 0.5, max_connections: int = 64) -> None:
+        # A blocking pool: under a burst, requests wait briefly for a connection instead of failing.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=max_connections,
+            timeout=timeout_s,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             health_check_interval=15,
-            decode_responses=False,
         )
+        self.redis: aioredis.Redis = aioredis.Redis.from_pool(pool)
         # Change notifications wait on a connection of their own, with no read timeout.
         self._pubsub_client: aioredis.Redis = aioredis.from_url(
             url, socket_connect_timeout=timeout_s, health_check_interval=5

@@ -1,0 +1,150 @@
+"""Admission semantics, the same on both stores: rolling windows, weighted tokens, leases,
+budgets, all-or-nothing reservation, and exactness under concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from app.limits.checks import Check, Settlement, budget_period, format_duration
+from app.store.base import Store
+from app.store.memory import MemoryStore
+from app.store.redis import RedisStore
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.anyio
+LEASE_MS = 60_000
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    redis_store = RedisStore(server.url, prefix="a" + uuid.uuid4().hex[:10])
+    yield redis_store
+    await redis_store.close()
+
+
+def member() -> str:
+    return uuid.uuid4().hex
+
+
+async def test_requests_window(store: Store) -> None:
+    check = Check("key", "k1", "requests", 3)
+    verdicts = [await store.admit([check], member(), LEASE_MS) for _ in range(4)]
+    assert [v.ok for v in verdicts] == [True, True, True, False]
+    assert [v.states[0][0] for v in verdicts[:3]] == [2, 1, 0]  # remaining
+    assert all(0 < v.states[0][1] <= 60_000 for v in verdicts[:3])  # reset in ms
+    refused = verdicts[3]
+    assert refused.failed == 0 and refused.used == 3 and 0 < refused.retry_after_ms <= 60_000
+
+
+async def test_all_or_nothing(store: Store) -> None:
+    rpm = Check("key", "k2", "requests", 10)
+    slots = Check("team", "t2", "concurrency", 1)
+    first = member()
+    assert (await store.admit([rpm, slots], first, LEASE_MS)).ok
+    refused = await store.admit([rpm, slots], member(), LEASE_MS)
+    assert not refused.ok and refused.failed == 1
+    await store.settle([Settlement(slots, first, 0)])
+    again = await store.admit([rpm, slots], member(), LEASE_MS)
+    assert again.ok and again.states[0][0] == 8  # the refused request took no RPM slot
+
+
+async def test_tokens_reserve_estimate_and_settle_to_actual(store: Store) -> None:
+    def tokens(amount: int) -> Check:
+        return Check("key", "k3", "tokens", 100, amount)
+
+    first = member()
+    assert (await store.admit([tokens(60)], first, LEASE_MS)).ok
+    refused = await store.admit([tokens(60)], member(), LEASE_MS)
+    assert not refused.ok and refused.used == 60 and 0 < refused.retry_after_ms <= 60_000
+    await store.settle([Settlement(tokens(60), first, 10)])
+    admitted = await store.admit([tokens(60)], member(), LEASE_MS)
+    assert admitted.ok and admitted.states[0][0] == 30
+    never = await store.admit([tokens(101)], member(), LEASE_MS)
+    assert not never.ok and never.retry_after_ms == -1
+
+
+async def test_concurrency_leases(store: Store) -> None:
+    check = Check("global", "global", "concurrency", 2)
+    first, second = member(), member()
+    assert (await store.admit([check], first, LEASE_MS)).ok
+    assert (await store.admit([check], second, 300)).ok  # a short lease: its holder "crashed"
+    assert not (await store.admit([check], member(), LEASE_MS)).ok
+    await store.settle([Settlement(check, first, 0)])
+    assert (await store.admit([check], member(), LEASE_MS)).ok
+    assert not (await store.admit([check], member(), LEASE_MS)).ok
+    await asyncio.sleep(0.4)  # the crashed holder's lease runs out: no leak
+    assert (await store.admit([check], member(), LEASE_MS)).ok
+
+
+async def test_renewed_leases_stay(store: Store) -> None:
+    check = Check("key", "k4", "concurrency", 1)
+    holder = member()
+    assert (await store.admit([check], holder, 300)).ok
+    for _ in range(3):
+        await asyncio.sleep(0.15)
+        await store.renew([(check, holder)], 300)
+    assert not (await store.admit([check], member(), LEASE_MS)).ok
+
+
+async def test_budget_holds_and_settles(store: Store) -> None:
+    period, ttl = budget_period("day")
+
+    def budget(amount: int) -> Check:
+        return Check("key", "k5", "budget", 1000, amount, period, ttl)
+
+    first, second = member(), member()
+    assert (await store.admit([budget(400)], first, LEASE_MS)).ok
+    assert (await store.admit([budget(400)], second, LEASE_MS)).ok
+    refused = await store.admit([budget(400)], member(), LEASE_MS)
+    assert not refused.ok and refused.used == 800 and refused.retry_after_ms == -1
+    await store.settle([Settlement(budget(400), first, 100)])
+    assert await store.budget_spent(budget(0)) == 100
+    third = await store.admit([budget(400)], member(), LEASE_MS)
+    assert third.ok and third.states[0][0] == 100  # 1000 - 100 spent - 800 held
+    await store.settle([Settlement(budget(400), second, 400)])
+    assert await store.budget_spent(budget(0)) == 500
+
+
+async def test_budget_hold_of_a_crashed_request_expires(store: Store) -> None:
+    check = Check("team", "t6", "budget", 1000, 900, "total", 0)
+    assert (await store.admit([check], member(), 300)).ok
+    assert not (await store.admit([check], member(), LEASE_MS)).ok
+    await asyncio.sleep(0.4)
+    assert (await store.admit([check], member(), LEASE_MS)).ok
+
+
+async def test_exact_under_concurrency(store: Store) -> None:
+    rpm = Check("key", "k7", "requests", 37)
+    slots = Check("key", "k7", "concurrency", 1000)
+    verdicts = await asyncio.gather(*(store.admit([rpm, slots], member(), LEASE_MS) for _ in range(200)))
+    assert sum(v.ok for v in verdicts) == 37
+
+
+def test_budget_periods_are_calendar_utc() -> None:
+    from datetime import UTC, datetime
+
+    moment = datetime(2026, 12, 31, 23, 59, 30, tzinfo=UTC)
+    assert budget_period("day", moment)[0] == "d20261231"
+    assert budget_period("month", moment)[0] == "m202612"
+    assert budget_period("total", moment) == ("total", 0)
+    assert budget_period("day", moment)[1] == 30 + 2 * 86400
+
+
+@pytest.mark.parametrize(
+    ("ms", "text"), [(0, "0ms"), (20, "20ms"), (1000, "1s"), (1500, "1.5s"), (360_000, "6m0s"), (3_723_000, "1h2m3s")]
+)
+def test_durations_in_openai_style(ms: int, text: str) -> None:
+    assert format_duration(ms) == text
