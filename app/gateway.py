@@ -228,7 +228,7 @@ class Gateway:
         if call.forwarded:
             call.forwarded = False
             self.forwarder.budget.in_flight -= 1
-        if call.reservation is not None and call.reservation.verdict is not None:
+        if call.reservation is not None:
             task = asyncio.ensure_future(self._settle(call))
             self._settling.add(task)
             task.add_done_callback(self._settling.discard)

@@ -42,7 +42,7 @@ class Reservation:
 
     member: str
     checks: list[Check]
-    verdict: Verdict | None  # None: admitted without the store (outage, open policy)
+    verdict: Verdict | None  # None: admitted without the store (an outage, with an open policy)
     settled: bool = False
 
     def headers(self) -> dict[str, str]:
@@ -137,7 +137,7 @@ class Admission:
             return None
         verdict = await self._decide(member, checks)
         if verdict is None:
-            return Reservation(member, [], None)
+            return Reservation(member, checks, None)  # admitted blind; its spend is still settled
         if not verdict.ok:
             assert verdict.failed is not None
             raise self._refusal(checks[verdict.failed], verdict)

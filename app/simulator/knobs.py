@@ -21,6 +21,7 @@ Knobs (all optional):
   model_served, provider    answer as another model / provider
   generation_404s           times GET /generation 404s before it answers (default 1)
   id + sequence             a list of knob objects used on successive attempts with that id
+  status_for                {model: status}: fail only requests for those models
 """
 
 from __future__ import annotations
@@ -39,4 +40,7 @@ def knobs_of(payload: dict[str, Any], attempts: dict[str, int]) -> dict[str, Any
         attempts[key] = attempt + 1
         step = sequence[min(attempt, len(sequence) - 1)]
         knobs = {**knobs, **(step if isinstance(step, dict) else {}), "attempt": attempt}
+    status_for = knobs.get("status_for")
+    if isinstance(status_for, dict) and payload.get("model") in status_for:
+        knobs = {**knobs, "status": status_for[payload["model"]]}
     return knobs

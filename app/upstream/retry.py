@@ -56,7 +56,8 @@ class RetryBudget:
         self.retrying = 0
 
     def try_acquire(self) -> bool:
-        if self.retrying >= max(self.minimum, int(self.ratio * self.in_flight)):
+        # A share, not a floor of it: one request alone may still be retried.
+        if self.retrying >= max(self.minimum, self.ratio * self.in_flight):
             return False
         self.retrying += 1
         return True
