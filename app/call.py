@@ -35,27 +35,55 @@ class ProxyCall:
     endpoint: Endpoint
     principal: Principal
     started: float = field(default_factory=time.perf_counter)
+    wall_time: float = field(default_factory=time.time)
     model_requested: str | None = None
     model: str | None = None  # the OpenRouter id asked for (aliases resolved)
     model_used: str | None = None  # the one that answered (a fallback, perhaps)
     model_served: str | None = None  # as OpenRouter named it in the response
+    provider: str | None = None
     stream: bool = False
     include_usage: bool = False
     status: int = 200
     error_code: str | None = None
     generation_id: str | None = None
-    usage: Usage | None = None
+    usage: Usage | None = None  # summed over every try OpenRouter billed
     parsed: Any = None  # the non-streaming response body, parsed once
+    payload: Any = None  # streams: the request body, to estimate a cut stream's prompt
+    data_events: int = 0  # streams: data events relayed
     reservation: Reservation | None = None
     attempts: int = 0
     retries: int = 0
     upstream_started: float | None = None
     first_byte: float | None = None
+    upstream_done: float | None = None
     first_token: float | None = None
     finished: float | None = None
-    forwarded: bool = False
+    forwarded: bool = False  # sent to OpenRouter (at least one try)
+    in_flight: bool = False
     client_disconnected: bool = False
     deadline: float = float("inf")  # perf_counter time by which the request must be answered
 
     def time_left(self) -> float:
         return self.deadline - time.perf_counter()
+
+    @property
+    def prompt_estimate(self) -> int:
+        from app.limits.estimate import prompt_tokens
+
+        return prompt_tokens(self.payload) if isinstance(self.payload, dict) else 0
+
+    def add_usage(self, usage: Usage | None) -> None:
+        """Usage of one more billed try (a 200 with an error inside is billed, then retried)."""
+        if usage is None:
+            return
+        if self.usage is None:
+            self.usage = usage
+            return
+        cost = None if self.usage.cost_usd is None or usage.cost_usd is None else self.usage.cost_usd + usage.cost_usd
+        self.usage = Usage(
+            self.usage.prompt_tokens + usage.prompt_tokens,
+            self.usage.completion_tokens + usage.completion_tokens,
+            self.usage.reasoning_tokens + usage.reasoning_tokens,
+            self.usage.cached_tokens + usage.cached_tokens,
+            cost,
+        )

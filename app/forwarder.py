@@ -24,6 +24,7 @@ from app.settings import UpstreamSettings
 from app.upstream.breaker import CircuitBreaker
 from app.upstream.client import OpenRouterClient, UpstreamResponse
 from app.upstream.retry import RetryBudget, backoff_s, is_retryable, retry_after_s
+from app.usage.record import Usage
 
 Outcome = UpstreamResponse | bytes  # an open stream, or a whole checked JSON body
 
@@ -133,12 +134,17 @@ class Forwarder:
         except TimeoutError:
             response.close()
             raise UpstreamTimeoutError("OpenRouter did not finish the response before the deadline.") from None
+        call.upstream_done = time.perf_counter()
         try:
             parsed = orjson.loads(raw)
         except orjson.JSONDecodeError:
             raise UpstreamError(
                 "OpenRouter returned a body that is not JSON.", code="upstream_invalid_response"
             ) from None
+        if isinstance(parsed, dict):  # read usage first: a 200 carrying an error may still be billed
+            call.add_usage(Usage.from_openrouter(parsed.get("usage")))
+            call.model_served = parsed["model"] if isinstance(parsed.get("model"), str) else call.model_served
+            call.provider = parsed["provider"] if isinstance(parsed.get("provider"), str) else call.provider
         error = body_error(parsed, call.endpoint.expect)
         if error is not None:
             raise error

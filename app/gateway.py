@@ -6,12 +6,10 @@ authenticate → parse → resolve → normalise → admit → forward → relay
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any
 
 from app.auth.keys import KeyAuthenticator, Principal, hash_key
 from app.auth.registry import Registry
@@ -20,13 +18,13 @@ from app.catalog.models import Catalog
 from app.errors import GatewayError, InvalidRequestError, ModelNotAllowedError, UpstreamUnavailableError
 from app.forwarder import Forwarder, Outcome
 from app.limits.admission import Admission, Demand, demand_of
-from app.limits.checks import NANO
 from app.normalize import request as normalize
 from app.settings import Settings
 from app.store.base import Store
 from app.upstream.client import OpenRouterClient, attribution_headers
-from app.usage.cost import catalogue_cost
-from app.usage.record import Usage
+from app.usage.ledger import Ledger
+from app.usage.meter import Meter
+from app.usage.metrics import Metrics
 
 log = logging.getLogger("gateway.request")
 
@@ -50,25 +48,6 @@ PASSED_RESPONSE_HEADERS = (
 )
 
 
-class Meter(Protocol):
-    def record(self, call: ProxyCall) -> None: ...
-
-
-class LogMeter:
-    """Until the ledger lands: one debug line per finished request."""
-
-    def record(self, call: ProxyCall) -> None:
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "request %s %s model=%s status=%s usage=%s",
-                call.request_id,
-                call.endpoint.name,
-                call.model,
-                call.status,
-                call.usage,
-            )
-
-
 class Gateway:
     """Everything a request needs, built once per process."""
 
@@ -80,7 +59,7 @@ class Gateway:
         store: Store,
         authenticator: KeyAuthenticator,
         admission: Admission,
-        meter: Meter,
+        metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.catalog = catalog
@@ -88,12 +67,15 @@ class Gateway:
         self.registry = Registry(store)
         self.authenticator = authenticator
         self.admission = admission
-        self.meter = meter
+        self.metrics = metrics
+        self.client = client
         self.forwarder = Forwarder(
             client, settings.upstream, lambda model: catalog.settings_for(model).first_byte_timeout_s
         )
+        self.forwarder.on_retry = lambda reason: metrics.retries.labels(reason).inc()
+        self.ledger = Ledger(store, on_drop=metrics.ledger_dropped.inc)
+        self.meter = Meter(catalog, self.ledger, metrics, admission, self._generation)
         self.draining = False
-        self._settling: set[asyncio.Task[None]] = set()
         admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
         self.admin_key_hash = hash_key(admin_key).encode() if admin_key else None
         self._shared_auth = client.auth_header()
@@ -107,6 +89,12 @@ class Gateway:
         call = ProxyCall(request_id, endpoint, principal)
         call.deadline = call.started + self.settings.upstream.deadline_s
         return call
+
+    async def _generation(self, generation_id: str, call: ProxyCall) -> tuple[int, Any]:
+        """OpenRouter's stats of one generation, asked with the key that paid for it."""
+        team = call.principal.team
+        auth = team.headers["Authorization"] if team else self._shared_auth
+        return await self.client.get_json("/generation", timeout=10, params={"id": generation_id}, auth=auth)
 
     # 1. authenticate
     async def authenticate(self, authorization: str | None) -> Principal:
@@ -210,57 +198,31 @@ class Gateway:
                 return body
             return normalize.encode({**payload, "model": model})
 
-        call.forwarded = True
+        call.forwarded = call.in_flight = True
         self.forwarder.budget.in_flight += 1
-        outcome = await self.forwarder.send(call, self._models(call), body_for, headers)
-        if isinstance(outcome, bytes):
-            body_json = call.parsed if isinstance(call.parsed, dict) else {}
-            call.usage = Usage.from_openrouter(body_json.get("usage"))
-            served = body_json.get("model")
-            call.model_served = served if isinstance(served, str) else None
-        return outcome
+        self.metrics.in_flight.inc()
+        if call.stream:
+            call.payload = payload
+        return await self.forwarder.send(call, self._models(call), body_for, headers)
 
     # 8. meter
     def finish(self, call: ProxyCall, error: GatewayError | None = None) -> None:
         call.finished = time.perf_counter()
         if error is not None:
             call.status, call.error_code = error.status, error.code
-        if call.forwarded:
-            call.forwarded = False
+            if error.status == 429 and isinstance(error.metadata, dict):
+                self.metrics.rate_limited.labels(error.metadata.get("limit", ""), error.metadata.get("scope", "")).inc()
+        if call.in_flight:
+            call.in_flight = False
             self.forwarder.budget.in_flight -= 1
-        if call.reservation is not None:
-            task = asyncio.ensure_future(self._settle(call))
-            self._settling.add(task)
-            task.add_done_callback(self._settling.discard)
+            self.metrics.in_flight.dec()
         self.meter.record(call)
 
-    async def _settle(self, call: ProxyCall) -> None:
-        reservation = call.reservation
-        assert reservation is not None
-        usage = call.usage
-        if usage is None and call.client_disconnected:
-            # Cut before OpenRouter told us what it used: keep the worst case until it is reconciled.
-            tokens = max((c.amount for c in reservation.checks if c.kind == "tokens"), default=0)
-            cost = Decimal(max((c.amount for c in reservation.checks if c.kind == "budget"), default=0)) / NANO
-        elif usage is None:
-            tokens, cost = 0, Decimal(0)
-        else:
-            tokens = usage.prompt_tokens + usage.completion_tokens
-            cost = await self.cost_of(call, usage)
-        await self.admission.settle(reservation, tokens, cost)
-
-    async def cost_of(self, call: ProxyCall, usage: Usage) -> Decimal:
-        """OpenRouter's own `usage.cost` when it sent one; else the catalogue's prices."""
-        if usage.cost_usd is not None:
-            return Decimal(repr(usage.cost_usd))
-        model = call.model_used or call.model
-        prices = await self.catalog.prices(model) if model else None
-        return catalogue_cost(usage, prices) if prices else Decimal(0)
-
-    async def drain_settlements(self) -> None:
-        if self._settling:
-            await asyncio.gather(*self._settling, return_exceptions=True)
+    async def drain(self) -> None:
+        """At shutdown: settle, reconcile (what can be), and write everything still queued."""
+        await self.meter.drain()
         await self.admission.flush()
+        await self.ledger.flush()
 
 
 def response_headers(call: ProxyCall, upstream_headers: Mapping[str, str] | None) -> dict[str, str]:

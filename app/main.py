@@ -26,11 +26,12 @@ from app.auth.keys import KeyAuthenticator
 from app.auth.teams import TeamPolicyFactory
 from app.catalog.models import Catalog
 from app.errors import GatewayError, InvalidRequestError, RouteNotFoundError, StoreUnavailableError, UpstreamError
-from app.gateway import Gateway, LogMeter
+from app.gateway import Gateway
 from app.limits.admission import Admission
 from app.settings import Settings, load_settings, read_secret
 from app.store import Store, StoreError, open_store
 from app.upstream.client import OpenRouterClient, open_session
+from app.usage.metrics import Metrics
 
 log = logging.getLogger("gateway")
 
@@ -49,13 +50,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             duties = [
                 asyncio.ensure_future(_flush_last_used(gateway, settings.last_used_flush_s)),
                 asyncio.ensure_future(gateway.admission.run()),
+                asyncio.ensure_future(gateway.ledger.run()),
+                asyncio.ensure_future(_refresh_budget_gauges(gateway, settings.budget_gauges_refresh_s)),
             ]
             try:
                 yield
             finally:
                 for duty in duties:
                     duty.cancel()
-                await gateway.drain_settlements()
+                await gateway.drain()
                 await _flush_once(gateway)
         finally:
             await store.close()
@@ -93,8 +96,9 @@ async def _start_gateway(settings: Settings, client: OpenRouterClient, store: St
     teams = TeamPolicyFactory(settings.attribution, client.auth_header(), read_secret)
     bootstrap = settings.api_key.get_secret_value() if settings.api_key else None
     authenticator = KeyAuthenticator(store, teams, bootstrap, cache_ttl_s=settings.auth_cache_ttl_s)
-    admission = Admission(store, settings.limits)
-    gateway = Gateway(settings, client, catalog, store, authenticator, admission, LogMeter())
+    metrics = Metrics()
+    admission = Admission(store, settings.limits, on_store_error=metrics.store_errors.inc)
+    gateway = Gateway(settings, client, catalog, store, authenticator, admission, metrics)
     await gateway.registry.load_declared([t.record() for t in settings.teams], [k.record() for k in settings.keys])
     return gateway
 
@@ -104,6 +108,20 @@ async def _flush_last_used(gateway: Gateway, every_s: float) -> None:
     while True:
         await asyncio.sleep(every_s)
         await _flush_once(gateway)
+
+
+async def _refresh_budget_gauges(gateway: Gateway, every_s: float) -> None:
+    """Budget gauges per team, from the store (each replica reports the same shared figure)."""
+    while True:
+        try:
+            for team in await gateway.store.list_teams():
+                state = await gateway.admission.budget_state("team", team.name, team)
+                if state is not None:
+                    gateway.metrics.budget_spent.labels(team.name).set(state["spent_usd"])
+                    gateway.metrics.budget_limit.labels(team.name).set(state["limit_usd"])
+        except StoreError:
+            pass  # the admission path already reports the outage
+        await asyncio.sleep(every_s)
 
 
 async def _flush_once(gateway: Gateway) -> None:

@@ -204,6 +204,7 @@ class Settings(BaseSettings):
     store_max_connections: int = Field(64, ge=1, description="Redis connections per process")
     auth_cache_ttl_s: float = Field(30.0, ge=0, description="re-read a cached key at least this often")
     last_used_flush_s: float = Field(5.0, gt=0, description="how often last-used times reach the store")
+    budget_gauges_refresh_s: float = Field(15.0, gt=0, description="how often team budget gauges are read")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     upstream: UpstreamSettings = Field(default_factory=lambda: UpstreamSettings())

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import csv
 import hmac
-from datetime import datetime
+import io
+from datetime import UTC, date, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from app.api.deps import GatewayDep
 from app.auth.keys import hash_key
 from app.auth.records import KEY_ID, NAME, Amount, KeyFields, KeyRecord, Name, TeamFields, TeamRecord
-from app.errors import AdminDisabledError, AuthenticationError, NotFoundError
+from app.errors import AdminDisabledError, AuthenticationError, InvalidRequestError, NotFoundError
 from app.gateway import Gateway
 
 _bearer = HTTPBearer(auto_error=False, description="GATEWAY_ADMIN_KEY")
@@ -183,3 +185,65 @@ async def revoke_key(key_id: str, gateway: GatewayDep) -> Any:
 async def rotate_key(key_id: str, gateway: GatewayDep, body: Rotation | None = None) -> Any:
     key, plaintext = await gateway.registry.rotate_key(_key_id(key_id), (body or Rotation()).grace_period_s)
     return _key_out(key, plaintext)
+
+
+class UsageRow(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    requests: int = Field(description="requests sent to OpenRouter")
+    prompt_tokens: int
+    completion_tokens: int = Field(description="reasoning tokens included")
+    reasoning_tokens: int
+    cached_tokens: int = Field(description="part of prompt_tokens")
+    cost_usd: float
+
+
+class UsageReport(BaseModel):
+    data: list[UsageRow]
+    total: UsageRow
+
+
+USAGE_GROUPS = ("team", "key", "model", "day")
+
+
+@router.get(
+    "/usage",
+    response_model=UsageReport,
+    summary="Usage and spend, grouped (JSON, or CSV with Accept: text/csv)",
+    responses={200: {"content": {"text/csv": {}}}},
+)
+async def usage(
+    request: Request,
+    gateway: GatewayDep,
+    start: Annotated[date | None, Query(alias="from", description="first UTC day (default: 1st of this month)")] = None,
+    end: Annotated[date | None, Query(alias="to", description="last UTC day, included (default: today)")] = None,
+    group_by: Annotated[str, Query(description="comma-separated: team, key, model, day")] = "team,key,model",
+    team: str | None = None,
+    key: Annotated[str | None, Query(description="a key's name or id")] = None,
+) -> Any:
+    today = datetime.now(UTC).date()
+    end = end or today
+    start = start or end.replace(day=1)
+    groups = [g.strip() for g in group_by.split(",") if g.strip()]
+    unknown = [g for g in groups if g not in USAGE_GROUPS]
+    if unknown:
+        raise InvalidRequestError(f"group_by: unknown {unknown}; use {', '.join(USAGE_GROUPS)}", param="group_by")
+    if start > end or (end - start).days > 366:
+        raise InvalidRequestError("from must be on or before to, at most 366 days apart", param="from")
+    data, total = await gateway.ledger.query(start, end, groups, team=team, key=key)
+    if "text/csv" in request.headers.get("accept", ""):
+        return Response(_csv(groups, data, total), media_type="text/csv; charset=utf-8")
+    return {"data": data, "total": total}
+
+
+def _csv(groups: list[str], data: list[dict[str, Any]], total: dict[str, Any]) -> str:
+    buffer = io.StringIO()
+    measures = list(total)
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([*groups, *measures])
+    for row in data:
+        writer.writerow([row.get(g) or "" for g in groups] + [row[m] for m in measures])
+    writer.writerow(
+        ["total", *[""] * (len(groups) - 1), *[total[m] for m in measures]] if groups else [total[m] for m in measures]
+    )
+    return buffer.getvalue()

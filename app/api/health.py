@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from app.api.deps import GatewayDep
 from app.store import StoreError
+from app.usage.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["Operations"])
 
@@ -14,6 +15,11 @@ router = APIRouter(tags=["Operations"])
 @router.get("/healthz", summary="The process is alive")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(gateway: GatewayDep) -> Response:
+    return Response(gateway.metrics.exposition(), media_type=CONTENT_TYPE)
 
 
 @router.get("/readyz", summary="Ready to take traffic")

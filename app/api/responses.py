@@ -88,8 +88,11 @@ class SSEResponse(Response):
                 self.upstream.settle()
             else:
                 self.upstream.close()
-            self.call.usage = Usage.from_openrouter(self.relay.usage)
+            self.call.upstream_done = self.call.upstream_done or time.perf_counter()
+            self.call.add_usage(Usage.from_openrouter(self.relay.usage))
             self.call.model_served = self.relay.model
+            self.call.provider = self.relay.provider
+            self.call.data_events = self.relay.data_events
             self.on_end(self.call, self.relay.error)
 
     async def _relay(self, send: Send) -> None:
@@ -106,6 +109,7 @@ class SSEResponse(Response):
             tail = relay.end()
         except UpstreamError as exc:
             tail = relay.fail(exc)
+        call.upstream_done = time.perf_counter()
         self._complete = True
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 

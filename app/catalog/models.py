@@ -98,6 +98,11 @@ class Catalog:
     async def entry(self, model_id: str) -> dict[str, Any] | None:
         return (await self.entries()).get(model_id)
 
+    def cached_prices(self, model_id: str) -> Prices | None:
+        """Prices from the catalogue as it is now, without waiting for a refresh."""
+        entry = self._entries.get(model_id) or self._entries.get(model_id.rsplit(":", 1)[0])
+        return prices_of(entry) if entry else None
+
     async def max_prices(self) -> Prices:
         """The dearest prompt and completion prices listed: the worst case for an unpriced model."""
         entries = await self.entries()

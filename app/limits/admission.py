@@ -234,6 +234,17 @@ class Admission:
         if items:
             await self._send(items)
 
+    async def adjust(self, reservation: Reservation, tokens: int, cost_delta: Decimal) -> None:
+        """A settled request's real use became known later: tokens as a new total, cost as a delta."""
+        delta_nano = int((cost_delta * NANO).to_integral_value(ROUND_HALF_UP))
+        items = [
+            Settlement(c, reservation.member, delta_nano if c.kind == "budget" else tokens)
+            for c in reservation.checks
+            if c.kind in ("tokens", "budget")
+        ]
+        if items:
+            await self._send(items)
+
     async def _send(self, items: list[Settlement]) -> None:
         try:
             await self.store.settle(items)

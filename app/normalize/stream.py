@@ -24,13 +24,26 @@ _FINISH = b'"finish_reason":"'
 class StreamRelay:
     """Feed it upstream bytes; it returns the bytes for the client."""
 
-    __slots__ = ("_buffer", "done", "error", "finished", "include_usage", "model", "saw_data", "usage")
+    __slots__ = (
+        "_buffer",
+        "data_events",
+        "done",
+        "error",
+        "finished",
+        "include_usage",
+        "model",
+        "provider",
+        "saw_data",
+        "usage",
+    )
 
     def __init__(self, include_usage: bool) -> None:
         self.include_usage = include_usage
         self._buffer = b""
         self.usage: dict[str, Any] | None = None
         self.model: str | None = None
+        self.provider: str | None = None
+        self.data_events = 0  # a cut stream's completion is estimated from these
         self.error: GatewayError | None = None
         self.finished = False  # a finish_reason arrived
         self.done = False  # [DONE] arrived, or the stream ended by an error
@@ -47,8 +60,10 @@ class StreamRelay:
             self._buffer = buffer
             return b""
         block, self._buffer = buffer[: end + 2], buffer[end + 2 :]
-        if b"data:" in block:
+        events = block.count(b"data:")
+        if events:
             self.saw_data = True
+            self.data_events += events
         if b"error" not in block and b'"usage"' not in block and b"[DONE]" not in block and _well_formed(block):
             if _FINISH in block:
                 self.finished = True
@@ -122,6 +137,7 @@ class StreamRelay:
     def _usage_chunk(self, chunk: dict[str, Any], event: bytes) -> bytes:
         self.usage = chunk["usage"]
         self.model = chunk.get("model") if isinstance(chunk.get("model"), str) else None
+        self.provider = chunk.get("provider") if isinstance(chunk.get("provider"), str) else None
         choices = chunk.get("choices") or []
         meaningful = [c for c in choices if _meaningful(c)]
         if self.include_usage and not choices:

@@ -5,6 +5,7 @@ every replica can drop what it cached."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
@@ -12,6 +13,15 @@ from app.auth.records import KeyRecord, TeamRecord
 from app.limits.checks import Check, Settlement, Verdict
 
 ChangeListener = Callable[[str], Awaitable[None] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerBatch:
+    """Usage increments for the ledger, applied at most once (by `id`)."""
+
+    id: str
+    increments: list[tuple[str, str, str, int]]  # (day YYYYMMDD, "team|key_id|model", measure, delta)
+    key_names: dict[str, str] = field(default_factory=dict)
 
 
 class StoreError(Exception):
@@ -64,6 +74,13 @@ class Store(Protocol):
 
     async def budget_spent(self, check: Check) -> int:
         """Settled nano-USD of a budget check's period."""
+
+    # the usage ledger
+    async def ledger_apply(self, batch: LedgerBatch) -> None:
+        """Add a batch of increments, at most once whatever the retries."""
+
+    async def ledger_read(self, days: list[str]) -> tuple[dict[str, dict[str, int]], dict[str, str]]:
+        """Per day, the stored sums by field; and the key names by id."""
 
     # changes
     async def publish(self, change: str) -> None:

@@ -165,3 +165,24 @@ for i, key in ipairs(KEYS) do
 end
 return #KEYS
 """
+
+# KEYS: batch marker, key-names hash, then one hash per day in the batch
+# ARGV: marker ttl, number of days, per day: count, then field/value pairs; then key-name pairs
+LEDGER_APPLY = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[1])) then return 0 end
+local days = tonumber(ARGV[2])
+local a = 3
+for d = 1, days do
+  local count = tonumber(ARGV[a])
+  a = a + 1
+  for i = 1, count do
+    redis.call('HINCRBY', KEYS[2 + d], ARGV[a], ARGV[a + 1])
+    a = a + 2
+  end
+end
+while a <= #ARGV do
+  redis.call('HSET', KEYS[2], ARGV[a], ARGV[a + 1])
+  a = a + 2
+end
+return 1
+"""

@@ -9,7 +9,7 @@ from datetime import datetime
 from app.auth.records import KeyRecord, TeamRecord
 from app.limits.checks import Check, Settlement, Verdict
 from app.limits.windows import MemoryLimits
-from app.store.base import ChangeListener
+from app.store.base import ChangeListener, LedgerBatch
 
 
 class MemoryStore:
@@ -20,6 +20,9 @@ class MemoryStore:
         self._last_used: dict[str, datetime] = {}
         self._listeners: list[ChangeListener] = []
         self._limits = MemoryLimits()
+        self._ledger: dict[str, dict[str, int]] = {}
+        self._key_names: dict[str, str] = {}
+        self._batches_seen: set[str] = set()
 
     async def ping(self) -> None:
         return None
@@ -105,6 +108,19 @@ class MemoryStore:
 
     async def budget_spent(self, check: Check) -> int:
         return self._limits.spent(check)
+
+    async def ledger_apply(self, batch: LedgerBatch) -> None:
+        if batch.id in self._batches_seen:
+            return
+        self._batches_seen.add(batch.id)
+        for day, group, measure, delta in batch.increments:
+            fields = self._ledger.setdefault(day, {})
+            name = f"{group}|{measure}"
+            fields[name] = fields.get(name, 0) + delta
+        self._key_names.update(batch.key_names)
+
+    async def ledger_read(self, days: list[str]) -> tuple[dict[str, dict[str, int]], dict[str, str]]:
+        return {d: dict(self._ledger[d]) for d in days if d in self._ledger}, dict(self._key_names)
 
     async def publish(self, change: str) -> None:
         for listener in self._listeners:

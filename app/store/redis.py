@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from app.auth.records import KeyRecord, TeamRecord
 from app.limits.checks import WINDOW_MS, Check, Settlement, Verdict
 from app.store import lua
-from app.store.base import ChangeListener, StoreError
+from app.store.base import ChangeListener, LedgerBatch, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class RedisStore:
                 ("admit", lua.ADMIT),
                 ("settle", lua.SETTLE),
                 ("renew", lua.RENEW),
+                ("ledger_apply", lua.LEDGER_APPLY),
             )
         }
         self._listeners: list[ChangeListener] = []
@@ -253,6 +254,35 @@ class RedisStore:
     async def budget_spent(self, check: Check) -> int:
         raw = await self._do(self.redis.get(self._limit_keys(check)[3]))
         return int(raw or 0)
+
+    # -- ledger --------------------------------------------------------------------------------
+    async def ledger_apply(self, batch: LedgerBatch) -> None:
+        by_day: dict[str, list[tuple[str, int]]] = {}
+        for day, group, measure, delta in batch.increments:
+            by_day.setdefault(day, []).append((f"{group}|{measure}", delta))
+        keys = [f"{self._tag}:ledger:batch:{batch.id}", f"{self._tag}:ledger:keynames"]
+        args: list[Any] = [7 * 86400, len(by_day)]
+        for day, items in by_day.items():
+            keys.append(f"{self._tag}:ledger:{day}")
+            args.append(len(items))
+            for name, delta in items:
+                args += [name, delta]
+        for key_id, name in batch.key_names.items():
+            args += [key_id, name]
+        await self._call("ledger_apply", keys, args)
+
+    async def ledger_read(self, days: list[str]) -> tuple[dict[str, dict[str, int]], dict[str, str]]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for day in days:
+                pipe.hgetall(f"{self._tag}:ledger:{day}")
+            pipe.hgetall(f"{self._tag}:ledger:keynames")
+            results = await self._do(pipe.execute())
+        stored = {
+            day: {k.decode(): int(v) for k, v in fields.items()}
+            for day, fields in zip(days, results[:-1], strict=True)
+            if fields
+        }
+        return stored, {k.decode(): v.decode() for k, v in results[-1].items()}
 
     # -- changes ---------------------------------------------------------------------------
     async def publish(self, change: str) -> None:

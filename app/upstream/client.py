@@ -109,9 +109,12 @@ class OpenRouterClient:
             raise _translate(exc) from exc
         return UpstreamResponse(response)
 
-    async def get_json(self, path: str, timeout: float, params: Mapping[str, str] | None = None) -> tuple[int, Any]:
+    async def get_json(
+        self, path: str, timeout: float, params: Mapping[str, str] | None = None, auth: str | None = None
+    ) -> tuple[int, Any]:
         """GET a JSON document; returns its status and parsed body (None if not JSON)."""
-        headers = {"Authorization": self._auth} if self._auth else {}
+        auth = auth or self._auth
+        headers = {"Authorization": auth} if auth else {}
         try:
             async with asyncio.timeout(timeout):
                 async with self._session.get(self._base_url + path, headers=headers, params=params) as response:

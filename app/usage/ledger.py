@@ -1,0 +1,172 @@
+"""The usage ledger: sums per UTC day, team, key and model, kept in the store.
+
+Records are queued without blocking the response and written in batches, each batch applied
+exactly once (an idempotency marker guards a retry after an ambiguous failure). While the
+store is down, batches wait in a bounded buffer (counted) and go out when it returns. Money
+is kept in integer pico-USD, so sums are exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections import deque
+from collections.abc import Callable, Iterable
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from app.store.base import LedgerBatch, Store, StoreError
+from app.usage.record import UsageRecord
+
+log = logging.getLogger(__name__)
+
+PICO = 10**12
+MEASURES = ("requests", "prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens", "cost")
+GROUPS = ("day", "team", "key", "model")
+SEPARATOR = "|"
+
+
+def day_of(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y%m%d")
+
+
+def _deltas(record: UsageRecord, sign: int, requests: int) -> dict[str, int]:
+    return {
+        "requests": requests,
+        "prompt_tokens": sign * record.prompt_tokens,
+        "completion_tokens": sign * record.completion_tokens,
+        "reasoning_tokens": sign * record.reasoning_tokens,
+        "cached_tokens": sign * record.cached_tokens,
+        "cost": sign * int(record.cost_usd * PICO),
+    }
+
+
+class Ledger:
+    def __init__(
+        self,
+        store: Store,
+        max_buffered: int = 100_000,
+        batch_size: int = 500,
+        on_drop: Callable[[int], None] | None = None,
+    ) -> None:
+        self.store = store
+        self._queue: deque[tuple[UsageRecord, int, int]] = deque()
+        self._batches: deque[LedgerBatch] = deque()
+        self._max_buffered = max_buffered
+        self._batch_size = batch_size
+        self._wake = asyncio.Event()
+        self._on_drop = on_drop
+        self.dropped = 0
+        self._down = False
+
+    # -- writing -------------------------------------------------------------------------------
+    def add(self, record: UsageRecord) -> None:
+        """Count one request (queued; written shortly, in a batch)."""
+        self._enqueue(record, 1, 1)
+
+    def correct(self, old: UsageRecord, new: UsageRecord) -> None:
+        """Replace a record's figures by better ones (an estimate by OpenRouter's own)."""
+        self._enqueue(old, -1, 0)
+        self._enqueue(new, 1, 0)
+
+    def _enqueue(self, record: UsageRecord, sign: int, requests: int) -> None:
+        if self.buffered >= self._max_buffered:
+            self.dropped += 1
+            if self._on_drop:
+                self._on_drop(1)
+            return
+        self._queue.append((record, sign, requests))
+        if len(self._queue) >= self._batch_size:
+            self._wake.set()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._queue) + sum(len(b.increments) for b in self._batches) // len(MEASURES)
+
+    def _batch(self) -> LedgerBatch | None:
+        if not self._queue:
+            return None
+        sums: dict[tuple[str, str, str], int] = {}
+        names: dict[str, str] = {}
+        for _ in range(min(len(self._queue), self._batch_size)):
+            record, sign, requests = self._queue.popleft()
+            group = SEPARATOR.join((record.team or "", record.key_id, (record.model or "").replace(SEPARATOR, "_")))
+            names[record.key_id] = record.key_name
+            for measure, delta in _deltas(record, sign, requests).items():
+                if delta:
+                    where = (day_of(record.time), group, measure)
+                    sums[where] = sums.get(where, 0) + delta
+        return LedgerBatch(secrets.token_hex(12), [(d, g, m, v) for (d, g, m), v in sums.items()], names)
+
+    async def flush(self) -> None:
+        """Write everything queued; on a store error keep it for the next flush."""
+        while True:
+            if not self._batches:
+                batch = self._batch()
+                if batch is None:
+                    return
+                self._batches.append(batch)
+            batch = self._batches[0]
+            try:
+                await self.store.ledger_apply(batch)
+            except StoreError as exc:
+                if not self._down:
+                    log.warning("ledger store unreachable (%s); buffering records until it returns", exc)
+                    self._down = True
+                return
+            self._batches.popleft()
+            if self._down:
+                log.warning("ledger store reachable again; buffered records written")
+                self._down = False
+
+    async def run(self, every_s: float = 0.25) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), every_s)
+            self._wake.clear()
+            await self.flush()
+
+    # -- reading -------------------------------------------------------------------------------
+    async def query(
+        self, start: date, end: date, group_by: Iterable[str], team: str | None = None, key: str | None = None
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        days = []
+        moment = start
+        while moment <= end:
+            days.append(moment.strftime("%Y%m%d"))
+            moment += timedelta(days=1)
+        stored, names = await self.store.ledger_read(days)
+        groups = [g for g in GROUPS if g in group_by]
+        rows: dict[tuple[Any, ...], dict[str, int]] = {}
+        total = dict.fromkeys(MEASURES, 0)
+        for day, fields in stored.items():
+            for name, value in fields.items():
+                team_name, key_id, model, measure = name.split(SEPARATOR, 3)
+                if team is not None and team_name != team:
+                    continue
+                if key is not None and key not in (key_id, names.get(key_id)):
+                    continue
+                values = {
+                    "day": f"{day[:4]}-{day[4:6]}-{day[6:]}",
+                    "team": team_name or None,
+                    "key": names.get(key_id, key_id),
+                    "model": model or None,
+                }
+                row = rows.setdefault(tuple(values[g] for g in groups), dict.fromkeys(MEASURES, 0))
+                row[measure] += value
+                total[measure] += value
+        data = [{**dict(zip(groups, k, strict=True)), **_shown(v)} for k, v in sorted(rows.items(), key=_order)]
+        return data, _shown(total)
+
+
+def _order(item: tuple[tuple[Any, ...], dict[str, int]]) -> tuple[str, ...]:
+    return tuple("" if v is None else str(v) for v in item[0])
+
+
+def _shown(sums: dict[str, int]) -> dict[str, Any]:
+    shown: dict[str, Any] = {m: sums[m] for m in MEASURES if m != "cost"}
+    shown["cost_usd"] = float(Decimal(sums["cost"]) / PICO)
+    return shown

@@ -1,0 +1,161 @@
+"""Metering: every finished request becomes one UsageRecord, which feeds the ledger, the
+metrics, the budget settlement and the log. Streams cut before OpenRouter sent usage are
+recorded from what was seen (marked `estimated`) and reconciled later from OpenRouter's
+`GET /generation`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from typing import Any
+
+from app.call import ProxyCall
+from app.catalog.models import Catalog
+from app.limits.admission import Admission, Reservation
+from app.usage.cost import catalogue_cost
+from app.usage.ledger import Ledger
+from app.usage.metrics import Metrics
+from app.usage.record import CostSource, Usage, UsageRecord
+
+log = logging.getLogger("gateway.usage")
+
+Lookup = Callable[[str, ProxyCall], Awaitable[tuple[int, Any]]]
+
+
+class Meter:
+    def __init__(
+        self,
+        catalog: Catalog,
+        ledger: Ledger,
+        metrics: Metrics,
+        admission: Admission,
+        lookup: Lookup,
+        reconcile_delays_s: tuple[float, ...] = (0.5, 0.5, 1, 2, 4, 8, 15),
+    ) -> None:
+        self.catalog = catalog
+        self.ledger = ledger
+        self.metrics = metrics
+        self.admission = admission
+        self._lookup = lookup
+        self._delays = reconcile_delays_s
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def record(self, call: ProxyCall) -> UsageRecord:
+        record = self.build(call)
+        self.metrics.observe_request(record)
+        if not record.estimated:
+            self.metrics.observe_usage(record)
+        if call.forwarded:
+            self.ledger.add(record)
+        self._spawn(self._settle(call.reservation, record))
+        if record.estimated and record.generation_id:
+            self._spawn(self._reconcile(call, record))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("usage %s", record.log_fields())
+        return record
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- the record ------------------------------------------------------------------------------
+    def build(self, call: ProxyCall) -> UsageRecord:
+        now = time.perf_counter()
+        finished = call.finished or now
+        model = call.model_used or call.model
+        upstream_s = None
+        overhead = finished - call.started
+        if call.upstream_started is not None:
+            upstream_end = call.upstream_done or finished
+            upstream_s = max(0.0, upstream_end - call.upstream_started)
+            overhead = max(0.0, (call.upstream_started - call.started) + (finished - upstream_end))
+        record = UsageRecord(
+            request_id=call.request_id,
+            time=call.wall_time,
+            key_id=call.principal.key_id,
+            key_name=call.principal.key_name,
+            team=call.principal.team_name,
+            endpoint=call.endpoint.name,
+            model_requested=call.model_requested,
+            model=model if call.forwarded else None,
+            model_served=call.model_served,
+            provider=call.provider,
+            stream=call.stream,
+            status=call.status,
+            error_code=call.error_code,
+            generation_id=call.generation_id,
+            duration_s=finished - call.started,
+            upstream_s=upstream_s,
+            overhead_s=overhead,
+            ttft_s=(call.first_token - call.started) if call.first_token else None,
+            retries=call.retries,
+        )
+        if call.usage is not None:
+            cost, source = self.cost(call.usage, model)
+            return record.with_usage(call.usage, cost, source)
+        if call.stream and call.forwarded and call.data_events:
+            seen = Usage(prompt_tokens=call.prompt_estimate, completion_tokens=max(0, call.data_events - 1))
+            cost, _ = self.cost(seen, model)
+            return record.with_usage(seen, cost, "catalogue", estimated=True)
+        return record
+
+    def cost(self, usage: Usage, model: str | None) -> tuple[Decimal, CostSource]:
+        """OpenRouter's own `usage.cost` first; the catalogue's prices otherwise."""
+        if usage.cost_usd is not None:
+            return usage.cost_usd, "upstream"
+        prices = self.catalog.cached_prices(model) if model else None
+        if prices is None:
+            return Decimal(0), "none"
+        return catalogue_cost(usage, prices), "catalogue"
+
+    # -- budgets ---------------------------------------------------------------------------------
+    async def _settle(self, reservation: Reservation | None, record: UsageRecord) -> None:
+        if reservation is not None:
+            await self.admission.settle(reservation, record.prompt_tokens + record.completion_tokens, record.cost_usd)
+
+    # -- reconciliation --------------------------------------------------------------------------
+    async def _reconcile(self, call: ProxyCall, estimate: UsageRecord) -> None:
+        assert estimate.generation_id is not None
+        for delay in self._delays:
+            await asyncio.sleep(delay)
+            try:
+                status, body = await self._lookup(estimate.generation_id, call)
+            except Exception as exc:  # a lookup failure must never escape a background task
+                log.debug("generation lookup failed: %s", exc)
+                continue
+            data = body.get("data") if isinstance(body, dict) else None
+            if status == 200 and isinstance(data, dict):
+                await self._apply(call.reservation, estimate, Usage.from_generation(data))
+                return
+            if status not in (404, 429) and status < 500:
+                break
+        self.metrics.reconciliations.labels("gave_up").inc()
+        self.metrics.observe_usage(estimate)  # the estimate stands, as marked
+        log.warning("generation %s could not be reconciled; its estimate stands", estimate.generation_id)
+
+    async def _apply(self, reservation: Reservation | None, estimate: UsageRecord, usage: Usage) -> None:
+        cost, source = self.cost(usage, estimate.model)
+        exact = UsageRecord(**{name: getattr(estimate, name) for name in UsageRecord.__slots__})
+        exact.with_usage(usage, cost, "generation" if source == "upstream" else source)
+        self.ledger.correct(estimate, exact)
+        self.metrics.observe_usage(exact)
+        self.metrics.reconciliations.labels("reconciled").inc()
+        if reservation is not None:
+            await self.admission.adjust(
+                reservation, exact.prompt_tokens + exact.completion_tokens, exact.cost_usd - estimate.cost_usd
+            )
+        log.info(
+            "generation %s reconciled: %s tokens, $%s",
+            exact.generation_id,
+            exact.prompt_tokens + exact.completion_tokens,
+            exact.cost_usd,
+        )
+
+    async def drain(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
