@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,6 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from prometheus_client import multiprocess
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -60,6 +62,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     duty.cancel()
                 await gateway.drain()
                 await _flush_once(gateway)
+                if gateway.metrics.multiprocess:
+                    multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
         finally:
             await store.close()
             await session.close()

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import secrets
+import shutil
 import signal
 import sys
+import tempfile
 from typing import Any
 
 from app.settings import ConfigError, Settings, load_settings, read_secret
@@ -21,6 +24,7 @@ def add_commands(commands: Any) -> None:
     serve.add_argument("--host", help="listen address (default GATEWAY_HOST or 0.0.0.0; demo: 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default GATEWAY_PORT or 8080)")
     serve.add_argument("--config", help="YAML config file (default GATEWAY_CONFIG or config/gateway.yaml)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (metrics aggregated across them)")
     serve.set_defaults(handler=_serve)
 
     simulate = commands.add_parser("simulate", help="run the OpenRouter simulator on its own port")
@@ -111,26 +115,45 @@ def _serve(args: argparse.Namespace) -> int:
             update={"upstream": settings.upstream.model_copy(update={"base_url": simulator.base_url})}
         )
         _print_demo(settings, simulator.base_url)
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        log_level=settings.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=30,
-    )
+    if args.workers > 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        _fresh_metrics_dir()
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "loop": "uvloop",
+        "http": "httptools",
+        "log_level": settings.log_level,
+        "access_log": False,
+        "timeout_graceful_shutdown": 30,
+    }
     # uvicorn re-raises SIGTERM/SIGINT after a graceful shutdown; by then we are done, so the
     # handlers it restores must not turn a clean stop into a non-zero exit.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
+    if args.workers > 1:
+        if args.demo:
+            print("problem: --demo runs one process; drop --workers", file=sys.stderr)
+            return 2
+        if args.config:
+            os.environ["GATEWAY_CONFIG"] = args.config  # each worker loads the settings itself
+        uvicorn.run("app.main:create_app", factory=True, workers=args.workers, **options)
+        return 0
     try:
-        uvicorn.Server(config).run()
+        uvicorn.Server(uvicorn.Config(create_app(settings), **options)).run()
     finally:
         if simulator is not None:
             simulator.stop()
     return 0
+
+
+def _fresh_metrics_dir() -> None:
+    """prometheus_client's multiprocess mode: one directory for every worker, emptied at start."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.path.join(
+        tempfile.gettempdir(), f"gateway-metrics-{os.getpid()}"
+    )
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
 
 
 def _demo_settings(args: argparse.Namespace) -> Settings:
