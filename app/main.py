@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="An OpenAI-compatible gateway in front of OpenRouter.",
         lifespan=lifespan,
+        redirect_slashes=False,  # an unknown path is a 404, not a redirect a client may not follow
     )
     for prefix in ("/v1", "/api/v1"):
         app.include_router(chat.router, prefix=prefix, include_in_schema=prefix == "/v1")

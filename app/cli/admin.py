@@ -85,6 +85,15 @@ def add_commands(commands: Any) -> None:
     rotate.add_argument("id")
     rotate.add_argument("--grace", type=float, default=0, help="seconds the old secret keeps working (default 0)")
     _common(rotate, _key_rotate)
+    usage = commands.add_parser("usage", help="usage and spend from the ledger, with totals")
+    usage.add_argument("--from", dest="start", help="first UTC day, YYYY-MM-DD (default: 1st of this month)")
+    usage.add_argument("--to", dest="end", help="last UTC day, included (default: today)")
+    usage.add_argument("--group-by", default="team,key,model", help="comma-separated: team, key, model, day")
+    usage.add_argument("--team")
+    usage.add_argument("--key", help="a key's name or id")
+    usage.add_argument("--csv", action="store_true", help="print CSV")
+    _common(usage, _usage)
+
     generate = keys.add_parser("generate", help="make a key offline, to declare by hash in the config file")
     generate.add_argument("--name", required=True)
     generate.add_argument("--team", required=True)
@@ -211,6 +220,28 @@ def _key_rotate(api: Api, args: argparse.Namespace) -> Any:
     return api.call("POST", f"/admin/keys/{args.id}/rotate", {"grace_period_s": args.grace})
 
 
+def _usage(api: Api, args: argparse.Namespace) -> Any:
+    params = {"group_by": args.group_by}
+    for name in ("start", "end", "team", "key"):
+        if getattr(args, name):
+            params[{"start": "from", "end": "to"}.get(name, name)] = getattr(args, name)
+    if args.csv:
+        return Csv(api.call("GET", "/admin/usage", params=params, accept="text/csv"))
+    report = api.call("GET", "/admin/usage", params=params)
+    groups = [g.strip() for g in args.group_by.split(",") if g.strip()]
+    return Report(report, groups)
+
+
+class Csv(str):
+    pass
+
+
+class Report(dict[str, Any]):
+    def __init__(self, report: dict[str, Any], groups: list[str]) -> None:
+        super().__init__(report)
+        self.groups = groups
+
+
 def _key_generate(args: argparse.Namespace) -> int:
     from app.auth.keys import hash_key, new_key, new_key_id
 
@@ -235,10 +266,15 @@ class Api:
         )
 
     def call(
-        self, method: str, path: str, body: dict[str, Any] | None = None, params: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+        accept: str = "application/json",
     ) -> Any:
         try:
-            response = self.client.request(method, path, json=body, params=params)
+            response = self.client.request(method, path, json=body, params=params, headers={"Accept": accept})
         except httpx.HTTPError as exc:
             raise CommandError(f"cannot reach the gateway at {self.client.base_url}: {exc}") from None
         if response.status_code >= 400:
@@ -248,6 +284,8 @@ class Api:
             except (ValueError, KeyError, TypeError):
                 message = response.text[:200]
             raise CommandError(f"{response.status_code}: {message}")
+        if accept != "application/json":
+            return response.text
         return response.json() if response.content else None
 
 
@@ -257,8 +295,16 @@ def _run(handler: Any, args: argparse.Namespace) -> int:
     except CommandError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if args.json:
+    if isinstance(result, Csv):
+        print(result, end="")
+    elif args.json:
         print(json.dumps(result, indent=2))
+    elif isinstance(result, Report):
+        measures = ["requests", "prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens", "cost_usd"]
+        total = {**dict.fromkeys(result.groups, ""), **result["total"]}
+        if result.groups:
+            total[result.groups[0]] = "TOTAL"
+        print(table([*result["data"], total], [*result.groups, *measures]))
     elif isinstance(result, list):
         columns = KEY_COLUMNS if args.command == "keys" else TEAM_COLUMNS
         print(table(result, columns))
