@@ -116,7 +116,7 @@ TEAM_UPSTREAM_KEY = "sk-or-v1-team-ml-upstream-key-for-tests"
 class GatewayProcess:
     """`gateway serve` as a real separate process (a replica), configured by environment."""
 
-    def __init__(self, env: dict[str, str], log_path: str) -> None:
+    def __init__(self, env: dict[str, str], log_path: str, args: tuple[str, ...] = ()) -> None:
         import os
         import socket
         import sys
@@ -129,6 +129,7 @@ class GatewayProcess:
         self.env = {**clean, "GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(self.port), **env}
         self.binary = str(Path(sys.executable).with_name("gateway"))
         self.log_path = log_path
+        self.args = args
         self.process: Any = None
 
     @property
@@ -142,7 +143,7 @@ class GatewayProcess:
         import httpx
 
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([self.binary, "serve"], env=self.env, stdout=log, stderr=log)
+            self.process = subprocess.Popen([self.binary, "serve", *self.args], env=self.env, stdout=log, stderr=log)
 
         def ready() -> bool:
             if self.process.poll() is not None:
@@ -168,3 +169,18 @@ class GatewayProcess:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def require_tool(name: str, package: str) -> str:
+    """The path of a system tool; missing, the test skips locally and fails under CI=true."""
+    import os
+    import shutil
+
+    import pytest
+
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed (Debian package {package})")
+        pytest.skip(f"{name} is not installed")
+    return path

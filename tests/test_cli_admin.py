@@ -140,3 +140,36 @@ def test_generate_prints_a_declarable_key(tmp_path: Path) -> None:
 
     settings = Settings(config_file=str(config))
     assert settings.keys[0].hash == hash_key(plaintext) and settings.keys[0].id == plaintext[6:18]
+
+
+def test_usage_command(keyed: GatewayServer) -> None:
+    team = "cli-" + uuid.uuid4().hex[:8]
+    assert run(keyed, "teams", "create", team).returncode == 0
+    created = as_json(run(keyed, "keys", "create", "--name", "spender", "--team", team, "--json"))
+    for _ in range(2):
+        response = httpx.post(
+            keyed.url + "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {created['key']}"},
+            json={"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert response.status_code == 200
+    cost = 2 * response.json()["usage"]["cost"]
+
+    from tests.support import wait_until
+
+    report = wait_until(
+        lambda: (r := as_json(run(keyed, "usage", "--team", team, "--json")))["total"]["requests"] == 2 and r,
+        10,
+        "ledger",
+    )
+    assert abs(report["total"]["cost_usd"] - cost) < 1e-12
+    assert report["data"][0]["key"] == "spender" and report["data"][0]["team"] == team
+
+    table = run(keyed, "usage", "--team", team, "--group-by", "key,model")
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:3] == ["KEY", "MODEL", "REQUESTS"]
+    assert lines[-1].split()[0] == "TOTAL" and lines[-1].split()[1] == "2"
+    csv_text = run(keyed, "usage", "--team", team, "--group-by", "model", "--csv").stdout
+    assert csv_text.splitlines()[0].startswith("model,requests,") and csv_text.splitlines()[-1].startswith("total,2,")
+    bad = run(keyed, "usage", "--group-by", "planet")
+    assert bad.returncode == 1 and "group_by" in bad.stderr

@@ -19,18 +19,25 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.simulator import SimulatorThread
-from tests.support import ADMIN_KEY, GatewayServer, gateway_settings, wait_until
+from tests.support import ADMIN_KEY, GatewayServer, gateway_settings, require_tool, wait_until
 
 HELLO = [{"role": "user", "content": "Hello there, how are you today?"}]
-TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {
-    "type": "object", "properties": {"q": {"type": "string"}}}}}
+TOOL = {
+    "type": "function",
+    "function": {"name": "lookup", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}},
+}
 
 
 @pytest.fixture(scope="module")
 def metered(simulator: SimulatorThread) -> Iterator[GatewayServer]:
-    settings = gateway_settings(simulator.base_url, admin_key=ADMIN_KEY, upstream={
-        "retries": {"max_attempts": 2, "backoff_base_s": 0.01, "backoff_cap_s": 0.02},
-        "breaker": {"failure_threshold": 1_000_000}})
+    settings = gateway_settings(
+        simulator.base_url,
+        admin_key=ADMIN_KEY,
+        upstream={
+            "retries": {"max_attempts": 2, "backoff_base_s": 0.01, "backoff_cap_s": 0.02},
+            "breaker": {"failure_threshold": 1_000_000},
+        },
+    )
     with GatewayServer(settings) as server:
         yield server
 
@@ -40,8 +47,7 @@ def admin(gateway: GatewayServer) -> httpx.Client:
 
 
 def simulator_sums(simulator: SimulatorThread, marker: str) -> dict[str, Any]:
-    sums: dict[str, Any] = {"cost": Decimal(0), "prompt": 0, "completion": 0, "reasoning": 0, "cached": 0,
-                            "billed": 0}
+    sums: dict[str, Any] = {"cost": Decimal(0), "prompt": 0, "completion": 0, "reasoning": 0, "cached": 0, "billed": 0}
     for entry in simulator.requests():
         if not entry["headers"].get("x-request-id", "").startswith(marker) or not entry.get("usage"):
             continue
@@ -63,34 +69,67 @@ def mixed_run(gateway: GatewayServer, key: str, marker: str) -> None:
 
     with openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=30) as client:
         client.chat.completions.create(model="openai/gpt-4o-mini", messages=HELLO, extra_headers=rid())
-        client.chat.completions.create(model="deepseek/deepseek-v3.2", messages=HELLO, reasoning_effort="high",
-                                       extra_headers=rid())
-        client.chat.completions.create(model="openai/gpt-4o-mini", messages=HELLO, tools=[TOOL], extra_headers=rid(),
-                                       extra_body={"simulator": {"cached_tokens": 5}})
+        client.chat.completions.create(
+            model="deepseek/deepseek-v3.2", messages=HELLO, reasoning_effort="high", extra_headers=rid()
+        )
+        client.chat.completions.create(
+            model="openai/gpt-4o-mini",
+            messages=HELLO,
+            tools=[TOOL],
+            extra_headers=rid(),
+            extra_body={"simulator": {"cached_tokens": 5}},
+        )
         for variant in ("empty_choices", "choice", "finish"):
-            list(client.chat.completions.create(
-                model="anthropic/claude-sonnet-4.5", messages=HELLO, stream=True, tools=[TOOL] if variant == "choice"
-                else None, stream_options={"include_usage": variant != "finish"}, extra_headers=rid(),
-                extra_body={"simulator": {"usage_variant": variant}, "reasoning": {"max_tokens": 1024}}))
+            list(
+                client.chat.completions.create(
+                    model="anthropic/claude-sonnet-4.5",
+                    messages=HELLO,
+                    stream=True,
+                    tools=[TOOL] if variant == "choice" else None,
+                    stream_options={"include_usage": variant != "finish"},
+                    extra_headers=rid(),
+                    extra_body={"simulator": {"usage_variant": variant}, "reasoning": {"max_tokens": 1024}},
+                )
+            )
         client.completions.create(model="openai/gpt-4o-mini", prompt="Say hi", extra_headers=rid())
-        client.embeddings.create(model="openai/text-embedding-3-small", input=["one", "two words"],
-                                 extra_headers=rid())
-        client.chat.completions.create(model="openai/gpt-5-mini", messages=HELLO, extra_headers=rid(),  # 503, retried
-                                       extra_body={"simulator": {"id": uuid.uuid4().hex,
-                                                                 "sequence": [{"status": 503}, {}]}})
-        client.chat.completions.create(model="openai/gpt-4o-mini", messages=HELLO, extra_headers=rid(),  # billed error
-                                       extra_body={"simulator": {"id": uuid.uuid4().hex,
-                                                                 "sequence": [{"error_body_200": "choice"}, {}]}})
+        client.embeddings.create(model="openai/text-embedding-3-small", input=["one", "two words"], extra_headers=rid())
+        client.chat.completions.create(
+            model="openai/gpt-5-mini",
+            messages=HELLO,
+            extra_headers=rid(),  # 503, retried
+            extra_body={"simulator": {"id": uuid.uuid4().hex, "sequence": [{"status": 503}, {}]}},
+        )
+        client.chat.completions.create(
+            model="openai/gpt-4o-mini",
+            messages=HELLO,
+            extra_headers=rid(),  # billed error
+            extra_body={"simulator": {"id": uuid.uuid4().hex, "sequence": [{"error_body_200": "choice"}, {}]}},
+        )
         with pytest.raises(openai.BadRequestError):  # an upstream 400: nothing billed
-            client.chat.completions.create(model="openai/gpt-4o-mini", messages=HELLO, extra_headers=rid(),
-                                           extra_body={"simulator": {"status": 400}})
+            client.chat.completions.create(
+                model="openai/gpt-4o-mini",
+                messages=HELLO,
+                extra_headers=rid(),
+                extra_body={"simulator": {"status": 400}},
+            )
         for knobs in ({"stream_error": 1, "error_after": 3}, {"reset_after": 4}, {"usage_variant": "none"}):
             with pytest.raises(openai.APIError) if "usage_variant" not in knobs else _nothing():
-                list(client.chat.completions.create(model="google/gemini-2.5-flash", messages=HELLO, stream=True,
-                                                    extra_headers=rid(), extra_body={"simulator": knobs}))
+                list(
+                    client.chat.completions.create(
+                        model="google/gemini-2.5-flash",
+                        messages=HELLO,
+                        stream=True,
+                        extra_headers=rid(),
+                        extra_body={"simulator": knobs},
+                    )
+                )
         stream = client.chat.completions.create(  # the client walks away mid-stream
-            model="deepseek/deepseek-v3.2", messages=HELLO, stream=True, extra_headers=rid(),
-            extra_body={"simulator": {"words": 300, "chunk_delay_ms": 10}})
+            model="deepseek/deepseek-v3.2",
+            messages=HELLO,
+            stream=True,
+            extra_headers=rid(),
+            extra_body={"simulator": {"words": 300, "chunk_delay_ms": 10}},
+        )
         for index, _ in enumerate(stream):
             if index == 5:
                 break
@@ -120,13 +159,15 @@ def counters(gateway: GatewayServer) -> dict[str, Any]:
     return out
 
 
-def test_ledger_usage_api_and_counters_equal_what_was_served(metered: GatewayServer,
-                                                             simulator: SimulatorThread) -> None:
+def test_ledger_usage_api_and_counters_equal_what_was_served(
+    metered: GatewayServer, simulator: SimulatorThread
+) -> None:
     with admin(metered) as client:
         for team in ("alpha", "beta"):
             assert client.post("/teams", json={"name": team}).status_code == 201
-        keys = {team: client.post("/keys", json={"name": f"{team}-key", "team": team}).json()
-                for team in ("alpha", "beta")}
+        keys = {
+            team: client.post("/keys", json={"name": f"{team}-key", "team": team}).json() for team in ("alpha", "beta")
+        }
     marker = "meter-" + uuid.uuid4().hex
     for team, key in keys.items():
         mixed_run(metered, key["key"], f"{marker}-{team}")
@@ -141,8 +182,10 @@ def test_ledger_usage_api_and_counters_equal_what_was_served(metered: GatewaySer
 
     def matches() -> bool:  # reconciliation of the cut streams happens in the background
         total = usage()["total"]
-        return abs(Decimal(repr(total["cost_usd"])) - served["cost"]) < Decimal("1e-9") and \
-            total["completion_tokens"] == served["completion"]
+        return (
+            abs(Decimal(repr(total["cost_usd"])) - served["cost"]) < Decimal("1e-9")
+            and total["completion_tokens"] == served["completion"]
+        )
 
     wait_until(matches, 20, "the ledger to match the simulator")
     total = usage()["total"]
@@ -160,8 +203,9 @@ def test_ledger_usage_api_and_counters_equal_what_was_served(metered: GatewaySer
         assert abs(sum(Decimal(repr(r["cost_usd"])) for r in rows) - mine["cost"]) < Decimal("1e-9")
         assert sum(r["completion_tokens"] for r in rows) == mine["completion"]
     filtered = usage({"group_by": "model", "key": "beta-key"})
-    assert abs(Decimal(repr(filtered["total"]["cost_usd"])) -
-               simulator_sums(simulator, f"{marker}-beta")["cost"]) < Decimal("1e-9")
+    assert abs(
+        Decimal(repr(filtered["total"]["cost_usd"])) - simulator_sums(simulator, f"{marker}-beta")["cost"]
+    ) < Decimal("1e-9")
 
     with admin(metered) as client:
         text = client.get("/usage", params={"group_by": "team"}, headers={"Accept": "text/csv"}).text
@@ -171,32 +215,41 @@ def test_ledger_usage_api_and_counters_equal_what_was_served(metered: GatewaySer
 
     metrics = counters(metered)
     assert abs(Decimal(repr(metrics["cost"])) - served["cost"]) < Decimal("1e-9")
-    assert metrics["tokens"] == {"prompt": served["prompt"], "completion": served["completion"],
-                                 "reasoning": served["reasoning"], "cached": served["cached"]}
+    assert metrics["tokens"] == {
+        "prompt": served["prompt"],
+        "completion": served["completion"],
+        "reasoning": served["reasoning"],
+        "cached": served["cached"],
+    }
 
 
 def test_usage_api_rejects_bad_queries(metered: GatewayServer) -> None:
     with admin(metered) as client:
-        for params in ({"group_by": "planet"}, {"from": "2026-02-01", "to": "2026-01-01"},
-                       {"from": "yesterday"}, {"from": "2020-01-01", "to": "2026-01-01"}):
+        for params in (
+            {"group_by": "planet"},
+            {"from": "2026-02-01", "to": "2026-01-01"},
+            {"from": "yesterday"},
+            {"from": "2020-01-01", "to": "2026-01-01"},
+        ):
             response = client.get("/usage", params=params)
             assert response.status_code == 400, (params, response.text)
             assert response.json()["error"]["type"] == "invalid_request_error"
         empty = client.get("/usage", params={"from": "2001-01-01", "to": "2001-01-31"}).json()
-        assert empty == {"data": [], "total": {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                                               "reasoning_tokens": 0, "cached_tokens": 0, "cost_usd": 0.0}}
+        assert empty == {
+            "data": [],
+            "total": {
+                "requests": 0,
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "reasoning_tokens": 0,
+                "cached_tokens": 0,
+                "cost_usd": 0.0,
+            },
+        }
 
 
 def test_promtool_accepts_the_metrics(metered: GatewayServer) -> None:
-    import shutil
-
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        import os
-
-        if os.environ.get("CI"):
-            pytest.fail("promtool is not installed (Debian package prometheus)")
-        pytest.skip("promtool is not installed")
+    promtool = require_tool("promtool", "prometheus")
     text = httpx.get(metered.url + "/metrics").content
     assert b"gateway_requests_total" in text and b"gateway_request_duration_seconds_bucket" in text
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60)
