@@ -213,6 +213,10 @@ def test_ledger_usage_api_and_counters_equal_what_was_served(
     assert rows[-1]["team"] == "total"
     assert abs(Decimal(rows[-1]["cost_usd"]) - served["cost"]) < Decimal("1e-9")
 
+    exposition = httpx.get(metered.url + "/metrics").text
+    for key in keys.values():  # keys appear by name only, never their secret
+        assert key["key"] not in exposition and key["key"].rsplit("-", 1)[1] not in exposition
+        assert f'key="{key["name"]}"' in exposition
     metrics = counters(metered)
     assert abs(Decimal(repr(metrics["cost"])) - served["cost"]) < Decimal("1e-9")
     assert metrics["tokens"] == {
