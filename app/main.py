@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
 from app.api import admin, chat, health, models
+from app.api.fastpath import FastPathMiddleware
 from app.api.responses import error_response, gateway_error_handler
 from app.auth.keys import KeyAuthenticator
 from app.auth.teams import TeamPolicyFactory
@@ -30,6 +30,7 @@ from app.catalog.models import Catalog
 from app.errors import GatewayError, InvalidRequestError, RouteNotFoundError, StoreUnavailableError, UpstreamError
 from app.gateway import Gateway
 from app.limits.admission import Admission
+from app.request_ids import request_id_of
 from app.settings import Settings, load_settings, read_secret
 from app.store import Store, StoreError, open_store
 from app.upstream.client import OpenRouterClient, open_session
@@ -86,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(FastPathMiddleware)  # outermost: inference POSTs skip FastAPI's machinery
     return app
 
 
@@ -176,7 +178,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = _client_request_id(scope["headers"]) or "req_" + secrets.token_hex(12)
+        rid = request_id_of(scope["headers"])
         scope["request_id"] = rid
         header = (b"x-request-id", rid.encode())
 
@@ -186,12 +188,3 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
-
-
-def _client_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
-    for name, value in headers:
-        if name == b"x-request-id":
-            if 0 < len(value) <= 128 and all(33 <= byte < 127 for byte in value):
-                return value.decode()
-            return None
-    return None

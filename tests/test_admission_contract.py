@@ -39,7 +39,7 @@ def member() -> str:
     return uuid.uuid4().hex
 
 
-async def test_requests_window(store: Store) -> None:
+async def test_requests_bucket(store: Store) -> None:
     check = Check("key", "k1", "requests", 3)
     verdicts = [await store.admit([check], member(), LEASE_MS) for _ in range(4)]
     assert [v.ok for v in verdicts] == [True, True, True, False]
@@ -69,7 +69,7 @@ async def test_tokens_reserve_estimate_and_settle_to_actual(store: Store) -> Non
     assert (await store.admit([tokens(60)], first, LEASE_MS)).ok
     refused = await store.admit([tokens(60)], member(), LEASE_MS)
     assert not refused.ok and refused.used == 60 and 0 < refused.retry_after_ms <= 60_000
-    await store.settle([Settlement(tokens(60), first, 10)])
+    await store.settle([Settlement(tokens(60), first, 60 - 10)])  # it used 10: 50 go back
     admitted = await store.admit([tokens(60)], member(), LEASE_MS)
     assert admitted.ok and admitted.states[0][0] == 30
     never = await store.admit([tokens(101)], member(), LEASE_MS)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
+from starlette.types import Receive
 
 from app.api.deps import GatewayDep, read_json_body, request_id
 from app.api.responses import JSON, SSEResponse
@@ -17,22 +19,24 @@ from app.normalize.stream import StreamRelay
 router = APIRouter(tags=["OpenAI"])
 
 
-async def proxy(request: Request, gateway: Gateway, endpoint: Endpoint) -> Any:
+async def proxy(
+    gateway: Gateway, endpoint: Endpoint, headers: Mapping[str, str], receive: Receive, request_id: str
+) -> Response:
     """DESIGN §4: authenticate → parse → resolve → normalise → admit → forward → relay → meter."""
-    principal = await gateway.authenticate(request.headers.get("authorization"))
-    raw = await read_json_body(request, gateway.settings.max_body_bytes)
+    principal = await gateway.authenticate(headers.get("authorization"))
+    raw = await read_json_body(headers, receive, gateway.settings.max_body_bytes)
     payload = gateway.parse(raw, endpoint)
-    call = gateway.new_call(request_id(request), endpoint, principal)
+    call = gateway.new_call(request_id, endpoint, principal)
     try:
         await gateway.resolve(call, payload)
         body = gateway.to_upstream(call, payload, raw)
         await gateway.admit(call, payload)
-        outcome = await gateway.forward(call, body, payload, request.headers)
+        outcome = await gateway.forward(call, body, payload, headers)
         if isinstance(outcome, bytes):
             gateway.finish(call)
             return Response(outcome, media_type=JSON, headers=response_headers(call, None))
-        headers = response_headers(call, outcome.headers)
-        return SSEResponse(outcome, StreamRelay(call.include_usage), call, headers, gateway.finish)
+        relayed = response_headers(call, outcome.headers)
+        return SSEResponse(outcome, StreamRelay(call.include_usage), call, relayed, gateway.finish)
     except GatewayError as error:
         gateway.finish(call, error)
         raise
@@ -43,14 +47,14 @@ _BODY = {"content": {"application/json": {"schema": {"type": "object"}}}, "requi
 
 @router.post("/chat/completions", openapi_extra={"requestBody": _BODY}, summary="Create a chat completion")
 async def chat_completions(request: Request, gateway: GatewayDep) -> Any:
-    return await proxy(request, gateway, CHAT)
+    return await proxy(gateway, CHAT, request.headers, request.receive, request_id(request))
 
 
 @router.post("/completions", openapi_extra={"requestBody": _BODY}, summary="Create a completion (legacy)")
 async def completions(request: Request, gateway: GatewayDep) -> Any:
-    return await proxy(request, gateway, COMPLETIONS)
+    return await proxy(gateway, COMPLETIONS, request.headers, request.receive, request_id(request))
 
 
 @router.post("/embeddings", openapi_extra={"requestBody": _BODY}, summary="Create embeddings")
 async def embeddings(request: Request, gateway: GatewayDep) -> Any:
-    return await proxy(request, gateway, EMBEDDINGS)
+    return await proxy(gateway, EMBEDDINGS, request.headers, request.receive, request_id(request))

@@ -16,6 +16,7 @@ import string
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from app.auth.records import KEY_ID, KeyRecord, now
 from app.auth.teams import TeamPolicy, TeamPolicyFactory, allowed
@@ -71,6 +72,7 @@ class Principal:
     models: tuple[str, ...] = ()
     record: KeyRecord | None = None
     _decisions: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
+    cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)  # derived per principal
 
     @property
     def team_name(self) -> str | None:

@@ -44,6 +44,7 @@ class Reservation:
     checks: list[Check]
     verdict: Verdict | None  # None: admitted without the store (an outage, with an open policy)
     settled: bool = False
+    tokens: int = 0  # what it was settled at
 
     def headers(self) -> dict[str, str]:
         """x-ratelimit-* of the tightest requests and tokens limits."""
@@ -91,10 +92,19 @@ class Admission:
         self._next_probe = 0.0
         self._active: dict[str, Reservation] = {}
         self._pending: deque[list[Settlement]] = deque(maxlen=MAX_PENDING_SETTLEMENTS)
+        self._outbox: list[Settlement] = []
+        self._sending: asyncio.Future[None] | None = None
 
     # -- which limits apply ------------------------------------------------------------------
     def scopes(self, principal: Principal, shared_key: bool) -> list[Scope]:
-        """The key's, the team's and (on the shared OpenRouter key) the global limits."""
+        """The key's, the team's and (on the shared OpenRouter key) the global limits (cached per
+        principal: a key or team change makes a new principal)."""
+        cached: list[Scope] | None = principal.cache.get(("scopes", shared_key))
+        if cached is None:
+            cached = principal.cache[("scopes", shared_key)] = self._scopes(principal, shared_key)
+        return cached
+
+    def _scopes(self, principal: Principal, shared_key: bool) -> list[Scope]:
         scopes = [("key", principal.key_id, _merged(principal.record, self.settings.key_defaults))]
         if principal.team is not None:
             scopes.append(("team", principal.team.name, _merged(principal.team.record, self.settings.team_defaults)))
@@ -219,38 +229,56 @@ class Admission:
         )
 
     # -- settle --------------------------------------------------------------------------------
-    async def settle(self, reservation: Reservation, tokens: int, cost: Decimal) -> None:
-        """Replace the estimates by what the request used (0 if it failed before upstream)."""
+    def settle(self, reservation: Reservation, tokens: int, cost: Decimal) -> None:
+        """Replace the estimates by what the request used (0 if it failed before upstream).
+
+        Queued, not awaited: settlements of requests ending together go in one store round trip."""
         if reservation.settled:
             return
         reservation.settled = True
+        reservation.tokens = tokens
         self._active.pop(reservation.member, None)
         cost_nano = int((cost * NANO).to_integral_value(ROUND_HALF_UP))
-        items = [
-            Settlement(c, reservation.member, cost_nano if c.kind == "budget" else tokens)
-            for c in reservation.checks
-            if c.kind != "requests"
-        ]
-        if items:
-            await self._send(items)
+        self._queue(
+            [
+                Settlement(c, reservation.member, cost_nano if c.kind == "budget" else c.amount - tokens)
+                for c in reservation.checks
+                if c.kind != "requests"
+            ]
+        )
 
-    async def adjust(self, reservation: Reservation, tokens: int, cost_delta: Decimal) -> None:
+    def adjust(self, reservation: Reservation, tokens: int, cost_delta: Decimal) -> None:
         """A settled request's real use became known later: tokens as a new total, cost as a delta."""
         delta_nano = int((cost_delta * NANO).to_integral_value(ROUND_HALF_UP))
-        items = [
-            Settlement(c, reservation.member, delta_nano if c.kind == "budget" else tokens)
-            for c in reservation.checks
-            if c.kind in ("tokens", "budget")
-        ]
-        if items:
-            await self._send(items)
+        given_back = reservation.tokens - tokens
+        reservation.tokens = tokens
+        self._queue(
+            [
+                Settlement(c, reservation.member, delta_nano if c.kind == "budget" else given_back)
+                for c in reservation.checks
+                if c.kind in ("tokens", "budget")
+            ]
+        )
 
-    async def _send(self, items: list[Settlement]) -> None:
+    def _queue(self, items: list[Settlement]) -> None:
+        if not items:
+            return
+        self._outbox.extend(items)
+        if self._sending is None:
+            self._sending = asyncio.ensure_future(self._send_outbox())
+
+    async def _send_outbox(self) -> None:
         try:
-            await self.store.settle(items)
-        except StoreError as exc:
-            self._store_failed(exc)
-            self._pending.append(items)  # settled later: spend must not be lost
+            await asyncio.sleep(0)  # let every request ending in this loop turn join the batch
+            while self._outbox:
+                items, self._outbox = self._outbox, []
+                try:
+                    await self.store.settle(items)
+                except StoreError as exc:
+                    self._store_failed(exc)
+                    self._pending.append(items)  # settled later: spend must not be lost
+        finally:
+            self._sending = None
 
     async def run(self) -> None:
         """Background duty: flush settlements held back, renew leases of running requests."""
@@ -264,6 +292,8 @@ class Admission:
                 await self.renew()
 
     async def flush(self) -> None:
+        if self._sending is not None:
+            await asyncio.shield(self._sending)
         while self._pending:
             items = self._pending[0]
             try:

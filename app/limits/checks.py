@@ -1,17 +1,20 @@
 """The limits that apply to one request, as store-neutral checks, and the store's verdict.
 
-Kinds: `requests` (a rolling one-minute window), `tokens` (rolling minute, weighted; the
-estimate is settled to the real count), `concurrency` (leases that expire unless renewed) and
-`budget` (nano-USD per calendar period in UTC; holds are leases, settled to the real cost).
+Kinds: `requests` and `tokens` (token buckets of the limit, refilled continuously at the limit
+per minute; a token estimate is taken first and the unused part given back), `concurrency`
+(leases that expire unless renewed) and `budget` (nano-USD per calendar period in UTC; holds
+are leases, settled to the real cost).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-WINDOW_MS = 60_000
+WINDOW_MS = 60_000  # buckets refill their whole limit over this
 NANO = 10**9
+BUCKET_KINDS = ("requests", "tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,14 +45,32 @@ class Verdict:
 
 @dataclass(frozen=True, slots=True)
 class Settlement:
+    """The end of a request for one check: tokens given back to a TPM bucket (negative: taken),
+    nano-USD added to a budget's spend; concurrency slots and budget holds are released."""
+
     check: Check
     member: str
-    actual: int  # tokens, or nano-USD
+    value: int
+
+
+_PERIODS: dict[str, tuple[float, str, float]] = {}  # period -> (valid until, id, ends at), for "now"
 
 
 def budget_period(period: str, moment: datetime | None = None) -> tuple[str, int]:
     """(period id, seconds to keep its spend) for a calendar budget period in UTC."""
-    moment = moment or datetime.now(UTC)
+    if moment is None:
+        now = time.time()
+        cached = _PERIODS.get(period)
+        if cached is not None and now < cached[0]:
+            return cached[1], int(cached[2] - now)
+        period_id, keep = _budget_period(period, datetime.fromtimestamp(now, UTC))
+        # Periods change on minute boundaries (midnight is one), so this is good until the next one.
+        _PERIODS[period] = ((now // 60 + 1) * 60, period_id, now + keep)
+        return period_id, keep
+    return _budget_period(period, moment)
+
+
+def _budget_period(period: str, moment: datetime) -> tuple[str, int]:
     if period == "day":
         end = datetime(moment.year, moment.month, moment.day, tzinfo=UTC) + timedelta(days=1)
         return "d" + moment.strftime("%Y%m%d"), int((end - moment).total_seconds()) + 2 * 86400

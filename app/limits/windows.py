@@ -1,33 +1,30 @@
 """Admission for the memory store: the same semantics as the Redis Lua scripts, in Python.
 
-Each check names a window (requests, tokens), a lease set (concurrency) or a budget; all checks
-of a request are decided first and reserved only if every one passes.
+RPM and TPM are token buckets holding up to the limit and refilled continuously at the limit
+per minute (OpenAI's own model: a burst of N, then N a minute). Concurrency slots and budget
+holds are leases that expire unless renewed. All checks of a request are decided first and
+reserved only if every one passes.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from app.limits.checks import WINDOW_MS, Check, Settlement, Verdict
+from app.limits.checks import BUCKET_KINDS, WINDOW_MS, Check, Settlement, Verdict
 
 CONCURRENCY_RETRY_MS = 1000
 
 
 @dataclass
-class _Window:
-    """Entries in arrival order, each with a weight; `total` is the sum of live weights."""
+class _Bucket:
+    tokens: float
+    stamp: int
 
-    entries: deque[tuple[int, str]] = field(default_factory=deque)
-    weights: dict[str, int] = field(default_factory=dict)
-    total: int = 0
-
-    def evict(self, upto: int) -> None:
-        while self.entries and self.entries[0][0] <= upto:
-            _, member = self.entries.popleft()
-            self.total -= self.weights.pop(member, 0)
+    def level(self, capacity: int, now: int) -> float:
+        return min(float(capacity), self.tokens + (now - self.stamp) * capacity / WINDOW_MS)
 
 
 @dataclass
@@ -44,7 +41,7 @@ class _Leases:
 
 class MemoryLimits:
     def __init__(self) -> None:
-        self._windows: dict[str, _Window] = {}
+        self._buckets: dict[str, _Bucket] = {}
         self._leases: dict[str, _Leases] = {}
         self._spent: dict[str, int] = {}
 
@@ -62,20 +59,15 @@ class MemoryLimits:
         return Verdict(True, states=states)
 
     def _check(self, check: Check, now: int) -> tuple[bool, int, int]:
-        if check.kind in ("requests", "tokens"):
-            window = self._windows.setdefault(check.name, _Window())
-            window.evict(now - WINDOW_MS)
-            used = window.total
-            if used + check.amount <= check.limit:
+        if check.kind in BUCKET_KINDS:
+            bucket = self._buckets.get(check.name)
+            level = bucket.level(check.limit, now) if bucket else float(check.limit)
+            used = check.limit - math.floor(level)
+            if level >= check.amount:
                 return True, used, 0
             if check.amount > check.limit:
                 return False, used, -1
-            freed = 0
-            for stamp, entry in window.entries:  # the moment enough has left the window
-                freed += window.weights.get(entry, 0)
-                if used - freed + check.amount <= check.limit:
-                    return False, used, stamp + WINDOW_MS - now
-            return False, used, WINDOW_MS
+            return False, used, math.ceil((check.amount - level) * WINDOW_MS / check.limit)
         leases = self._leases.setdefault(check.name, _Leases())
         leases.evict(now)
         if check.kind == "concurrency":
@@ -84,12 +76,11 @@ class MemoryLimits:
         return used + check.amount <= check.limit, used, -1
 
     def _reserve(self, check: Check, member: str, now: int, lease_ms: int) -> tuple[int, int]:
-        if check.kind in ("requests", "tokens"):
-            window = self._windows[check.name]
-            window.entries.append((now, member))
-            window.weights[member] = window.weights.get(member, 0) + check.amount
-            window.total += check.amount
-            return check.limit - window.total, window.entries[0][0] + WINDOW_MS - now
+        if check.kind in BUCKET_KINDS:
+            bucket = self._buckets.get(check.name)
+            level = (bucket.level(check.limit, now) if bucket else float(check.limit)) - check.amount
+            self._buckets[check.name] = _Bucket(level, now)
+            return math.floor(level), math.ceil((check.limit - level) * WINDOW_MS / check.limit)
         leases = self._leases[check.name]
         leases.expiry[member] = now + lease_ms
         leases.weights[member] = check.amount
@@ -98,20 +89,22 @@ class MemoryLimits:
         return check.limit - leases.total - spent, 0
 
     def settle(self, settlements: Sequence[Settlement]) -> None:
+        now = self.now_ms()
         for item in settlements:
             check = item.check
             if check.kind == "tokens":
-                window = self._windows.get(check.name)
-                if window is not None and item.member in window.weights:
-                    window.total += item.actual - window.weights[item.member]
-                    window.weights[item.member] = item.actual
+                bucket = self._buckets.get(check.name)
+                if bucket is not None and item.value:
+                    self._buckets[check.name] = _Bucket(
+                        min(float(check.limit), bucket.level(check.limit, now) + item.value), now
+                    )
             elif check.kind in ("concurrency", "budget"):
                 leases = self._leases.get(check.name)
                 if leases is not None and item.member in leases.expiry:
                     del leases.expiry[item.member]
                     leases.total -= leases.weights.pop(item.member, 0)
                 if check.kind == "budget":
-                    self._spent[check.name] = self._spent.get(check.name, 0) + item.actual
+                    self._spent[check.name] = self._spent.get(check.name, 0) + item.value
 
     def renew(self, leases: Sequence[tuple[Check, str]], lease_ms: int) -> None:
         now = self.now_ms()

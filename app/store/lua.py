@@ -2,20 +2,30 @@
 of a request (key, team, global), one to settle, one to renew leases.
 
 Keys per check, all under the store's hash tag so Redis Cluster accepts the script:
-  requests     zset member -> arrival ms
-  tokens       zset member -> arrival ms, hash member -> tokens, string sum of live tokens
+  requests     string "level:stamp ms": a token bucket, refilled at the limit per minute
+  tokens       the same, in tokens; a settlement gives back what the estimate overshot
   concurrency  zset member -> lease expiry ms
   budget       zset member -> lease expiry ms, hash member -> held nano-USD, string held sum,
                string spent nano-USD of the period
 Time is Redis's own (TIME), so replicas with skewed clocks still share one window.
 """
 
-KEY_COUNT = {"requests": 1, "tokens": 3, "concurrency": 1, "budget": 4}
+KEY_COUNT = {"requests": 1, "tokens": 1, "concurrency": 1, "budget": 4}
 KIND_CODE = {"requests": "r", "tokens": "t", "concurrency": "c", "budget": "b"}
 
 _PRELUDE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+-- a token bucket: "level:stamp", refilled at cap per window, never above cap
+local function level_of(key, cap, window)
+  local state = redis.call('GET', key)
+  if not state then return cap end
+  local sep = string.find(state, ':', 1, true)
+  local level = tonumber(string.sub(state, 1, sep - 1)) + (now - tonumber(string.sub(state, sep + 1))) * cap / window
+  if level > cap then return cap end
+  return level
+end
 
 local function evict(zset, weights, sum, upto)
   local old = redis.call('ZRANGEBYSCORE', zset, '-inf', upto)
@@ -43,44 +53,25 @@ for i = 1, n do
   local a = 4 + (i - 1) * 4
   local c = {kind = ARGV[a + 1], limit = tonumber(ARGV[a + 2]), amount = tonumber(ARGV[a + 3]),
              ttl = tonumber(ARGV[a + 4]), k = k}
-  if c.kind == 't' then k = k + 3 elseif c.kind == 'b' then k = k + 4 else k = k + 1 end
+  if c.kind == 'b' then k = k + 4 else k = k + 1 end
   checks[i] = c
 end
 
 for i, c in ipairs(checks) do
-  local used, retry = 0, 0
-  if c.kind == 'r' then
-    redis.call('ZREMRANGEBYSCORE', KEYS[c.k], '-inf', now - window)
-    used = redis.call('ZCARD', KEYS[c.k])
-    if used + 1 > c.limit then
-      local oldest = redis.call('ZRANGE', KEYS[c.k], 0, 0, 'WITHSCORES')
-      retry = (oldest[2] and (tonumber(oldest[2]) + window - now)) or window
-      if c.limit < 1 then retry = -1 end
-      return {0, i, retry, used}
-    end
-  elseif c.kind == 't' then
-    used = evict(KEYS[c.k], KEYS[c.k + 1], KEYS[c.k + 2], now - window)
-    if used + c.amount > c.limit then
+  if c.kind == 'r' or c.kind == 't' then
+    c.level = level_of(KEYS[c.k], c.limit, window)
+    if c.level < c.amount then
+      local used = c.limit - math.floor(c.level)
       if c.amount > c.limit then return {0, i, -1, used} end
-      retry = window
-      local freed = 0
-      local entries = redis.call('ZRANGE', KEYS[c.k], 0, -1, 'WITHSCORES')
-      for j = 1, #entries, 2 do
-        freed = freed + (tonumber(redis.call('HGET', KEYS[c.k + 1], entries[j])) or 0)
-        if used - freed + c.amount <= c.limit then
-          retry = tonumber(entries[j + 1]) + window - now
-          break
-        end
-      end
-      return {0, i, retry, used}
+      return {0, i, math.ceil((c.amount - c.level) * window / c.limit), used}
     end
   elseif c.kind == 'c' then
     redis.call('ZREMRANGEBYSCORE', KEYS[c.k], '-inf', now)
-    used = redis.call('ZCARD', KEYS[c.k])
+    local used = redis.call('ZCARD', KEYS[c.k])
     if used + 1 > c.limit then return {0, i, 1000, used} end
   else
-    local held = evict(KEYS[c.k], KEYS[c.k + 1], KEYS[c.k + 2], now)
-    used = held + tonumber(redis.call('GET', KEYS[c.k + 3]) or '0')
+    local used = evict(KEYS[c.k], KEYS[c.k + 1], KEYS[c.k + 2], now) + tonumber(redis.call('GET', KEYS[c.k + 3]) or '0')
+    c.used = used
     if used + c.amount > c.limit then return {0, i, -1, used} end
   end
 end
@@ -89,20 +80,10 @@ local out = {1}
 for _, c in ipairs(checks) do
   local remaining, reset = 0, 0
   if c.kind == 'r' or c.kind == 't' then
-    redis.call('ZADD', KEYS[c.k], now, member)
-    redis.call('PEXPIRE', KEYS[c.k], window * 2)
-    local total
-    if c.kind == 'r' then
-      total = redis.call('ZCARD', KEYS[c.k])
-    else
-      redis.call('HINCRBY', KEYS[c.k + 1], member, c.amount)
-      total = redis.call('INCRBY', KEYS[c.k + 2], c.amount)
-      redis.call('PEXPIRE', KEYS[c.k + 1], window * 2)
-      redis.call('PEXPIRE', KEYS[c.k + 2], window * 2)
-    end
-    local oldest = redis.call('ZRANGE', KEYS[c.k], 0, 0, 'WITHSCORES')
-    remaining = c.limit - total
-    reset = tonumber(oldest[2]) + window - now
+    local level = c.level - c.amount
+    redis.call('SET', KEYS[c.k], string.format('%.6f:%d', level, now), 'PX', window * 2)
+    remaining = math.floor(level)
+    if c.limit > 0 then reset = math.ceil((c.limit - level) * window / c.limit) end
   elseif c.kind == 'c' then
     redis.call('ZADD', KEYS[c.k], now + lease, member)
     redis.call('PEXPIRE', KEYS[c.k], lease * 2)
@@ -110,9 +91,9 @@ for _, c in ipairs(checks) do
   else
     redis.call('ZADD', KEYS[c.k], now + lease, member)
     redis.call('HSET', KEYS[c.k + 1], member, c.amount)
-    local held = redis.call('INCRBY', KEYS[c.k + 2], c.amount)
+    redis.call('INCRBY', KEYS[c.k + 2], c.amount)
     for j = 0, 2 do redis.call('PEXPIRE', KEYS[c.k + j], lease * 2) end
-    remaining = c.limit - held - tonumber(redis.call('GET', KEYS[c.k + 3]) or '0')
+    remaining = c.limit - c.used - c.amount
   end
   table.insert(out, remaining)
   table.insert(out, reset)
@@ -121,20 +102,23 @@ return out
 """
 )
 
-# ARGV: n, then per settlement: kind, member, actual, ttl_s
-SETTLE = """
-local n = tonumber(ARGV[1])
+# ARGV: window_ms, n, then per settlement: kind, member, value, ttl_s, limit
+SETTLE = (
+    _PRELUDE
+    + """
+local window, n = tonumber(ARGV[1]), tonumber(ARGV[2])
 local k = 1
 for i = 1, n do
-  local a = 1 + (i - 1) * 4
-  local kind, member, actual, ttl = ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  local a = 2 + (i - 1) * 5
+  local kind, member, value, ttl, cap = ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]),
+    tonumber(ARGV[a + 5])
   if kind == 't' then
-    local old = redis.call('HGET', KEYS[k + 1], member)
-    if old then
-      redis.call('HSET', KEYS[k + 1], member, actual)
-      redis.call('INCRBY', KEYS[k + 2], actual - tonumber(old))
+    if value ~= 0 and redis.call('EXISTS', KEYS[k]) == 1 then
+      local level = level_of(KEYS[k], cap, window) + value
+      if level > cap then level = cap end
+      redis.call('SET', KEYS[k], string.format('%.6f:%d', level, now), 'PX', window * 2)
     end
-    k = k + 3
+    k = k + 1
   elseif kind == 'c' then
     redis.call('ZREM', KEYS[k], member)
     k = k + 1
@@ -145,7 +129,7 @@ for i = 1, n do
       redis.call('ZREM', KEYS[k], member)
       redis.call('DECRBY', KEYS[k + 2], tonumber(held))
     end
-    redis.call('INCRBY', KEYS[k + 3], actual)
+    redis.call('INCRBY', KEYS[k + 3], value)
     if ttl > 0 then redis.call('EXPIRE', KEYS[k + 3], ttl) end
     k = k + 4
   else
@@ -154,6 +138,7 @@ for i = 1, n do
 end
 return n
 """
+)
 
 # ARGV: lease_ms, then members; KEYS: one lease zset per member
 RENEW = """

@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from app.auth.records import KeyRecord, TeamRecord
 from app.limits.checks import WINDOW_MS, Check, Settlement, Verdict
-from app.store import lua
+from app.store import lua, resp
 from app.store.base import ChangeListener, LedgerBatch, StoreError
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ class RedisStore:
         }
         self._listeners: list[ChangeListener] = []
         self._listener_task: asyncio.Task[None] | None = None
+        self._resp = resp.RespClient(url, timeout_s)
 
     def _team(self, name: str) -> str:
         return f"{self._tag}:team:{name}"
@@ -116,6 +117,18 @@ class RedisStore:
             return await self._scripts[name](keys=keys, args=args)
         except (RedisError, OSError) as exc:
             raise StoreError(f"redis: {exc}") from exc
+
+    async def _fast(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA on the lean client; the script is loaded on first use (or after a flush)."""
+        script = self._scripts[name]
+        command = resp.encode(b"EVALSHA", script.sha, len(keys), *keys, *args)
+        try:
+            return await self._resp.call(command)
+        except StoreError as exc:
+            if "NOSCRIPT" not in str(exc):
+                raise
+        await self._do(self.redis.script_load(script.script))
+        return await self._resp.call(command)
 
     async def _do(self, coro: Any) -> Any:
         try:
@@ -133,6 +146,7 @@ class RedisStore:
                 await self._listener_task
         await self.redis.aclose()
         await self._pubsub_client.aclose()
+        self._resp.close()
 
     # -- teams -----------------------------------------------------------------------------
     async def create_team(self, team: TeamRecord) -> bool:
@@ -217,8 +231,6 @@ class RedisStore:
     # -- admission -------------------------------------------------------------------------
     def _limit_keys(self, check: Check) -> list[str]:
         stem = f"{self._tag}:lim:{check.name}"
-        if check.kind == "tokens":
-            return [stem, stem + ":w", stem + ":s"]
         if check.kind == "budget":
             return [stem + ":held", stem + ":hw", stem + ":hs", stem + ":spent"]
         return [stem]
@@ -229,7 +241,7 @@ class RedisStore:
         for check in checks:
             keys += self._limit_keys(check)
             args += [lua.KIND_CODE[check.kind], check.limit, check.amount, check.ttl_s]
-        result = await self._call("admit", keys, args)
+        result = await self._fast("admit", keys, args)
         if result[0] == 0:
             return Verdict(False, int(result[1]) - 1, int(result[2]), int(result[3]))
         values = [int(v) for v in result[1:]]
@@ -240,11 +252,11 @@ class RedisStore:
         if not items:
             return
         keys: list[str] = []
-        args: list[Any] = [len(items)]
+        args: list[Any] = [WINDOW_MS, len(items)]
         for item in items:
             keys += self._limit_keys(item.check)
-            args += [lua.KIND_CODE[item.check.kind], item.member, item.actual, item.check.ttl_s]
-        await self._call("settle", keys, args)
+            args += [lua.KIND_CODE[item.check.kind], item.member, item.value, item.check.ttl_s, item.check.limit]
+        await self._fast("settle", keys, args)
 
     async def renew(self, leases: Sequence[tuple[Check, str]], lease_ms: int) -> None:
         if leases:

@@ -51,7 +51,8 @@ class Meter:
             self.metrics.observe_usage(record)
         if call.forwarded:
             self.ledger.add(record)
-        self._spawn(self._settle(call.reservation, record))
+        if call.reservation is not None:
+            self.admission.settle(call.reservation, record.prompt_tokens + record.completion_tokens, record.cost_usd)
         if record.estimated and record.generation_id:
             self._spawn(self._reconcile(call, record))
         if log.isEnabledFor(logging.DEBUG):
@@ -113,11 +114,6 @@ class Meter:
             return Decimal(0), "none"
         return catalogue_cost(usage, prices), "catalogue"
 
-    # -- budgets ---------------------------------------------------------------------------------
-    async def _settle(self, reservation: Reservation | None, record: UsageRecord) -> None:
-        if reservation is not None:
-            await self.admission.settle(reservation, record.prompt_tokens + record.completion_tokens, record.cost_usd)
-
     # -- reconciliation --------------------------------------------------------------------------
     async def _reconcile(self, call: ProxyCall, estimate: UsageRecord) -> None:
         assert estimate.generation_id is not None
@@ -146,7 +142,7 @@ class Meter:
         self.metrics.observe_usage(exact)
         self.metrics.reconciliations.labels("reconciled").inc()
         if reservation is not None:
-            await self.admission.adjust(
+            self.admission.adjust(
                 reservation, exact.prompt_tokens + exact.completion_tokens, exact.cost_usd - estimate.cost_usd
             )
         log.info(

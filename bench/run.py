@@ -1,0 +1,251 @@
+"""The benchmark: direct-to-simulator vs a bare pass-through vs the gateway with every feature on,
+measured in one run on loopback.
+
+    python -m bench.run            # full run (several minutes); writes bench/results/latest.{json,md}
+    python -m bench.run --quick    # a few seconds: every point measured briefly (CI smoke)
+
+Layout on a 2-core machine: the proxy under test (bare, then gateway; one worker) pinned to
+core 0; the simulator (fastest mode: no log, no keep-alives) and the load generator on core 1.
+The gateway runs with virtual-key auth, RPM/TPM/concurrency/budget admission for key, team and
+global on a Redis store, metering, the ledger and metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.load import WRK, first_byte_ms, hold_streams, run_load
+
+ROOT = Path(__file__).resolve().parent.parent
+GATEWAY = str(Path(sys.executable).with_name("gateway"))
+UPSTREAM_KEY = "sk-or-bench-upstream-key"
+ADMIN_KEY = "sk-gw-bench-admin-key-0123456789"
+MESSAGES = [{"role": "user", "content": "Hello there, how are you today?"}]
+PLAIN = {"model": "openai/gpt-4o-mini", "messages": MESSAGES, "max_tokens": 64}
+STREAM = {**PLAIN, "stream": True, "simulator": {"words": 20}}
+SLOW = {**PLAIN, "stream": True, "simulator": {"words": 40, "chunk_delay_ms": 100}}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def pinned(command: list[str], cpu: str) -> list[str]:
+    return ["taskset", "-c", cpu, *command] if shutil.which("taskset") and os.cpu_count() and os.cpu_count() > 1 \
+        else command
+
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wait_http(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up")
+
+
+class Stack:
+    """Redis, the simulator, the bare pass-through and the gateway, as real processes."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("wb")
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                   preexec_fn=raise_fd_limit)
+        self.processes.append(process)
+        return process
+
+    def start(self) -> Stack:
+        redis_port, self.sim_port, self.bare_port, self.gw_port = (free_port() for _ in range(4))
+        redis = shutil.which("redis-server")
+        if redis is None:
+            raise SystemExit("redis-server is needed (Debian package redis-server)")
+        self.spawn("redis", pinned([redis, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                                    "--appendonly", "no"], "1"))
+        self.spawn("simulator", pinned([GATEWAY, "simulate", "--port", str(self.sim_port), "--no-log",
+                                        "--keepalives", "0", "--api-key", UPSTREAM_KEY], "1"))
+        self.sim = f"http://127.0.0.1:{self.sim_port}/api/v1"
+        wait_http(self.sim + "/models")
+        self.bare_process = self.spawn("bare", pinned([sys.executable, str(ROOT / "bench/bare.py"), "--port",
+                                                       str(self.bare_port), "--upstream", self.sim,
+                                                       "--key", UPSTREAM_KEY], "0"))
+        env = {
+            "OPENROUTER_BASE_URL": self.sim, "OPENROUTER_API_KEY": UPSTREAM_KEY, "GATEWAY_ADMIN_KEY": ADMIN_KEY,
+            "GATEWAY_STORE": f"redis://127.0.0.1:{redis_port}/0", "GATEWAY_CONFIG": "/dev/null",
+            "GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(self.gw_port), "GATEWAY_LOG_LEVEL": "warning",
+            "GATEWAY_LIMITS__GLOBAL__RPM": str(10**9), "GATEWAY_LIMITS__GLOBAL__TPM": str(10**12),
+        }
+        self.gateway_process = self.spawn("gateway", pinned([GATEWAY, "serve"], "0"), env)
+        wait_http(f"http://127.0.0.1:{self.bare_port}/docs")
+        wait_http(f"http://127.0.0.1:{self.gw_port}/readyz")
+        self.key = self._make_key()
+        return self
+
+    def _make_key(self) -> str:
+        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        base = f"http://127.0.0.1:{self.gw_port}/admin"
+        limits = {"rpm": 10**9, "tpm": 10**12, "budget_usd": 10**6, "budget_period": "day"}
+        httpx.post(base + "/teams", json={"name": "bench", **limits}, headers=admin).raise_for_status()
+        created = httpx.post(base + "/keys", json={"name": "bench", "team": "bench", **limits}, headers=admin)
+        created.raise_for_status()
+        key: str = created.json()["key"]
+        return key
+
+    def targets(self) -> dict[str, tuple[str, dict[str, str]]]:
+        return {
+            "direct": (self.sim + "/chat/completions", {"Authorization": f"Bearer {UPSTREAM_KEY}"}),
+            "bare": (f"http://127.0.0.1:{self.bare_port}/v1/chat/completions", {}),
+            "gateway": (f"http://127.0.0.1:{self.gw_port}/v1/chat/completions", {"Authorization": f"Bearer {self.key}"}),
+        }
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def measure(stack: Stack, quick: bool) -> dict[str, Any]:
+    seconds = 1.0 if quick else 10.0
+    results: dict[str, Any] = {"targets": {}}
+    pid = stack.gateway_process.pid
+    results["rss_mb"] = {"gateway_idle": rss_mb(pid), "bare_idle": rss_mb(stack.bare_process.pid)}
+    for name, (url, headers) in stack.targets().items():
+        run_load(url, PLAIN, headers, 16, 1.0 if quick else 3.0, cpu="1")  # warm-up: connections, caches
+        point: dict[str, Any] = {
+            "c1": run_load(url, PLAIN, headers, 1, seconds, cpu="1").as_dict(),
+            "c64": run_load(url, PLAIN, headers, 64, seconds, cpu="1").as_dict(),
+            "c64_stream": run_load(url, STREAM, headers, 64, seconds, cpu="1").as_dict(),
+            "first_byte": asyncio.run(first_byte_ms(url, STREAM, headers, 50 if quick else 500)),
+        }
+        results["targets"][name] = point
+        print(f"{name}: {json.dumps(point)}", flush=True)
+
+    url, headers = stack.targets()["gateway"]
+    streams = 100 if quick else 1000
+    (during, opened) = asyncio.run(hold_streams(url, SLOW, headers, streams, lambda: rss_mb(pid)))
+    results["rss_mb"]["gateway_slow_streams"] = during
+    results["slow_streams"] = {"count": streams, "completed": opened}
+
+    soak_target = 3_000 if quick else 100_000
+    rps = results["targets"]["gateway"]["c64"]["rps"] or 1
+    before = rss_mb(pid)
+    soak = run_load(url, PLAIN, headers, 64, max(1.0, soak_target / rps), cpu="1")
+    after = rss_mb(pid)
+    results["soak"] = {"requests": soak.requests, "rss_before_mb": before, "rss_after_mb": after,
+                       "growth_pct": (after - before) / before * 100}
+    results["rss_mb"]["gateway_peak"] = rss_mb(pid, "VmHWM")
+    return results
+
+
+def summarise(results: dict[str, Any]) -> dict[str, Any]:
+    t = results["targets"]
+    g, b, d = t["gateway"], t["bare"], t["direct"]
+    return {
+        "c64_rps_gateway_over_bare": g["c64"]["rps"] / b["c64"]["rps"],
+        "c64_rps_gateway_over_direct": g["c64"]["rps"] / d["c64"]["rps"],
+        "c64_stream_rps_gateway_over_bare": g["c64_stream"]["rps"] / b["c64_stream"]["rps"],
+        "c64_stream_rps_gateway_over_direct": g["c64_stream"]["rps"] / d["c64_stream"]["rps"],
+        "c1_p50_overhead_ms_vs_direct": g["c1"]["p50_ms"] - d["c1"]["p50_ms"],
+        "c1_p50_overhead_ms_vs_bare": g["c1"]["p50_ms"] - b["c1"]["p50_ms"],
+        "first_byte_overhead_ms_vs_direct": g["first_byte"]["p50_ms"] - d["first_byte"]["p50_ms"],
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    t, s, rss = results["targets"], results["summary"], results["rss_mb"]
+    rows = [
+        ("req/s, c=64", "c64", "rps", "{:.0f}"),
+        ("p99 ms, c=64", "c64", "p99_ms", "{:.2f}"),
+        ("stream req/s, c=64 (20 chunks)", "c64_stream", "rps", "{:.0f}"),
+        ("stream p99 ms, c=64", "c64_stream", "p99_ms", "{:.2f}"),
+        ("p50 ms, c=1", "c1", "p50_ms", "{:.3f}"),
+        ("p99 ms, c=1", "c1", "p99_ms", "{:.3f}"),
+        ("stream first byte p50 ms, c=1", "first_byte", "p50_ms", "{:.3f}"),
+    ]
+    lines = [f"Run {results['when']} on {results['machine']} (load: {results['load_tool']}; "
+             f"{'quick smoke' if results['quick'] else 'full run'}).", "",
+             "| point | direct | bare | gateway | gateway / bare | gateway / direct |", "|---|---|---|---|---|---|"]
+    for label, point, field, fmt in rows:
+        d, b, g = (t[n][point][field] for n in ("direct", "bare", "gateway"))
+        lines.append(f"| {label} | {fmt.format(d)} | {fmt.format(b)} | {fmt.format(g)} | {g / b:.2f}x | {g / d:.2f}x |")
+    lines += ["", "| gateway | value | target |", "|---|---|---|",
+              f"| c=64 req/s vs bare | {s['c64_rps_gateway_over_bare']:.2f}x | ≥ 0.8x (aim ≥ 1.0x) |",
+              f"| c=64 stream req/s vs bare | {s['c64_stream_rps_gateway_over_bare']:.2f}x | ≥ 0.8x |",
+              f"| p50 overhead at c=1 vs direct | {s['c1_p50_overhead_ms_vs_direct']:.3f} ms | ≤ 0.8 ms |",
+              f"| stream first-byte overhead vs direct | {s['first_byte_overhead_ms_vs_direct']:.3f} ms | ≤ 1.0 ms |",
+              f"| RSS idle | {rss['gateway_idle']:.1f} MB | ≤ 80 MB |",
+              f"| RSS with {results['slow_streams']['count']} concurrent slow streams | "
+              f"{rss['gateway_slow_streams']:.1f} MB | ≤ 150 MB (1,000 streams) |",
+              f"| RSS peak | {rss['gateway_peak']:.1f} MB | |",
+              f"| RSS growth over {results['soak']['requests']} requests after warm-up | "
+              f"{results['soak']['growth_pct']:.1f}% | < 10% (100k requests) |"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few seconds per point (CI smoke)")
+    parser.add_argument("--out", default=str(ROOT / "bench/results"), help="where latest.json and latest.md go")
+    args = parser.parse_args(argv)
+    raise_fd_limit()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as logs, ExitStack() as stack_scope:
+        stack = Stack(Path(logs))
+        stack_scope.callback(stack.stop)
+        stack.start()
+        results = measure(stack, args.quick)
+    results.update(when=datetime.now(UTC).isoformat(timespec="seconds"), quick=args.quick,
+                   machine=f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+                   load_tool="wrk" if WRK else "aiohttp loop")
+    results["summary"] = summarise(results)
+    (out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown(results)
+    (out / "latest.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
