@@ -154,19 +154,17 @@ class Gateway:
     async def admit(self, call: ProxyCall, payload: dict[str, Any]) -> None:
         team = call.principal.team
         shared_key = team is None or team.headers.get("Authorization") == self._shared_auth
-        scopes = self.admission.scopes(call.principal, shared_key)
-        demand = Demand()
-        if self.admission.needs_demand(scopes):
-            demand = await self._demand(call, payload)
-        call.reservation = await self.admission.admit(call.request_id, self.admission.checks(scopes, demand))
+        plan = self.admission.plan(call.principal, shared_key)
+        demand = self._demand(call, payload) if plan.needs_demand else Demand()
+        call.reservation = await self.admission.admit(call.request_id, plan.checks(demand))
 
-    async def _demand(self, call: ProxyCall, payload: dict[str, Any]) -> Demand:
+    def _demand(self, call: ProxyCall, payload: dict[str, Any]) -> Demand:
         models = [m for m in self._models(call) if m is not None]
-        entry = await self.catalog.entry(models[0]) if models else None
-        prices = [await self.catalog.prices(m) for m in models]
+        entry = self.catalog.cached_entry(models[0]) if models else None
+        prices = [self.catalog.cached_prices(m) for m in models]
         known = [p for p in prices if p is not None]
         worst = max(known, key=lambda p: p.prompt + p.completion) if len(known) == len(prices) and known else None
-        return demand_of(payload, entry, worst or await self.catalog.max_prices(), call.endpoint is EMBEDDINGS)
+        return demand_of(payload, entry, worst or self.catalog.max_prices(), call.endpoint is EMBEDDINGS)
 
     def _models(self, call: ProxyCall) -> list[str | None]:
         """The asked model, then its configured fallbacks that this key may use."""

@@ -98,7 +98,7 @@ class Stack:
         if redis is None:
             raise SystemExit("redis-server is needed (Debian package redis-server)")
         self.spawn("redis", pinned([redis, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                                    "--appendonly", "no"], "1"))
+                                    "--appendonly", "no"], os.environ.get("BENCH_REDIS_CPU", "1")))
         self.spawn("simulator", pinned([GATEWAY, "simulate", "--port", str(self.sim_port), "--no-log",
                                         "--keepalives", "0", "--api-key", UPSTREAM_KEY], "1"))
         self.sim = f"http://127.0.0.1:{self.sim_port}/api/v1"

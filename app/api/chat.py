@@ -10,7 +10,7 @@ from starlette.responses import Response
 from starlette.types import Receive
 
 from app.api.deps import GatewayDep, read_json_body, request_id
-from app.api.responses import JSON, SSEResponse
+from app.api.responses import JSONBytes, SSEResponse
 from app.call import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint
 from app.errors import GatewayError
 from app.gateway import Gateway, response_headers
@@ -34,7 +34,7 @@ async def proxy(
         outcome = await gateway.forward(call, body, payload, headers)
         if isinstance(outcome, bytes):
             gateway.finish(call)
-            return Response(outcome, media_type=JSON, headers=response_headers(call, None))
+            return JSONBytes(outcome, response_headers(call, None))
         relayed = response_headers(call, outcome.headers)
         return SSEResponse(outcome, StreamRelay(call.include_usage), call, relayed, gateway.finish)
     except GatewayError as error:

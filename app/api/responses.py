@@ -26,6 +26,24 @@ _SSE_HEADERS = [
 ]
 
 
+class JSONBytes(Response):
+    """JSON bytes as received, with the least work an ASGI response can do."""
+
+    def __init__(self, body: bytes, headers: dict[str, str]) -> None:
+        self.body = body
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            *((k.encode(), v.encode()) for k, v in headers.items()),
+        ]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
 def error_response(error: GatewayError) -> Response:
     return Response(error.render(), status_code=error.status, headers=error.headers, media_type=JSON)
 

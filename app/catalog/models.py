@@ -48,6 +48,7 @@ class Catalog:
         self._list_entries: dict[str, dict[str, Any]] | None = None
         self._list_bodies: dict[Hashable, bytes] = {}
         self._max_prices: tuple[dict[str, dict[str, Any]], Prices] | None = None
+        self._prices: dict[str, tuple[dict[str, dict[str, Any]], Prices | None]] = {}
         self.settings_for = lru_cache(maxsize=4096)(self._settings_for)
 
     # -- names -----------------------------------------------------------------------------
@@ -98,14 +99,21 @@ class Catalog:
     async def entry(self, model_id: str) -> dict[str, Any] | None:
         return (await self.entries()).get(model_id)
 
+    def cached_entry(self, model_id: str) -> dict[str, Any] | None:
+        """The catalogue entry as it is now (a variant such as `:nitro` reads its base model)."""
+        return self._entries.get(model_id) or self._entries.get(model_id.rsplit(":", 1)[0])
+
     def cached_prices(self, model_id: str) -> Prices | None:
         """Prices from the catalogue as it is now, without waiting for a refresh."""
-        entry = self._entries.get(model_id) or self._entries.get(model_id.rsplit(":", 1)[0])
-        return prices_of(entry) if entry else None
+        cached = self._prices.get(model_id)
+        if cached is None or cached[0] is not self._entries:
+            entry = self.cached_entry(model_id)
+            cached = self._prices[model_id] = (self._entries, prices_of(entry) if entry else None)
+        return cached[1]
 
-    async def max_prices(self) -> Prices:
+    def max_prices(self) -> Prices:
         """The dearest prompt and completion prices listed: the worst case for an unpriced model."""
-        entries = await self.entries()
+        entries = self._entries
         if self._max_prices is None or self._max_prices[0] is not entries:
             listed = [prices_of(e) for e in entries.values()]
             worst = Prices(

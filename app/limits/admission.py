@@ -51,13 +51,15 @@ class Reservation:
         headers: dict[str, str] = {}
         if self.verdict is None:
             return headers
-        for kind, suffix in (("requests", "requests"), ("tokens", "tokens")):
-            states = [(s, c) for s, c in zip(self.verdict.states, self.checks, strict=True) if c.kind == kind]
-            if states:
-                (remaining, reset_ms), check = min(states, key=lambda sc: sc[0][0])
-                headers[f"x-ratelimit-limit-{suffix}"] = str(check.limit)
-                headers[f"x-ratelimit-remaining-{suffix}"] = str(max(0, remaining))
-                headers[f"x-ratelimit-reset-{suffix}"] = format_duration(reset_ms)
+        tightest: dict[str, tuple[int, int, int]] = {}  # kind -> (remaining, reset_ms, limit)
+        for (remaining, reset_ms), check in zip(self.verdict.states, self.checks, strict=True):
+            kind = check.kind
+            if (kind == "requests" or kind == "tokens") and (kind not in tightest or remaining < tightest[kind][0]):
+                tightest[kind] = (remaining, reset_ms, check.limit)
+        for kind, (remaining, reset_ms, limit) in tightest.items():
+            headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+            headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, remaining))
+            headers[f"x-ratelimit-reset-{kind}"] = format_duration(reset_ms)
         return headers
 
     @property
@@ -71,6 +73,38 @@ class Demand:
 
     tokens: int = 0
     cost_nano: int = 0
+
+
+class Plan:
+    """The checks of one principal, built once; only the demand changes per request."""
+
+    def __init__(self, scopes: list[Scope]) -> None:
+        self.needs_demand = any(v.tpm is not None or v.budget_usd is not None for _, _, v in scopes)
+        self._fixed: list[Check | tuple[str, str, str, int, str]] = []
+        for scope, scope_id, values in scopes:
+            if values.rpm is not None:
+                self._fixed.append(Check(scope, scope_id, "requests", values.rpm))
+            if values.tpm is not None:
+                self._fixed.append((scope, scope_id, "tokens", values.tpm, ""))
+            if values.max_concurrency is not None:
+                self._fixed.append(Check(scope, scope_id, "concurrency", values.max_concurrency))
+            if values.budget_usd is not None:
+                limit = int(Decimal(str(values.budget_usd)) * NANO)
+                self._fixed.append((scope, scope_id, "budget", limit, values.budget_period or "month"))
+
+    def checks(self, wanted: Demand) -> list[Check]:
+        out: list[Check] = []
+        for item in self._fixed:
+            if isinstance(item, Check):
+                out.append(item)
+                continue
+            scope, scope_id, kind, limit, period = item
+            if kind == "tokens":
+                out.append(Check(scope, scope_id, kind, limit, wanted.tokens))
+            else:
+                period_id, ttl = budget_period(period)
+                out.append(Check(scope, scope_id, kind, limit, wanted.cost_nano, period_id, ttl))
+        return out
 
 
 @dataclass
@@ -96,12 +130,12 @@ class Admission:
         self._sending: asyncio.Future[None] | None = None
 
     # -- which limits apply ------------------------------------------------------------------
-    def scopes(self, principal: Principal, shared_key: bool) -> list[Scope]:
-        """The key's, the team's and (on the shared OpenRouter key) the global limits (cached per
-        principal: a key or team change makes a new principal)."""
-        cached: list[Scope] | None = principal.cache.get(("scopes", shared_key))
+    def plan(self, principal: Principal, shared_key: bool) -> Plan:
+        """The key's, the team's and (on the shared OpenRouter key) the global limits, cached per
+        principal (a key or team change makes a new principal)."""
+        cached: Plan | None = principal.cache.get(("plan", shared_key))
         if cached is None:
-            cached = principal.cache[("scopes", shared_key)] = self._scopes(principal, shared_key)
+            cached = principal.cache[("plan", shared_key)] = Plan(self._scopes(principal, shared_key))
         return cached
 
     def _scopes(self, principal: Principal, shared_key: bool) -> list[Scope]:
@@ -111,25 +145,6 @@ class Admission:
         if shared_key:
             scopes.append(("global", "global", self.settings.global_))
         return scopes
-
-    @staticmethod
-    def needs_demand(scopes: list[Scope]) -> bool:
-        return any(v.tpm is not None or v.budget_usd is not None for _, _, v in scopes)
-
-    def checks(self, scopes: list[Scope], wanted: Demand) -> list[Check]:
-        checks: list[Check] = []
-        for scope, scope_id, values in scopes:
-            if values.rpm is not None:
-                checks.append(Check(scope, scope_id, "requests", values.rpm))
-            if values.tpm is not None:
-                checks.append(Check(scope, scope_id, "tokens", values.tpm, wanted.tokens))
-            if values.max_concurrency is not None:
-                checks.append(Check(scope, scope_id, "concurrency", values.max_concurrency))
-            if values.budget_usd is not None:
-                period, ttl = budget_period(values.budget_period or "month")
-                limit = int(Decimal(str(values.budget_usd)) * NANO)
-                checks.append(Check(scope, scope_id, "budget", limit, wanted.cost_nano, period, ttl))
-        return checks
 
     async def budget_state(self, scope: str, scope_id: str, record: Any) -> dict[str, Any] | None:
         """The current period's settled spend of a key's or team's budget, for the admin API."""

@@ -26,12 +26,11 @@ class Check:
     amount: int = 1
     period: str = ""  # budgets: d20261128 | m202611 | total
     ttl_s: int = 0  # budgets: how long the period's spend is kept
+    name: str = field(init=False, compare=False, repr=False)  # the store key's stem
 
-    @property
-    def name(self) -> str:
-        """The store key's stem: unique per scope, kind and budget period."""
+    def __post_init__(self) -> None:
         stem = f"{self.kind}:{self.scope}:{self.scope_id}"
-        return f"{stem}:{self.period}" if self.period else stem
+        object.__setattr__(self, "name", f"{stem}:{self.period}" if self.period else stem)
 
 
 @dataclass(frozen=True, slots=True)

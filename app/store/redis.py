@@ -102,6 +102,7 @@ class RedisStore:
         self._listeners: list[ChangeListener] = []
         self._listener_task: asyncio.Task[None] | None = None
         self._resp = resp.RespClient(url, timeout_s)
+        self._admit_encodings: dict[tuple[Any, ...], tuple[int, bytes, list[tuple[bytes, bytes]]]] = {}
 
     def _team(self, name: str) -> str:
         return f"{self._tag}:team:{name}"
@@ -119,15 +120,17 @@ class RedisStore:
             raise StoreError(f"redis: {exc}") from exc
 
     async def _fast(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        command = resp.encode(b"EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
+        return await self._fast_command(command, name)
+
+    async def _fast_command(self, command: bytes, name: str) -> Any:
         """EVALSHA on the lean client; the script is loaded on first use (or after a flush)."""
-        script = self._scripts[name]
-        command = resp.encode(b"EVALSHA", script.sha, len(keys), *keys, *args)
         try:
             return await self._resp.call(command)
         except StoreError as exc:
             if "NOSCRIPT" not in str(exc):
                 raise
-        await self._do(self.redis.script_load(script.script))
+        await self._do(self.redis.script_load(self._scripts[name].script))
         return await self._resp.call(command)
 
     async def _do(self, coro: Any) -> Any:
@@ -236,16 +239,37 @@ class RedisStore:
         return [stem]
 
     async def admit(self, checks: Sequence[Check], member: str, lease_ms: int) -> Verdict:
-        keys: list[str] = []
-        args: list[Any] = [member, lease_ms, WINDOW_MS, len(checks)]
-        for check in checks:
-            keys += self._limit_keys(check)
-            args += [lua.KIND_CODE[check.kind], check.limit, check.amount, check.ttl_s]
-        result = await self._fast("admit", keys, args)
+        result = await self._fast_command(self._admit_command(checks, member, lease_ms), "admit")
         if result[0] == 0:
             return Verdict(False, int(result[1]) - 1, int(result[2]), int(result[3]))
         values = [int(v) for v in result[1:]]
         return Verdict(True, states=list(zip(values[0::2], values[1::2], strict=True)))
+
+    def _admit_command(self, checks: Sequence[Check], member: str, lease_ms: int) -> bytes:
+        """EVALSHA admit, with everything but the member and the amounts encoded once per plan."""
+        signature = tuple((c.name, c.limit, c.ttl_s) for c in checks)
+        cached = self._admit_encodings.get(signature)
+        if cached is None:
+            keys = [key for check in checks for key in self._limit_keys(check)]
+            sha: str = self._scripts["admit"].sha
+            head = b"".join([resp.bulk(b"EVALSHA"), resp.bulk(sha), resp.bulk(len(keys)), *map(resp.bulk, keys)])
+            parts = [(resp.bulk(lua.KIND_CODE[c.kind]) + resp.bulk(c.limit), resp.bulk(c.ttl_s)) for c in checks]
+            cached = (3 + len(keys) + 4 + 4 * len(checks), head, parts)
+            if len(self._admit_encodings) > 10_000:
+                self._admit_encodings.clear()
+            self._admit_encodings[signature] = cached
+        count, head, parts = cached
+        out = [
+            b"*%d\r\n" % count,
+            head,
+            resp.bulk(member),
+            resp.bulk(lease_ms),
+            resp.bulk(WINDOW_MS),
+            resp.bulk(len(checks)),
+        ]
+        for check, (kind_limit, ttl) in zip(checks, parts, strict=True):
+            out += (kind_limit, resp.bulk(check.amount), ttl)
+        return b"".join(out)
 
     async def settle(self, settlements: Sequence[Settlement]) -> None:
         items = [s for s in settlements if s.check.kind != "requests"]

@@ -22,11 +22,13 @@ from app.store.base import StoreError
 
 def encode(*parts: bytes | str | int) -> bytes:
     """One command in RESP."""
-    out = [b"*%d\r\n" % len(parts)]
-    for part in parts:
-        data = part if isinstance(part, bytes) else str(part).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
+    return b"".join([b"*%d\r\n" % len(parts), *(bulk(part) for part in parts)])
+
+
+def bulk(part: bytes | str | int) -> bytes:
+    """One argument in RESP."""
+    data = part if isinstance(part, bytes) else str(part).encode()
+    return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
 class _Connection(asyncio.Protocol):

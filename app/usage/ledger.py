@@ -29,8 +29,18 @@ GROUPS = ("day", "team", "key", "model")
 SEPARATOR = "|"
 
 
+_DAY: list[Any] = [0.0, 0.0, ""]  # [start, end, "YYYYMMDD"] of the last day asked for
+
+
 def day_of(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y%m%d")
+    """The UTC day of a unix time, as YYYYMMDD (remembered for the day it falls in)."""
+    start, end, name = _DAY
+    if start <= timestamp < end:
+        return str(name)
+    day = datetime.fromtimestamp(timestamp, UTC).date()
+    start = datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
+    _DAY[:] = [start, start + 86400, day.strftime("%Y%m%d")]
+    return str(_DAY[2])
 
 
 def _deltas(record: UsageRecord, sign: int, requests: int) -> dict[str, int]:
