@@ -157,6 +157,8 @@ def _well_formed(block: bytes) -> bool:
 
     Parsing every chunk would cost the hot path; a truncated or garbled event almost never
     starts with `{` and ends with `}`, so this catches what upstream breakage looks like."""
+    if block.count(b"\n\n") == 1:  # the usual case: one event per read
+        return not block.startswith(b"data:") or _looks_like_json(block[5:-2].strip())
     for event in block.split(b"\n\n"):
         if event.startswith(b"data:") and not _looks_like_json(event[5:].strip()):
             return False
