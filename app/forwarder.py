@@ -121,19 +121,15 @@ class Forwarder:
             raise UpstreamTimeoutError("The request's deadline passed before OpenRouter answered.")
         per_try = (self._first_byte_timeout(model) if model else None) or self.settings.first_byte_timeout_s
         call.upstream_started = call.upstream_started or time.perf_counter()
-        response = await self.client.post(call.endpoint.path, body, headers, min(per_try, left))
+        read_within = None if call.stream else max(0.001, left)
+        response = await self.client.post(call.endpoint.path, body, headers, min(per_try, left), read_within)
         call.first_byte = time.perf_counter()
         call.generation_id = response.headers.get("x-generation-id")
         if response.status >= 300:
             raise error_from_status(response.status, await response.read(), response.headers)
         if call.stream:
             return response
-        try:
-            async with asyncio.timeout(max(0.001, call.time_left())):
-                raw = await response.read()
-        except TimeoutError:
-            response.close()
-            raise UpstreamTimeoutError("OpenRouter did not finish the response before the deadline.") from None
+        raw = response.body if response.body is not None else await response.read()
         call.upstream_done = time.perf_counter()
         try:
             parsed = orjson.loads(raw)

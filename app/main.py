@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -134,7 +135,7 @@ async def _refresh_budget_gauges(gateway: Gateway, every_s: float) -> None:
 async def _flush_once(gateway: Gateway) -> None:
     taken = gateway.authenticator.take_last_used()
     try:
-        await gateway.store.touch_keys(taken)
+        await gateway.store.touch_keys({key_id: datetime.fromtimestamp(when, UTC) for key_id, when in taken.items()})
     except StoreError:
         for key_id, when in taken.items():  # keep them for the next try
             gateway.authenticator.last_used.setdefault(key_id, when)

@@ -15,7 +15,6 @@ import secrets
 import string
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from app.auth.records import KEY_ID, KeyRecord, now
@@ -100,6 +99,7 @@ class _Entry:
     fetched: float
     record: KeyRecord | None
     principal: Principal | None
+    expires: float | None = None  # the record's expires_at, as unix time
 
 
 class KeyAuthenticator:
@@ -120,7 +120,7 @@ class KeyAuthenticator:
         self._miss_ttl = miss_ttl_s
         self._cache: dict[str, _Entry] = {}
         self._pending: dict[str, asyncio.Future[_Entry]] = {}
-        self.last_used: dict[str, datetime] = {}
+        self.last_used: dict[str, float] = {}  # key id -> unix time, flushed to the store in batches
         store.on_change(self.invalidate)
 
     async def authenticate(self, authorization: str | None) -> Principal:
@@ -137,9 +137,10 @@ class KeyAuthenticator:
             raise AuthenticationError("Incorrect API key provided.")
         if record.revoked:
             raise AuthenticationError("This API key has been revoked.")
-        if record.expires_at is not None and record.expires_at <= now():
-            raise AuthenticationError(f"This API key expired at {record.expires_at.isoformat()}.")
-        self.last_used[key_id] = now()
+        moment = time.time()
+        if entry.expires is not None and entry.expires <= moment:
+            raise AuthenticationError(f"This API key expired at {record.expires_at.isoformat()}.")  # type: ignore[union-attr]
+        self.last_used[key_id] = moment
         return entry.principal
 
     def invalidate(self, change: str) -> None:
@@ -175,11 +176,12 @@ class KeyAuthenticator:
         if record is not None:
             policy = self._teams.build(team) if team else None
             principal = Principal(key_id, record.name, policy, tuple(record.models), record)
-        entry = _Entry(time.monotonic(), record, principal)
+        expires = record.expires_at.timestamp() if record is not None and record.expires_at is not None else None
+        entry = _Entry(time.monotonic(), record, principal, expires)
         self._cache[key_id] = entry
         return entry
 
-    def take_last_used(self) -> dict[str, datetime]:
+    def take_last_used(self) -> dict[str, float]:
         taken, self.last_used = self.last_used, {}
         return taken
 

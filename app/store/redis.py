@@ -103,6 +103,7 @@ class RedisStore:
         self._listener_task: asyncio.Task[None] | None = None
         self._resp = resp.RespClient(url, timeout_s)
         self._admit_encodings: dict[tuple[Any, ...], tuple[int, bytes, list[tuple[bytes, bytes]]]] = {}
+        self._settle_encodings: dict[tuple[Any, ...], tuple[list[bytes], bytes, bytes]] = {}
 
     def _team(self, name: str) -> str:
         return f"{self._tag}:team:{name}"
@@ -275,12 +276,30 @@ class RedisStore:
         items = [s for s in settlements if s.check.kind != "requests"]
         if not items:
             return
-        keys: list[str] = []
-        args: list[Any] = [WINDOW_MS, len(items)]
+        keys: list[bytes] = []
+        args: list[bytes] = [resp.bulk(WINDOW_MS), resp.bulk(len(items))]
         for item in items:
-            keys += self._limit_keys(item.check)
-            args += [lua.KIND_CODE[item.check.kind], item.member, item.value, item.check.ttl_s, item.check.limit]
-        await self._fast("settle", keys, args)
+            check_keys, kind, static = self._settle_parts(item.check)
+            keys += check_keys
+            args += (kind, resp.bulk(item.member), resp.bulk(item.value), static)
+        sha: str = self._scripts["settle"].sha
+        head = b"*%d\r\n" % (3 + len(keys) + 2 + 5 * len(items))
+        command = b"".join([head, resp.bulk(b"EVALSHA"), resp.bulk(sha), resp.bulk(len(keys)), *keys, *args])
+        await self._fast_command(command, "settle")
+
+    def _settle_parts(self, check: Check) -> tuple[list[bytes], bytes, bytes]:
+        """A check's keys and unchanging arguments, encoded once."""
+        signature = (check.name, check.limit, check.ttl_s)
+        parts = self._settle_encodings.get(signature)
+        if parts is None:
+            if len(self._settle_encodings) > 10_000:
+                self._settle_encodings.clear()
+            parts = self._settle_encodings[signature] = (
+                [resp.bulk(key) for key in self._limit_keys(check)],
+                resp.bulk(lua.KIND_CODE[check.kind]),
+                resp.bulk(check.ttl_s) + resp.bulk(check.limit),
+            )
+        return parts
 
     async def renew(self, leases: Sequence[tuple[Check, str]], lease_ms: int) -> None:
         if leases:

@@ -50,12 +50,13 @@ def attribution_headers(attribution: AttributionSettings) -> dict[str, str]:
 class UpstreamResponse:
     """A response from OpenRouter whose body has not been read yet."""
 
-    __slots__ = ("_response", "headers", "status")
+    __slots__ = ("_response", "body", "headers", "status")
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
         self.status = response.status
         self.headers = response.headers
+        self.body: bytes | None = None  # read already, when asked to
 
     async def read(self) -> bytes:
         try:
@@ -99,15 +100,28 @@ class OpenRouterClient:
         return f"Bearer {key_override}" if key_override else self._auth
 
     async def post(
-        self, path: str, body: bytes, headers: Mapping[str, str], first_byte_timeout: float
+        self,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        first_byte_timeout: float,
+        read_within: float | None = None,
     ) -> UpstreamResponse:
-        """POST and wait for the response headers, at most `first_byte_timeout` seconds."""
+        """POST and wait for the response headers, at most `first_byte_timeout` seconds; with
+        `read_within`, also read the whole body by then (one timer for both)."""
+        response: aiohttp.ClientResponse | None = None
         try:
-            async with asyncio.timeout(first_byte_timeout):
+            async with asyncio.timeout(first_byte_timeout) as timer:
                 response = await self._session.post(self._base_url + path, data=body, headers=headers)
+                upstream = UpstreamResponse(response)
+                if read_within is not None and response.status < 300:
+                    timer.reschedule(asyncio.get_running_loop().time() + read_within)
+                    upstream.body = await response.read()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            if response is not None:
+                response.close()
             raise _translate(exc) from exc
-        return UpstreamResponse(response)
+        return upstream
 
     async def get_json(
         self, path: str, timeout: float, params: Mapping[str, str] | None = None, auth: str | None = None

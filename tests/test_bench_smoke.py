@@ -1,0 +1,37 @@
+"""The benchmark cannot rot: its quick mode runs in CI and every point must produce numbers.
+(Speed targets live in the benchmark's own report, not in a timed test.)"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_benchmark_measures_every_point(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "latest.json").read_text())
+    for target in ("direct", "bare", "gateway"):
+        point = report["targets"][target]
+        for name in ("c1", "c64", "c64_stream"):
+            assert point[name]["requests"] > 0 and point[name]["errors"] == 0, (target, name, point[name])
+            assert point[name]["rps"] > 0 and point[name]["p50_ms"] > 0 and point[name]["p99_ms"] > 0
+        assert point["first_byte"]["p50_ms"] > 0
+    rss = report["rss_mb"]
+    assert all(rss[k] > 0 for k in ("gateway_idle", "gateway_slow_streams", "gateway_peak"))
+    assert report["slow_streams"]["completed"] == report["slow_streams"]["count"]
+    assert report["soak"]["requests"] > 0 and not math.isnan(report["soak"]["growth_pct"])
+    assert all(not math.isnan(v) for v in report["summary"].values())
+    table = (tmp_path / "latest.md").read_text()
+    assert "gateway / bare" in table and "RSS idle" in table
