@@ -171,6 +171,8 @@ class Gateway:
         if call.model is None:
             return [None]
         fallbacks = self.catalog.settings_for(call.model).fallbacks
+        if not fallbacks:
+            return [call.model]
         return [call.model, *(m for m in fallbacks if m != call.model and call.principal.allows(m))]
 
     # 6. forward (7. relay: api/)

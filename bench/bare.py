@@ -1,6 +1,6 @@
 """The yardstick: a bare FastAPI + aiohttp pass-through (no auth, limits, metering or checks).
 
-    python bench/bare.py --port 8091 --upstream http://127.0.0.1:8090/api/v1 --key sk-or-…
+python bench/bare.py --port 8091 --upstream http://127.0.0.1:8090/api/v1 --key sk-or-…
 """
 
 import argparse
@@ -25,9 +25,11 @@ def create_app(upstream: str, key: str) -> FastAPI:
     async def chat(request: Request) -> Response:
         body = await request.body()
         headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-        upstream_response = await request.app.state.session.post(upstream + "/chat/completions", data=body,
-                                                                 headers=headers)
+        upstream_response = await request.app.state.session.post(
+            upstream + "/chat/completions", data=body, headers=headers
+        )
         if upstream_response.content_type == "text/event-stream":
+
             async def relay():
                 async for chunk in upstream_response.content.iter_any():
                     yield chunk
@@ -46,5 +48,12 @@ if __name__ == "__main__":
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--key", required=True)
     args = parser.parse_args()
-    uvicorn.run(create_app(args.upstream, args.key), host="127.0.0.1", port=args.port, loop="uvloop", http="httptools",
-                log_level="warning", access_log=False)
+    uvicorn.run(
+        create_app(args.upstream, args.key),
+        host="127.0.0.1",
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+    )

@@ -35,18 +35,22 @@ class LoadResult:
         return self.__dict__.copy()
 
 
-def run_load(url: str, body: dict[str, Any], headers: dict[str, str], concurrency: int, seconds: float,
-             cpu: str | None = None) -> LoadResult:
+def run_load(
+    url: str, body: dict[str, Any], headers: dict[str, str], concurrency: int, seconds: float, cpu: str | None = None
+) -> LoadResult:
     if WRK:
         return _wrk(url, body, headers, concurrency, seconds, cpu)
     return asyncio.run(_aiohttp_load(url, body, headers, concurrency, seconds))
 
 
-def _wrk(url: str, body: dict[str, Any], headers: dict[str, str], concurrency: int, seconds: float,
-         cpu: str | None) -> LoadResult:
+def _wrk(
+    url: str, body: dict[str, Any], headers: dict[str, str], concurrency: int, seconds: float, cpu: str | None
+) -> LoadResult:
     lines = ['wrk.method = "POST"', f"wrk.body = {json.dumps(json.dumps(body))}"]
-    lines += [f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in {
-        "Content-Type": "application/json", **headers}.items()]
+    lines += [
+        f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}"
+        for k, v in {"Content-Type": "application/json", **headers}.items()
+    ]
     lines.append("""
 done = function(summary, latency, requests)
   io.write(string.format("ERRORS %d %d %d %d %d\\n", summary.errors.connect, summary.errors.read,
@@ -54,8 +58,18 @@ done = function(summary, latency, requests)
 end""")
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write("\n".join(lines))
-    command = [WRK, "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "30s",
-               "-s", script.name, url]
+    command = [
+        WRK,
+        "-t1",
+        f"-c{concurrency}",
+        f"-d{max(1, round(seconds))}s",
+        "--latency",
+        "--timeout",
+        "30s",
+        "-s",
+        script.name,
+        url,
+    ]
     if cpu is not None and shutil.which("taskset"):
         command = ["taskset", "-c", cpu, *command]
     output = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 120).stdout
@@ -75,14 +89,16 @@ def _duration(text: str) -> float:
     return float(number) * _UNITS[unit]
 
 
-async def _aiohttp_load(url: str, body: dict[str, Any], headers: dict[str, str], concurrency: int,
-                        seconds: float) -> LoadResult:
+async def _aiohttp_load(
+    url: str, body: dict[str, Any], headers: dict[str, str], concurrency: int, seconds: float
+) -> LoadResult:
     payload = json.dumps(body).encode()
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + seconds
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, headers={"Content-Type": "application/json", **headers}) as s:
+
         async def worker() -> None:
             nonlocal errors
             while time.perf_counter() < deadline:
@@ -97,8 +113,15 @@ async def _aiohttp_load(url: str, body: dict[str, Any], headers: dict[str, str],
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
     latencies.sort()
-    return LoadResult(len(latencies), round(elapsed, 2), len(latencies) / elapsed,
-                      _percentile(latencies, 50) * 1000, _percentile(latencies, 99) * 1000, errors, "aiohttp")
+    return LoadResult(
+        len(latencies),
+        round(elapsed, 2),
+        len(latencies) / elapsed,
+        _percentile(latencies, 50) * 1000,
+        _percentile(latencies, 99) * 1000,
+        errors,
+        "aiohttp",
+    )
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -125,16 +148,19 @@ async def first_byte_ms(url: str, body: dict[str, Any], headers: dict[str, str],
     return {"p50_ms": statistics.median(times) * 1000, "p99_ms": _percentile(times, 99) * 1000}
 
 
-async def hold_streams(url: str, body: dict[str, Any], headers: dict[str, str], count: int,
-                       while_open: Any) -> Any:
+async def hold_streams(url: str, body: dict[str, Any], headers: dict[str, str], count: int, while_open: Any) -> Any:
     """Open `count` streams, wait for each one's first byte, call `while_open()`, then finish them."""
     payload = json.dumps(body).encode()
     connector = aiohttp.TCPConnector(limit=count + 10)
     opened = 0
     all_open = asyncio.Event()
     release = asyncio.Event()
-    async with aiohttp.ClientSession(connector=connector, headers={"Content-Type": "application/json", **headers},
-                                     timeout=aiohttp.ClientTimeout(total=600)) as session:
+    async with aiohttp.ClientSession(
+        connector=connector,
+        headers={"Content-Type": "application/json", **headers},
+        timeout=aiohttp.ClientTimeout(total=600),
+    ) as session:
+
         async def one() -> bool:
             nonlocal opened
             async with session.post(url, data=payload) as response:

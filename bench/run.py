@@ -20,6 +20,7 @@ import platform
 import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,8 +51,11 @@ def free_port() -> int:
 
 
 def pinned(command: list[str], cpu: str) -> list[str]:
-    return ["taskset", "-c", cpu, *command] if shutil.which("taskset") and os.cpu_count() and os.cpu_count() > 1 \
+    return (
+        ["taskset", "-c", cpu, *command]
+        if shutil.which("taskset") and os.cpu_count() and os.cpu_count() > 1
         else command
+    )
 
 
 def raise_fd_limit() -> None:
@@ -87,8 +91,9 @@ class Stack:
 
     def spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = (self.logs / f"{name}.log").open("wb")
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                   preexec_fn=raise_fd_limit)
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, preexec_fn=raise_fd_limit
+        )
         self.processes.append(process)
         return process
 
@@ -97,20 +102,59 @@ class Stack:
         redis = shutil.which("redis-server")
         if redis is None:
             raise SystemExit("redis-server is needed (Debian package redis-server)")
-        self.spawn("redis", pinned([redis, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                                    "--appendonly", "no"], os.environ.get("BENCH_REDIS_CPU", "1")))
-        self.spawn("simulator", pinned([GATEWAY, "simulate", "--port", str(self.sim_port), "--no-log",
-                                        "--keepalives", "0", "--api-key", UPSTREAM_KEY], "1"))
+        self.spawn(
+            "redis",
+            pinned(
+                [redis, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                os.environ.get("BENCH_REDIS_CPU", "1"),
+            ),
+        )
+        self.spawn(
+            "simulator",
+            pinned(
+                [
+                    GATEWAY,
+                    "simulate",
+                    "--port",
+                    str(self.sim_port),
+                    "--no-log",
+                    "--keepalives",
+                    "0",
+                    "--api-key",
+                    UPSTREAM_KEY,
+                ],
+                "1",
+            ),
+        )
         self.sim = f"http://127.0.0.1:{self.sim_port}/api/v1"
         wait_http(self.sim + "/models")
-        self.bare_process = self.spawn("bare", pinned([sys.executable, str(ROOT / "bench/bare.py"), "--port",
-                                                       str(self.bare_port), "--upstream", self.sim,
-                                                       "--key", UPSTREAM_KEY], "0"))
+        self.bare_process = self.spawn(
+            "bare",
+            pinned(
+                [
+                    sys.executable,
+                    str(ROOT / "bench/bare.py"),
+                    "--port",
+                    str(self.bare_port),
+                    "--upstream",
+                    self.sim,
+                    "--key",
+                    UPSTREAM_KEY,
+                ],
+                "0",
+            ),
+        )
         env = {
-            "OPENROUTER_BASE_URL": self.sim, "OPENROUTER_API_KEY": UPSTREAM_KEY, "GATEWAY_ADMIN_KEY": ADMIN_KEY,
-            "GATEWAY_STORE": f"redis://127.0.0.1:{redis_port}/0", "GATEWAY_CONFIG": "/dev/null",
-            "GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(self.gw_port), "GATEWAY_LOG_LEVEL": "warning",
-            "GATEWAY_LIMITS__GLOBAL__RPM": str(10**9), "GATEWAY_LIMITS__GLOBAL__TPM": str(10**12),
+            "OPENROUTER_BASE_URL": self.sim,
+            "OPENROUTER_API_KEY": UPSTREAM_KEY,
+            "GATEWAY_ADMIN_KEY": ADMIN_KEY,
+            "GATEWAY_STORE": f"redis://127.0.0.1:{redis_port}/0",
+            "GATEWAY_CONFIG": "/dev/null",
+            "GATEWAY_HOST": "127.0.0.1",
+            "GATEWAY_PORT": str(self.gw_port),
+            "GATEWAY_LOG_LEVEL": "warning",
+            "GATEWAY_LIMITS__GLOBAL__RPM": str(10**9),
+            "GATEWAY_LIMITS__GLOBAL__TPM": str(10**12),
         }
         self.gateway_process = self.spawn("gateway", pinned([GATEWAY, "serve"], "0"), env)
         wait_http(f"http://127.0.0.1:{self.bare_port}/docs")
@@ -132,7 +176,10 @@ class Stack:
         return {
             "direct": (self.sim + "/chat/completions", {"Authorization": f"Bearer {UPSTREAM_KEY}"}),
             "bare": (f"http://127.0.0.1:{self.bare_port}/v1/chat/completions", {}),
-            "gateway": (f"http://127.0.0.1:{self.gw_port}/v1/chat/completions", {"Authorization": f"Bearer {self.key}"}),
+            "gateway": (
+                f"http://127.0.0.1:{self.gw_port}/v1/chat/completions",
+                {"Authorization": f"Bearer {self.key}"},
+            ),
         }
 
     def stop(self) -> None:
@@ -146,46 +193,72 @@ class Stack:
 
 
 def measure(stack: Stack, quick: bool) -> dict[str, Any]:
-    seconds = 1.0 if quick else 10.0
-    results: dict[str, Any] = {"targets": {}}
+    """Every point for every target. Throughput points are measured in interleaved rounds
+    (direct, bare, gateway, direct, ...) and reported as medians, so a noisy neighbour on the
+    machine hits all three alike."""
+    seconds, rounds = (1.0, 1) if quick else (5.0, 3)
     pid = stack.gateway_process.pid
+    targets = stack.targets()
+    results: dict[str, Any] = {"targets": {name: {} for name in targets}, "rounds": rounds}
     results["rss_mb"] = {"gateway_idle": rss_mb(pid), "bare_idle": rss_mb(stack.bare_process.pid)}
-    for name, (url, headers) in stack.targets().items():
-        run_load(url, PLAIN, headers, 16, 1.0 if quick else 3.0, cpu="1")  # warm-up: connections, caches
-        point: dict[str, Any] = {
-            "c1": run_load(url, PLAIN, headers, 1, seconds, cpu="1").as_dict(),
-            "c64": run_load(url, PLAIN, headers, 64, seconds, cpu="1").as_dict(),
-            "c64_stream": run_load(url, STREAM, headers, 64, seconds, cpu="1").as_dict(),
-            "first_byte": asyncio.run(first_byte_ms(url, STREAM, headers, 50 if quick else 500)),
+    for url, headers in targets.values():
+        run_load(url, PLAIN, headers, 64, 2.0 if quick else 5.0, cpu="1")  # warm-up: connection pools, caches
+    for point, body, concurrency in (("c1", PLAIN, 1), ("c64", PLAIN, 64), ("c64_stream", STREAM, 64)):
+        samples: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+        for _ in range(rounds):
+            for name, (url, headers) in targets.items():
+                samples[name].append(run_load(url, body, headers, concurrency, seconds, cpu="1").as_dict())
+        for name, runs in samples.items():
+            results["targets"][name][point] = _median_run(runs)
+        results.setdefault("ratios", {})[point] = {
+            "gateway_over_bare": statistics.median(
+                g["rps"] / b["rps"] for g, b in zip(samples["gateway"], samples["bare"], strict=True)
+            ),
+            "gateway_over_direct": statistics.median(
+                g["rps"] / d["rps"] for g, d in zip(samples["gateway"], samples["direct"], strict=True)
+            ),
         }
-        results["targets"][name] = point
-        print(f"{name}: {json.dumps(point)}", flush=True)
+        print(f"{point}: " + json.dumps({n: results["targets"][n][point]["rps"] for n in targets}), flush=True)
+    for name, (url, headers) in targets.items():
+        results["targets"][name]["first_byte"] = asyncio.run(first_byte_ms(url, STREAM, headers, 50 if quick else 500))
 
-    url, headers = stack.targets()["gateway"]
+    url, headers = targets["gateway"]
     streams = 100 if quick else 1000
     (during, opened) = asyncio.run(hold_streams(url, SLOW, headers, streams, lambda: rss_mb(pid)))
     results["rss_mb"]["gateway_slow_streams"] = during
     results["slow_streams"] = {"count": streams, "completed": opened}
 
     soak_target = 3_000 if quick else 100_000
-    rps = results["targets"]["gateway"]["c64"]["rps"] or 1
     before = rss_mb(pid)
-    soak = run_load(url, PLAIN, headers, 64, max(1.0, soak_target / rps), cpu="1")
+    soaked = 0
+    while soaked < soak_target:  # wrk runs for a duration: repeat until the count is reached
+        rps = results["targets"]["gateway"]["c64"]["rps"] or 1
+        soaked += run_load(url, PLAIN, headers, 64, max(1.0, (soak_target - soaked) / rps), cpu="1").requests
     after = rss_mb(pid)
-    results["soak"] = {"requests": soak.requests, "rss_before_mb": before, "rss_after_mb": after,
-                       "growth_pct": (after - before) / before * 100}
+    results["soak"] = {
+        "requests": soaked,
+        "rss_before_mb": before,
+        "rss_after_mb": after,
+        "growth_pct": (after - before) / before * 100,
+    }
     results["rss_mb"]["gateway_peak"] = rss_mb(pid, "VmHWM")
     return results
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    middle = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
+    return {**middle, "rps_all": [round(r["rps"]) for r in runs]}
 
 
 def summarise(results: dict[str, Any]) -> dict[str, Any]:
     t = results["targets"]
     g, b, d = t["gateway"], t["bare"], t["direct"]
+    ratios = results["ratios"]
     return {
-        "c64_rps_gateway_over_bare": g["c64"]["rps"] / b["c64"]["rps"],
-        "c64_rps_gateway_over_direct": g["c64"]["rps"] / d["c64"]["rps"],
-        "c64_stream_rps_gateway_over_bare": g["c64_stream"]["rps"] / b["c64_stream"]["rps"],
-        "c64_stream_rps_gateway_over_direct": g["c64_stream"]["rps"] / d["c64_stream"]["rps"],
+        "c64_rps_gateway_over_bare": ratios["c64"]["gateway_over_bare"],
+        "c64_rps_gateway_over_direct": ratios["c64"]["gateway_over_direct"],
+        "c64_stream_rps_gateway_over_bare": ratios["c64_stream"]["gateway_over_bare"],
+        "c64_stream_rps_gateway_over_direct": ratios["c64_stream"]["gateway_over_direct"],
         "c1_p50_overhead_ms_vs_direct": g["c1"]["p50_ms"] - d["c1"]["p50_ms"],
         "c1_p50_overhead_ms_vs_bare": g["c1"]["p50_ms"] - b["c1"]["p50_ms"],
         "first_byte_overhead_ms_vs_direct": g["first_byte"]["p50_ms"] - d["first_byte"]["p50_ms"],
@@ -203,23 +276,32 @@ def markdown(results: dict[str, Any]) -> str:
         ("p99 ms, c=1", "c1", "p99_ms", "{:.3f}"),
         ("stream first byte p50 ms, c=1", "first_byte", "p50_ms", "{:.3f}"),
     ]
-    lines = [f"Run {results['when']} on {results['machine']} (load: {results['load_tool']}; "
-             f"{'quick smoke' if results['quick'] else 'full run'}).", "",
-             "| point | direct | bare | gateway | gateway / bare | gateway / direct |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"Run {results['when']} on {results['machine']} (load: {results['load_tool']}; "
+        f"{'quick smoke' if results['quick'] else 'full run'}; throughput: median of "
+        f"{results['rounds']} interleaved rounds, ratios are medians of per-round ratios).",
+        "",
+        "| point | direct | bare | gateway | gateway / bare | gateway / direct |",
+        "|---|---|---|---|---|---|",
+    ]
     for label, point, field, fmt in rows:
         d, b, g = (t[n][point][field] for n in ("direct", "bare", "gateway"))
         lines.append(f"| {label} | {fmt.format(d)} | {fmt.format(b)} | {fmt.format(g)} | {g / b:.2f}x | {g / d:.2f}x |")
-    lines += ["", "| gateway | value | target |", "|---|---|---|",
-              f"| c=64 req/s vs bare | {s['c64_rps_gateway_over_bare']:.2f}x | ≥ 0.8x (aim ≥ 1.0x) |",
-              f"| c=64 stream req/s vs bare | {s['c64_stream_rps_gateway_over_bare']:.2f}x | ≥ 0.8x |",
-              f"| p50 overhead at c=1 vs direct | {s['c1_p50_overhead_ms_vs_direct']:.3f} ms | ≤ 0.8 ms |",
-              f"| stream first-byte overhead vs direct | {s['first_byte_overhead_ms_vs_direct']:.3f} ms | ≤ 1.0 ms |",
-              f"| RSS idle | {rss['gateway_idle']:.1f} MB | ≤ 80 MB |",
-              f"| RSS with {results['slow_streams']['count']} concurrent slow streams | "
-              f"{rss['gateway_slow_streams']:.1f} MB | ≤ 150 MB (1,000 streams) |",
-              f"| RSS peak | {rss['gateway_peak']:.1f} MB | |",
-              f"| RSS growth over {results['soak']['requests']} requests after warm-up | "
-              f"{results['soak']['growth_pct']:.1f}% | < 10% (100k requests) |"]
+    lines += [
+        "",
+        "| gateway | value | target |",
+        "|---|---|---|",
+        f"| c=64 req/s vs bare | {s['c64_rps_gateway_over_bare']:.2f}x | ≥ 0.8x (aim ≥ 1.0x) |",
+        f"| c=64 stream req/s vs bare | {s['c64_stream_rps_gateway_over_bare']:.2f}x | ≥ 0.8x |",
+        f"| p50 overhead at c=1 vs direct | {s['c1_p50_overhead_ms_vs_direct']:.3f} ms | ≤ 0.8 ms |",
+        f"| stream first-byte overhead vs direct | {s['first_byte_overhead_ms_vs_direct']:.3f} ms | ≤ 1.0 ms |",
+        f"| RSS idle | {rss['gateway_idle']:.1f} MB | ≤ 80 MB |",
+        f"| RSS with {results['slow_streams']['count']} concurrent slow streams | "
+        f"{rss['gateway_slow_streams']:.1f} MB | ≤ 150 MB (1,000 streams) |",
+        f"| RSS peak | {rss['gateway_peak']:.1f} MB | |",
+        f"| RSS growth over {results['soak']['requests']} requests after warm-up | "
+        f"{results['soak']['growth_pct']:.1f}% | < 10% (100k requests) |",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -236,9 +318,12 @@ def main(argv: list[str] | None = None) -> int:
         stack_scope.callback(stack.stop)
         stack.start()
         results = measure(stack, args.quick)
-    results.update(when=datetime.now(UTC).isoformat(timespec="seconds"), quick=args.quick,
-                   machine=f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-                   load_tool="wrk" if WRK else "aiohttp loop")
+    results.update(
+        when=datetime.now(UTC).isoformat(timespec="seconds"),
+        quick=args.quick,
+        machine=f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        load_tool="wrk" if WRK else "aiohttp loop",
+    )
     results["summary"] = summarise(results)
     (out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)

@@ -102,8 +102,8 @@ class SSEResponse(Response):
         finally:
             watcher.remove_done_callback(client_left)
             watcher.cancel()
-            if self.relay.done and self.relay.error is None:
-                self.upstream.settle()
+            if self._complete and self.relay.done and self.relay.error is None and not gone:
+                await self.upstream.settle()  # after the client had its last byte
             else:
                 self.upstream.close()
             self.call.upstream_done = self.call.upstream_done or time.perf_counter()

@@ -64,10 +64,20 @@ class StreamRelay:
         if events:
             self.saw_data = True
             self.data_events += events
-        if b"error" not in block and b'"usage"' not in block and b"[DONE]" not in block and _well_formed(block):
-            if _FINISH in block:
+        plain = b"error" not in block and b'"usage"' not in block and b"[DONE]" not in block
+        if plain:
+            if _well_formed(block):
+                if _FINISH in block:
+                    self.finished = True
+                return block
+            return self._events(block)
+        # Pass the plain events before the first one that may hold usage or an error as they are.
+        cut = block.rfind(b"\n\n", 0, _first_marker(block)) + 2
+        head = block[:cut] if cut > 1 else b""
+        if head and _well_formed(head):
+            if _FINISH in head:
                 self.finished = True
-            return block
+            return head + self._events(block[cut:])
         return self._events(block)
 
     def end(self) -> bytes:
@@ -152,12 +162,21 @@ class StreamRelay:
         return out
 
 
+def _first_marker(block: bytes) -> int:
+    """Where the first sign of usage, an error or the end is, or -1."""
+    found = [i for i in (block.find(b"error"), block.find(b'"usage"'), block.find(b"[DONE]")) if i >= 0]
+    return min(found) if found else -1
+
+
 def _well_formed(block: bytes) -> bool:
     """A cheap check that every data event in the block holds one whole JSON object.
 
     Parsing every chunk would cost the hot path; a truncated or garbled event almost never
     starts with `{` and ends with `}`, so this catches what upstream breakage looks like."""
-    if block.count(b"\n\n") == 1:  # the usual case: one event per read
+    events = block.count(b"\n\n")
+    if block.startswith(b"data: {") and block.count(b"}\n\n") == events and block.count(b"\n\ndata: {") == events - 1:
+        return True  # compact one-line events (one per read, usually), each a braced object: checked in C
+    if events == 1:
         return not block.startswith(b"data:") or _looks_like_json(block[5:-2].strip())
     for event in block.split(b"\n\n"):
         if event.startswith(b"data:") and not _looks_like_json(event[5:].strip()):

@@ -81,9 +81,17 @@ class UpstreamResponse:
         """Drop the connection: OpenRouter sees the request cancelled."""
         self._response.close()
 
-    def settle(self) -> None:
-        """Keep the connection for reuse if the body was read to its end, else drop it."""
-        if self._response.content.at_eof():
+    async def settle(self, wait_s: float = 0.05) -> None:
+        """Keep the connection for reuse if the body ends (it usually does right after the
+        last event), else drop it."""
+        content = self._response.content
+        try:
+            async with asyncio.timeout(wait_s):
+                while not content.at_eof() and await content.readany():
+                    pass
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            pass
+        if content.at_eof():
             self._response.release()
         else:
             self._response.close()
