@@ -12,6 +12,7 @@
     ├── ModelNotAllowedError          403 model_not_allowed
     ├── ModelNotFoundError            404 model_not_found
     ├── StoreUnavailableError         503 store_unavailable
+    ├── ServerShuttingDownError       503 server_shutting_down (a stream open at the end of the drain)
     ├── RateLimitError                429 requests|tokens / rate_limit_exceeded
     │   └── BudgetExceededError       429 insufficient_quota (x-should-retry: false)
     └── UpstreamError                 502 server_error / upstream_error
@@ -127,6 +128,12 @@ class StoreUnavailableError(GatewayError):
     status = 503
     type = "server_error"
     code = "store_unavailable"
+
+
+class ServerShuttingDownError(GatewayError):
+    status = 503
+    type = "server_error"
+    code = "server_shutting_down"
 
 
 class ModelNotAllowedError(GatewayError):

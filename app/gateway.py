@@ -6,6 +6,7 @@ authenticate → parse → resolve → normalise → admit → forward → relay
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -75,7 +76,10 @@ class Gateway:
         self.forwarder.on_retry = lambda reason: metrics.retries.labels(reason).inc()
         self.ledger = Ledger(store, on_drop=metrics.ledger_dropped.inc)
         self.meter = Meter(catalog, self.ledger, metrics, admission, self._generation)
+        self.meter.log_requests, self.meter.log_bodies = settings.log_requests, settings.log_bodies
         self.draining = False
+        self.streams: set[Any] = set()  # open SSE responses, ended by the drain at its deadline
+        self._stop_streams: asyncio.TimerHandle | None = None
         admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
         self.admin_key_hash = hash_key(admin_key).encode() if admin_key else None
         self._shared_auth = client.auth_header()
@@ -101,9 +105,8 @@ class Gateway:
         return await self.authenticator.authenticate(authorization)
 
     # 2. parse
-    @staticmethod
-    def parse(raw: bytes, endpoint: Endpoint) -> dict[str, Any]:
-        payload = normalize.parse_object(raw)
+    def parse(self, raw: bytes, endpoint: Endpoint) -> dict[str, Any]:
+        payload = normalize.parse_object(raw, self.settings.max_json_depth)
         normalize.require_fields(payload, endpoint.required)
         normalize.check_types(payload)
         if not endpoint.streams and payload.get("stream"):
@@ -217,6 +220,18 @@ class Gateway:
             self.forwarder.budget.in_flight -= 1
             self.metrics.in_flight.dec()
         self.meter.record(call)
+
+    def begin_drain(self, grace_s: float) -> None:
+        """SIGTERM: report not ready at once; streams still open after `grace_s` get ended."""
+        if self.draining:
+            return
+        self.draining = True
+        log.warning("draining: not ready; open streams end in %.0fs", grace_s)
+        self._stop_streams = asyncio.get_running_loop().call_later(grace_s, self.stop_streams)
+
+    def stop_streams(self) -> None:
+        for stream in list(self.streams):
+            stream.stop()
 
     async def drain(self) -> None:
         """At shutdown: settle, reconcile (what can be), and write everything still queued."""

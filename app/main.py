@@ -10,21 +10,24 @@ import asyncio
 import gc
 import logging
 import os
+import signal
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from types import FrameType
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import multiprocess
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
 from app.api import admin, chat, health, models
-from app.api.fastpath import FastPathMiddleware
+from app.api.edge import EdgeMiddleware
 from app.api.responses import error_response, gateway_error_handler
 from app.auth.keys import KeyAuthenticator
 from app.auth.teams import TeamPolicyFactory
@@ -32,17 +35,21 @@ from app.catalog.models import Catalog
 from app.errors import GatewayError, InvalidRequestError, RouteNotFoundError, StoreUnavailableError, UpstreamError
 from app.gateway import Gateway
 from app.limits.admission import Admission
-from app.request_ids import request_id_of
 from app.settings import Settings, load_settings, read_secret
 from app.store import Store, StoreError, open_store
 from app.upstream.client import OpenRouterClient, open_session
 from app.usage.metrics import Metrics
 
 log = logging.getLogger("gateway")
+RATE_LIMIT_HEADERS = [
+    f"x-ratelimit-{part}-{kind}" for part in ("limit", "remaining", "reset") for kind in ("requests", "tokens")
+]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    """The gateway. With `admin_port` set, /admin is left out (see `create_admin_app`)."""
     settings = settings or load_settings()
+    separate_admin = settings.admin_port is not None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -57,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             gc.collect()
             gc.freeze()
             gc.set_threshold(10_000, 50, 100)
+            _drain_on_signals(gateway, settings.shutdown_grace_s)
             duties = [
                 asyncio.ensure_future(_flush_last_used(gateway, settings.last_used_flush_s)),
                 asyncio.ensure_future(gateway.admission.run()),
@@ -76,26 +84,64 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await store.close()
             await session.close()
 
-    app = FastAPI(
+    app = _fastapi(settings, lifespan)
+    for prefix in ("/v1", "/api/v1"):
+        app.include_router(chat.router, prefix=prefix, include_in_schema=prefix == "/v1")
+        app.include_router(models.router, prefix=prefix, include_in_schema=prefix == "/v1")
+    if not separate_admin:
+        app.include_router(admin.router)
+    app.include_router(health.router)
+    _finish(app, settings, admin_routes=not separate_admin)
+    return app
+
+
+def create_worker_app() -> FastAPI:
+    """For `gateway serve --workers N`: each worker reads its settings and sets up its logging."""
+    from app.logs import configure_logging
+
+    settings = load_settings()
+    configure_logging(settings)
+    return create_app(settings)
+
+
+def create_admin_app(settings: Settings, gateway_app: FastAPI) -> FastAPI:
+    """The admin API on its own address (`admin_host`/`admin_port`), sharing the gateway's state."""
+    app = _fastapi(settings, None)
+    app.state = gateway_app.state
+    app.include_router(admin.router)
+    app.include_router(health.router)
+    _finish(app, settings, admin_routes=True)
+    return app
+
+
+def _fastapi(settings: Settings, lifespan: Any) -> FastAPI:
+    return FastAPI(
         title="OpenRouter Gateway",
         version=__version__,
         description="An OpenAI-compatible gateway in front of OpenRouter.",
         lifespan=lifespan,
         redirect_slashes=False,  # an unknown path is a 404, not a redirect a client may not follow
     )
-    for prefix in ("/v1", "/api/v1"):
-        app.include_router(chat.router, prefix=prefix, include_in_schema=prefix == "/v1")
-        app.include_router(models.router, prefix=prefix, include_in_schema=prefix == "/v1")
-    app.include_router(admin.router)
-    app.include_router(health.router)
+
+
+def _finish(app: FastAPI, settings: Settings, admin_routes: bool) -> None:
     app.add_exception_handler(GatewayError, gateway_error_handler)
     app.add_exception_handler(StoreError, _store_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(RecursionError, _too_deep)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
-    app.add_middleware(RequestIdMiddleware)
-    app.add_middleware(FastPathMiddleware)  # outermost: inference POSTs skip FastAPI's machinery
-    return app
+    app.add_middleware(
+        EdgeMiddleware, max_header_bytes=settings.max_header_bytes, max_headers=settings.max_headers, admin=admin_routes
+    )
+    if settings.cors_origins:  # outermost, so fast-lane responses get the headers too
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["x-request-id", *RATE_LIMIT_HEADERS],
+        )
 
 
 async def _start_gateway(settings: Settings, client: OpenRouterClient, store: Store) -> Gateway:
@@ -122,6 +168,23 @@ async def _flush_last_used(gateway: Gateway, every_s: float) -> None:
     while True:
         await asyncio.sleep(every_s)
         await _flush_once(gateway)
+
+
+def _drain_on_signals(gateway: Gateway, grace_s: float) -> None:
+    """SIGTERM/SIGINT: start the gateway's drain, then let uvicorn's own handler stop the server
+    (it stops accepting connections and waits for requests and streams to end)."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # an embedded server (tests): no signals here
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+
+        def chained(signum: int, frame: FrameType | None, previous: Any = previous) -> None:
+            loop.call_soon_threadsafe(gateway.begin_drain, grace_s)
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(sig, chained)
 
 
 async def _refresh_budget_gauges(gateway: Gateway, every_s: float) -> None:
@@ -152,6 +215,10 @@ async def _store_error(request: Request, exc: Exception) -> Response:
     return error_response(StoreUnavailableError("The store is unavailable; try again shortly."))
 
 
+async def _too_deep(request: Request, exc: Exception) -> Response:
+    return error_response(InvalidRequestError("The JSON body is nested too deeply.", code="json_too_deep"))
+
+
 async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     first = exc.errors()[0] if exc.errors() else {}
@@ -173,25 +240,3 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(GatewayError())
-
-
-class RequestIdMiddleware:
-    """Takes the client's `x-request-id` (if sane) or makes one; returns it on every response."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        rid = request_id_of(scope["headers"])
-        scope["request_id"] = rid
-        header = (b"x-request-id", rid.encode())
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), header]
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -34,8 +35,24 @@ class GatewayServer:
             lifespan="on",
         )
         self.server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self.server.run, name="gateway", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="gateway", daemon=True)
         self.port = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def _run(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        try:
+            self.loop.run_until_complete(self.server.serve())
+        finally:
+            self.loop.close()
+
+    @property
+    def gateway(self) -> Any:
+        """The app's Gateway (for the few tests that drive it directly, e.g. the drain)."""
+        app: Any = self.server.config.loaded_app
+        while not hasattr(app, "state"):
+            app = app.app
+        return app.state.gateway
 
     @property
     def url(self) -> str:

@@ -27,6 +27,8 @@ async def proxy(
     raw = await read_json_body(headers, receive, gateway.settings.max_body_bytes)
     payload = gateway.parse(raw, endpoint)
     call = gateway.new_call(request_id, endpoint, principal)
+    if gateway.settings.log_bodies:
+        call.logged_body = raw[:16_384].decode("utf-8", "replace")
     try:
         await gateway.resolve(call, payload)
         body = gateway.to_upstream(call, payload, raw)
@@ -36,7 +38,7 @@ async def proxy(
             gateway.finish(call)
             return JSONBytes(outcome, response_headers(call, None))
         relayed = response_headers(call, outcome.headers)
-        return SSEResponse(outcome, StreamRelay(call.include_usage), call, relayed, gateway.finish)
+        return SSEResponse(outcome, StreamRelay(call.include_usage), call, relayed, gateway.finish, gateway.streams)
     except GatewayError as error:
         gateway.finish(call, error)
         raise

@@ -13,7 +13,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app.call import ProxyCall
-from app.errors import GatewayError, UpstreamError
+from app.errors import GatewayError, ServerShuttingDownError, UpstreamError
 from app.normalize.stream import StreamRelay
 from app.upstream.client import UpstreamResponse
 from app.usage.record import Usage
@@ -58,6 +58,8 @@ class SSEResponse(Response):
 
     A client that goes away cancels the relay at once (uvicorn would otherwise swallow our
     writes silently), which closes the upstream connection, so OpenRouter stops generating.
+    A server shutting down ends streams still open at the end of its grace period with one
+    OpenAI-style error event (`server_shutting_down`) instead of a cut.
     """
 
     def __init__(
@@ -67,8 +69,12 @@ class SSEResponse(Response):
         call: ProxyCall,
         headers: dict[str, str],
         on_end: Callable[[ProxyCall, GatewayError | None], None],
+        streams: set[SSEResponse] | None = None,
     ) -> None:
         self.upstream = upstream
+        self.streams = streams if streams is not None else set()
+        self._task: asyncio.Task[Any] | None = None
+        self._stopping = False
         self.relay = relay
         self.call = call
         self.raw_headers = _SSE_HEADERS + [(k.encode(), v.encode()) for k, v in headers.items()]
@@ -90,16 +96,23 @@ class SSEResponse(Response):
 
         watcher = asyncio.ensure_future(_disconnected(receive))
         watcher.add_done_callback(client_left)
+        self._task = task
+        self.streams.add(self)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             await self._relay(send)
         except asyncio.CancelledError:
-            if not gone:
+            if gone:
+                task.uncancel()
+                self.call.client_disconnected = True
+                self.call.status = 499
+            elif self._stopping and not self._complete:
+                task.uncancel()
+                await self._end_for_shutdown(send)
+            else:
                 raise
-            task.uncancel()
-            self.call.client_disconnected = True
-            self.call.status = 499
         finally:
+            self.streams.discard(self)
             watcher.remove_done_callback(client_left)
             watcher.cancel()
             if self._complete and self.relay.done and self.relay.error is None and not gone:
@@ -112,6 +125,17 @@ class SSEResponse(Response):
             self.call.provider = self.relay.provider
             self.call.data_events = self.relay.data_events
             self.on_end(self.call, self.relay.error)
+
+    def stop(self) -> None:
+        """The server is going away: end this stream now, with an error event."""
+        if self._task is not None and not self._complete and not self._stopping:
+            self._stopping = True
+            self._task.cancel()
+
+    async def _end_for_shutdown(self, send: Send) -> None:
+        self._complete = True
+        tail = self.relay.fail(ServerShuttingDownError("The server is shutting down; retry the request."))
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
 
     async def _relay(self, send: Send) -> None:
         relay, call = self.relay, self.call

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import secrets
 import shutil
-import signal
 import sys
 import tempfile
 from typing import Any
@@ -88,10 +86,6 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from app.main import create_app
-
     try:
         settings = _demo_settings(args) if args.demo else _settings(args)
     except ConfigError as exc:
@@ -105,7 +99,11 @@ def _serve(args: argparse.Namespace) -> int:
                 print(f"problem: {problem}", file=sys.stderr)
             print("refusing to start; see `gateway check`", file=sys.stderr)
             return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from app import server
+    from app.logs import configure_logging
+    from app.main import create_admin_app, create_app
+
+    configure_logging(settings)
     simulator = None
     if args.demo:
         from app.simulator import SimulatorThread
@@ -117,29 +115,20 @@ def _serve(args: argparse.Namespace) -> int:
         _print_demo(settings, simulator.base_url)
     if args.workers > 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         _fresh_metrics_dir()
-    options: dict[str, Any] = {
-        "host": settings.host,
-        "port": settings.port,
-        "loop": "uvloop",
-        "http": "httptools",
-        "log_level": settings.log_level,
-        "access_log": False,
-        "timeout_graceful_shutdown": 30,
-    }
-    # uvicorn re-raises SIGTERM/SIGINT after a graceful shutdown; by then we are done, so the
-    # handlers it restores must not turn a clean stop into a non-zero exit.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
     if args.workers > 1:
         if args.demo:
             print("problem: --demo runs one process; drop --workers", file=sys.stderr)
             return 2
+        if settings.admin_port is not None:
+            print("problem: admin_port: a separate admin listener needs one process; drop --workers", file=sys.stderr)
+            return 2
         if args.config:
             os.environ["GATEWAY_CONFIG"] = args.config  # each worker loads the settings itself
-        uvicorn.run("app.main:create_app", factory=True, workers=args.workers, **options)
+        server.run_workers(settings, args.workers)
         return 0
     try:
-        uvicorn.Server(uvicorn.Config(create_app(settings), **options)).run()
+        app = create_app(settings)
+        server.run(settings, app, create_admin_app(settings, app) if settings.admin_port is not None else None)
     finally:
         if simulator is not None:
             simulator.stop()

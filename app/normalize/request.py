@@ -16,7 +16,7 @@ from app.errors import InvalidRequestError
 _REASONING_CONTROLS = ("effort", "max_tokens", "enabled")
 
 
-def parse_object(raw: bytes) -> dict[str, Any]:
+def parse_object(raw: bytes, max_depth: int = 64) -> dict[str, Any]:
     """The body as a JSON object, or a 400 that says what is wrong with it."""
     if not raw.strip():
         raise InvalidRequestError("The request body is empty; send a JSON object.", code="invalid_json")
@@ -28,7 +28,23 @@ def parse_object(raw: bytes) -> dict[str, Any]:
         raise InvalidRequestError(
             f"The request body must be a JSON object, not {type(payload).__name__}.", code="invalid_json"
         )
+    if raw.count(b"{") + raw.count(b"[") > max_depth and _deeper_than(payload, max_depth):
+        raise InvalidRequestError(f"The JSON body is nested more than {max_depth} levels deep.", code="json_too_deep")
     return payload
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether a parsed JSON value nests beyond `limit` levels (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend((child, depth + 1) for child in node.values() if isinstance(child, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend((child, depth + 1) for child in node if isinstance(child, (dict, list)))
+    return False
 
 
 def require_fields(payload: dict[str, Any], required: tuple[tuple[str, type | tuple[type, ...]], ...]) -> None:

@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 
+import orjson
+
 from app.call import ProxyCall
 from app.catalog.models import Catalog
 from app.limits.admission import Admission, Reservation
@@ -22,6 +24,13 @@ from app.usage.metrics import Metrics
 from app.usage.record import CostSource, Usage, UsageRecord
 
 log = logging.getLogger("gateway.usage")
+requests_log = logging.getLogger("gateway.requests")
+BODY_LOG_LIMIT = 16_384
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= BODY_LOG_LIMIT else text[:BODY_LOG_LIMIT] + "…"
+
 
 Lookup = Callable[[str, ProxyCall], Awaitable[tuple[int, Any]]]
 
@@ -43,6 +52,8 @@ class Meter:
         self._lookup = lookup
         self._delays = reconcile_delays_s
         self._tasks: set[asyncio.Task[None]] = set()
+        self.log_requests = True
+        self.log_bodies = False
 
     def record(self, call: ProxyCall) -> UsageRecord:
         record = self.build(call)
@@ -55,8 +66,12 @@ class Meter:
             self.admission.settle(call.reservation, record.prompt_tokens + record.completion_tokens, record.cost_usd)
         if record.estimated and record.generation_id:
             self._spawn(self._reconcile(call, record))
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("usage %s", record.log_fields())
+        if self.log_requests and requests_log.isEnabledFor(logging.INFO):
+            fields = record.log_fields()
+            if self.log_bodies:
+                fields["request_body"] = call.logged_body
+                fields["response_body"] = _clip(orjson.dumps(call.parsed).decode()) if call.parsed is not None else None
+            requests_log.info("request", extra=fields)
         return record
 
     def _spawn(self, work: Awaitable[None]) -> None:

@@ -8,7 +8,7 @@ numbers (never re-rounded through floats).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -101,9 +101,34 @@ class UsageRecord:
         return self
 
     def log_fields(self) -> dict[str, Any]:
-        fields = asdict(self)
-        fields["cost_usd"] = str(self.cost_usd)
-        return fields
+        """The record as one request log line's fields (never a secret)."""
+        return {
+            "request_id": self.request_id,
+            "key_id": self.key_id,
+            "key": self.key_name,
+            "team": self.team,
+            "endpoint": self.endpoint,
+            "model_requested": self.model_requested,
+            "model": self.model,
+            "model_served": self.model_served,
+            "provider": self.provider,
+            "stream": self.stream,
+            "status": self.status,
+            "error_code": self.error_code,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+            "cached_tokens": self.cached_tokens,
+            "cost_usd": str(self.cost_usd),
+            "cost_source": self.cost_source,
+            "estimated": self.estimated,
+            "generation_id": self.generation_id,
+            "retries": self.retries,
+            "duration_ms": round(self.duration_s * 1000, 3),
+            "upstream_ms": round(self.upstream_s * 1000, 3) if self.upstream_s is not None else None,
+            "overhead_ms": round(self.overhead_s * 1000, 3),
+            "ttft_ms": round(self.ttft_s * 1000, 3) if self.ttft_s is not None else None,
+        }
 
 
 def _count(value: Any) -> int:

@@ -1,0 +1,79 @@
+"""The outermost ASGI layer: header limits, request ids, and the inference routes' fast lane.
+
+Every response carries `x-request-id` (the client's, when sane). Requests with too many or too
+large headers get 431. POSTs to the OpenAI endpoints go straight to `proxy`, skipping FastAPI's
+router, dependency solving and exception middleware (a measurable share of each request);
+everything else, including these routes' OpenAPI documentation, stays FastAPI's.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.chat import proxy
+from app.api.responses import error_response
+from app.call import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint
+from app.errors import GatewayError, InvalidRequestError
+from app.gateway import Gateway
+from app.request_ids import request_id_of
+
+log = logging.getLogger("gateway")
+
+ROUTES: dict[str, Endpoint] = {
+    f"{prefix}{path}": endpoint
+    for prefix in ("/v1", "/api/v1")
+    for path, endpoint in (("/chat/completions", CHAT), ("/completions", COMPLETIONS), ("/embeddings", EMBEDDINGS))
+}
+
+
+class EdgeMiddleware:
+    def __init__(self, app: ASGIApp, max_header_bytes: int = 32768, max_headers: int = 100, admin: bool = True) -> None:
+        self.app = app
+        self.max_header_bytes = max_header_bytes
+        self.max_headers = max_headers
+        self.admin = admin
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        raw_headers = scope["headers"]
+        rid = request_id_of(raw_headers)
+        scope["request_id"] = rid
+        id_header = (b"x-request-id", rid.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), id_header]
+            await send(message)
+
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            await error_response(refusal)(scope, receive, send_with_id)
+            return
+        endpoint = ROUTES.get(scope["path"]) if scope["method"] == "POST" else None
+        if endpoint is None:
+            await self.app(scope, receive, send_with_id)
+            return
+        gateway: Gateway = scope["app"].state.gateway
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in raw_headers}
+        try:
+            response = await proxy(gateway, endpoint, headers, receive, rid)
+        except GatewayError as error:
+            response = error_response(error)
+        except Exception:
+            log.exception("unhandled error on POST %s", scope["path"])
+            response = error_response(GatewayError())
+        await response(scope, receive, send_with_id)
+
+    def _refusal(self, scope: Scope) -> GatewayError | None:
+        headers = scope["headers"]
+        if len(headers) > self.max_headers or sum(len(k) + len(v) for k, v in headers) > self.max_header_bytes:
+            return InvalidRequestError(
+                "The request's headers are too many or too large.", status=431, code="request_header_fields_too_large"
+            )
+        if not self.admin and scope["path"].startswith("/admin"):
+            return InvalidRequestError("The admin API is served on its own address.", status=404, code="unknown_url")
+        return None

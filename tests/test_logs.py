@@ -1,0 +1,107 @@
+"""Structured logs: every line is one JSON object; one line per request with ids, key name,
+team, model, status, tokens, cost and durations; prompts and completions only when asked for;
+never a secret."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from app.simulator import SimulatorThread
+from tests.support import ADMIN_KEY, CLIENT_KEY, UPSTREAM_KEY, GatewayProcess, wait_until
+
+SECRET_PROMPT = "my-private-prompt-" + uuid.uuid4().hex
+
+
+def lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run(simulator: SimulatorThread, tmp_path: Path, **env: str) -> tuple[list[dict[str, Any]], str]:
+    log = tmp_path / "gateway.log"
+    base = {
+        "OPENROUTER_BASE_URL": simulator.base_url,
+        "OPENROUTER_API_KEY": UPSTREAM_KEY,
+        "GATEWAY_API_KEY": CLIENT_KEY,
+        "GATEWAY_ADMIN_KEY": ADMIN_KEY,
+        "GATEWAY_CONFIG": "/dev/null",
+        **env,
+    }
+    rid = "log-test-" + uuid.uuid4().hex
+    with GatewayProcess(base, str(log)) as gateway:
+        headers = {"Authorization": f"Bearer {CLIENT_KEY}", "x-request-id": rid}
+        body = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": SECRET_PROMPT}]}
+        assert httpx.post(gateway.url + "/v1/chat/completions", json=body, headers=headers).status_code == 200
+        streamed = {**body, "stream": True}
+        assert (
+            httpx.post(
+                gateway.url + "/v1/chat/completions", json=streamed, headers={**headers, "x-request-id": rid + "-s"}
+            ).status_code
+            == 200
+        )
+        refused = httpx.post(
+            gateway.url + "/v1/chat/completions",
+            json={**body, "model": "nobody/nothing"},
+            headers={**headers, "x-request-id": rid + "-e"},
+        )
+        assert refused.status_code == 404
+        wait_until(
+            lambda: len([line for line in lines(log) if line.get("request_id", "").startswith(rid)]) == 3,
+            10,
+            "the request lines",
+        )
+    return lines(log), rid
+
+
+def test_one_json_line_per_request(simulator: SimulatorThread, tmp_path: Path) -> None:
+    entries, rid = run(simulator, tmp_path)
+    assert all(isinstance(e, dict) and {"time", "level", "logger", "message"} <= set(e) for e in entries)
+    assert any(e["logger"].startswith("uvicorn") for e in entries)  # uvicorn's own lines are JSON too
+    requests = {e["request_id"]: e for e in entries if e.get("message") == "request"}
+    plain, streamed, refused = requests[rid], requests[rid + "-s"], requests[rid + "-e"]
+    for entry in (plain, streamed):
+        assert entry["status"] == 200 and entry["key"] == "bootstrap" and entry["model"] == "openai/gpt-4o-mini"
+        assert entry["prompt_tokens"] > 0 and entry["completion_tokens"] > 0
+        assert float(entry["cost_usd"]) > 0 and entry["cost_source"] == "upstream"
+        assert entry["duration_ms"] > 0 and entry["upstream_ms"] > 0 and entry["overhead_ms"] >= 0
+        assert entry["generation_id"].startswith("gen-")
+    assert streamed["stream"] is True and streamed["ttft_ms"] > 0
+    assert refused["status"] == 404 and refused["error_code"] == "model_not_found"
+    text = json.dumps(entries)
+    assert SECRET_PROMPT not in text and "Hello from" not in text  # no prompts, no completions
+    for secret in (CLIENT_KEY, ADMIN_KEY, UPSTREAM_KEY):
+        assert secret not in text
+
+
+@pytest.mark.parametrize("level", ["warning"])
+def test_request_lines_follow_the_level(simulator: SimulatorThread, tmp_path: Path, level: str) -> None:
+    log = tmp_path / "quiet.log"
+    env = {
+        "OPENROUTER_BASE_URL": simulator.base_url,
+        "OPENROUTER_API_KEY": UPSTREAM_KEY,
+        "GATEWAY_API_KEY": CLIENT_KEY,
+        "GATEWAY_CONFIG": "/dev/null",
+        "GATEWAY_LOG_LEVEL": level,
+    }
+    with GatewayProcess(env, str(log)) as gateway:
+        body = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+        assert (
+            httpx.post(
+                gateway.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {CLIENT_KEY}"}
+            ).status_code
+            == 200
+        )
+    assert not [e for e in lines(log) if e.get("message") == "request"]
+
+
+def test_bodies_only_when_enabled(simulator: SimulatorThread, tmp_path: Path) -> None:
+    entries, rid = run(simulator, tmp_path, GATEWAY_LOG_BODIES="true")
+    plain = next(e for e in entries if e.get("request_id") == rid)
+    assert SECRET_PROMPT in plain["request_body"]
+    assert "Hello from openai/gpt-4o-mini" in plain["response_body"]
+    assert CLIENT_KEY not in json.dumps(entries)  # headers are never logged, even then
