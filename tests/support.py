@@ -201,3 +201,11 @@ def require_tool(name: str, package: str) -> str:
             pytest.fail(f"{name} is not installed (Debian package {package})")
         pytest.skip(f"{name} is not installed")
     return path
+
+
+def free_port_number() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

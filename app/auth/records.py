@@ -63,6 +63,21 @@ def _number(value: Any) -> Any:
     return value
 
 
+MAX_DEPTH = 16
+
+
+def _shallow(value: Any) -> Any:
+    """Free-form JSON (metadata, provider policy, defaults) may nest at most MAX_DEPTH levels."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"nested more than {MAX_DEPTH} levels deep")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return value
+
+
 def _utc(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
@@ -74,7 +89,8 @@ Glob = Annotated[str, AfterValidator(_glob)]
 OneLine = Annotated[str, AfterValidator(_one_line)]
 Category = Annotated[str, AfterValidator(_category)]
 EnvName = Annotated[str, AfterValidator(_env_name)]
-Metadata = Annotated[dict[str, Any], Field(max_length=64)]
+Metadata = Annotated[dict[str, Any], Field(max_length=64), AfterValidator(_shallow)]
+FreeForm = Annotated[dict[str, Any], AfterValidator(_shallow)]
 Count = Annotated[int, BeforeValidator(_number)]
 Amount = Annotated[float, BeforeValidator(_number)]
 
@@ -110,8 +126,8 @@ class TeamFields(LimitFields):
     app_title: OneLine | None = Field(None, description="X-OpenRouter-Title / X-Title for this team")
     categories: list[Category] | None = Field(None, max_length=2, description="X-OpenRouter-Categories")
     upstream_key_env: EnvName | None = Field(None, description="env var holding this team's OpenRouter key")
-    provider: dict[str, Any] | None = Field(None, description="provider policy merged over every request")
-    defaults: dict[str, Any] = Field(default_factory=dict, description="body fields merged under every request")
+    provider: FreeForm | None = Field(None, description="provider policy merged over every request")
+    defaults: FreeForm = Field(default_factory=dict, description="body fields merged under every request")
     metadata: Metadata = Field(default_factory=dict)
 
 
