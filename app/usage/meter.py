@@ -118,6 +118,10 @@ class Meter:
             seen = Usage(prompt_tokens=call.prompt_estimate, completion_tokens=max(0, call.data_events - 1))
             cost, _ = self.cost(seen, model)
             return record.with_usage(seen, cost, "catalogue", estimated=True)
+        if call.forwarded and call.generation_id:
+            # OpenRouter started a generation but its body told us nothing usable (malformed, or
+            # an error without usage): it may still be billed, so ask for its stats later.
+            return record.with_usage(Usage(), Decimal(0), "none", estimated=True)
         return record
 
     def cost(self, usage: Usage, model: str | None) -> tuple[Decimal, CostSource]:
