@@ -50,6 +50,7 @@ class ProxyCall:
     parsed: Any = None  # the non-streaming response body, parsed once
     payload: Any = None  # streams: the request body, to estimate a cut stream's prompt
     logged_body: str | None = None  # the request body, only when log_bodies is on
+    logged_stream: bytearray | None = None  # streams: the events relayed, likewise
     data_events: int = 0  # streams: data events relayed
     reservation: Reservation | None = None
     attempts: int = 0

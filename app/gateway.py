@@ -16,7 +16,13 @@ from app.auth.keys import KeyAuthenticator, Principal, hash_key
 from app.auth.registry import Registry
 from app.call import EMBEDDINGS, Endpoint, ProxyCall
 from app.catalog.models import Catalog
-from app.errors import GatewayError, InvalidRequestError, ModelNotAllowedError, UpstreamUnavailableError
+from app.errors import (
+    GatewayError,
+    InvalidRequestError,
+    ModelNotAllowedError,
+    ServerShuttingDownError,
+    UpstreamUnavailableError,
+)
 from app.forwarder import Forwarder, Outcome
 from app.limits.admission import Admission, Demand, demand_of
 from app.normalize import request as normalize
@@ -28,6 +34,7 @@ from app.usage.meter import Meter
 from app.usage.metrics import Metrics
 
 log = logging.getLogger("gateway.request")
+SHUTTING_DOWN = "The server is shutting down; retry the request."
 
 # Client headers that steer OpenRouter and are safe to pass on.
 PASSED_REQUEST_HEADERS = (
@@ -77,9 +84,11 @@ class Gateway:
         self.ledger = Ledger(store, on_drop=metrics.ledger_dropped.inc)
         self.meter = Meter(catalog, self.ledger, metrics, admission, self._generation)
         self.meter.log_requests, self.meter.log_bodies = settings.log_requests, settings.log_bodies
-        self.draining = False
+        self.draining = False  # SIGTERM came: not ready
+        self.stopped = False  # the drain's grace period is over: open work ends now
         self.streams: set[Any] = set()  # open SSE responses, ended by the drain at its deadline
-        self._stop_streams: asyncio.TimerHandle | None = None
+        self.waiting: set[asyncio.Task[Any]] = set()  # requests waiting on OpenRouter, likewise
+        self._stop_open_work: asyncio.TimerHandle | None = None
         admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
         self.admin_key_hash = hash_key(admin_key).encode() if admin_key else None
         self._shared_auth = client.auth_header()
@@ -201,12 +210,25 @@ class Gateway:
                 return body
             return normalize.encode({**payload, "model": model})
 
+        if self.stopped:
+            raise ServerShuttingDownError(SHUTTING_DOWN)
         call.forwarded = call.in_flight = True
         self.forwarder.budget.in_flight += 1
         self.metrics.in_flight.inc()
         if call.stream:
             call.payload = payload
-        return await self.forwarder.send(call, self._models(call), body_for, headers)
+        task = asyncio.current_task()
+        assert task is not None
+        self.waiting.add(task)
+        try:
+            return await self.forwarder.send(call, self._models(call), body_for, headers)
+        except asyncio.CancelledError:
+            if not self.stopped:
+                raise
+            task.uncancel()  # ended by the drain: answer, rather than vanish
+            raise ServerShuttingDownError(SHUTTING_DOWN) from None
+        finally:
+            self.waiting.discard(task)
 
     # 8. meter
     def finish(self, call: ProxyCall, error: GatewayError | None = None) -> None:
@@ -222,14 +244,24 @@ class Gateway:
         self.meter.record(call)
 
     def begin_drain(self, grace_s: float) -> None:
-        """SIGTERM: report not ready at once; streams still open after `grace_s` get ended."""
+        """SIGTERM: report not ready at once; what is still open after `grace_s` gets ended."""
         if self.draining:
             return
         self.draining = True
-        log.warning("draining: not ready; open streams end in %.0fs", grace_s)
-        self._stop_streams = asyncio.get_running_loop().call_later(grace_s, self.stop_streams)
+        log.warning("draining: not ready; open requests end in %.0fs", grace_s)
+        self._stop_open_work = asyncio.get_running_loop().call_later(grace_s, self.stop_open_work)
 
-    def stop_streams(self) -> None:
+    def stop_open_work(self) -> None:
+        """The grace period is over: requests still waiting on OpenRouter get a 503
+        `server_shutting_down`, streams get it as their last event, and so do streams that
+        would start from now on. Each is metered as it ends."""
+        self.stopped = True
+        if self.waiting or self.streams:
+            log.warning(
+                "grace period over: ending %d waiting requests and %d streams", len(self.waiting), len(self.streams)
+            )
+        for task in list(self.waiting):
+            task.cancel()
         for stream in list(self.streams):
             stream.stop()
 

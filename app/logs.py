@@ -35,12 +35,33 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
+class TextFormatter(logging.Formatter):
+    """For people reading a terminal: the message, then the record's fields as key=value."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        fields = [
+            f"{name}={_text_value(value)}"
+            for name, value in record.__dict__.items()
+            if name not in _STANDARD and not name.startswith("_") and value is not None
+        ]
+        if not fields:
+            return text
+        head, newline, rest = text.partition("\n")  # a traceback stays below the fields
+        return f"{head} {' '.join(fields)}{newline}{rest}"
+
+
+def _text_value(value: Any) -> str:
+    text = value if isinstance(value, str) else orjson.dumps(value, default=str).decode()
+    return orjson.dumps(text).decode() if not text or any(c in text for c in ' "=\n') else text
+
+
 def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if settings.log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())

@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             gc.collect()
             gc.freeze()
             gc.set_threshold(10_000, 50, 100)
-            _drain_on_signals(gateway, settings.shutdown_grace_s)
+            _drain_on_signals(gateway, settings.shutdown_delay_s, settings.shutdown_grace_s)
             duties = [
                 asyncio.ensure_future(_flush_last_used(gateway, settings.last_used_flush_s)),
                 asyncio.ensure_future(gateway.admission.run()),
@@ -91,7 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if not separate_admin:
         app.include_router(admin.router)
     app.include_router(health.router)
-    _finish(app, settings, admin_routes=not separate_admin)
+    _finish(app, settings, admin_routes=not separate_admin, inference=True)
     return app
 
 
@@ -110,7 +110,7 @@ def create_admin_app(settings: Settings, gateway_app: FastAPI) -> FastAPI:
     app.state = gateway_app.state
     app.include_router(admin.router)
     app.include_router(health.router)
-    _finish(app, settings, admin_routes=True)
+    _finish(app, settings, admin_routes=True, inference=False)
     return app
 
 
@@ -124,15 +124,18 @@ def _fastapi(settings: Settings, lifespan: Any) -> FastAPI:
     )
 
 
-def _finish(app: FastAPI, settings: Settings, admin_routes: bool) -> None:
+def _finish(app: FastAPI, settings: Settings, admin_routes: bool, inference: bool) -> None:
     app.add_exception_handler(GatewayError, gateway_error_handler)
     app.add_exception_handler(StoreError, _store_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(RecursionError, _too_deep)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
     app.add_middleware(
-        EdgeMiddleware, max_header_bytes=settings.max_header_bytes, max_headers=settings.max_headers, admin=admin_routes
+        EdgeMiddleware,
+        max_header_bytes=settings.max_header_bytes,
+        max_headers=settings.max_headers,
+        admin=admin_routes,
+        inference=inference,
     )
     if settings.cors_origins:  # outermost, so fast-lane responses get the headers too
         app.add_middleware(
@@ -170,16 +173,26 @@ async def _flush_last_used(gateway: Gateway, every_s: float) -> None:
         await _flush_once(gateway)
 
 
-def _drain_on_signals(gateway: Gateway, grace_s: float) -> None:
-    """SIGTERM/SIGINT: start the gateway's drain, then let uvicorn's own handler stop the server
-    (it stops accepting connections and waits for requests and streams to end)."""
+def _drain_on_signals(gateway: Gateway, delay_s: float, grace_s: float) -> None:
+    """SIGTERM/SIGINT: start the gateway's drain (/readyz answers 503), keep serving for
+    `delay_s` so load balancers polling readiness move away, then let uvicorn's own handler stop
+    the server: it stops accepting connections and waits for requests and streams, which the
+    drain ends `grace_s` later. A second signal stops the server at once."""
     if threading.current_thread() is not threading.main_thread():
         return  # an embedded server (tests): no signals here
     loop = asyncio.get_running_loop()
+    signalled = False
     for sig in (signal.SIGTERM, signal.SIGINT):
         previous = signal.getsignal(sig)
 
         def chained(signum: int, frame: FrameType | None, previous: Any = previous) -> None:
+            nonlocal signalled
+            first, signalled = not signalled, True
+            if first and delay_s > 0:
+                loop.call_soon_threadsafe(gateway.begin_drain, delay_s + grace_s)
+                if callable(previous):
+                    loop.call_soon_threadsafe(loop.call_later, delay_s, previous, signum, frame)
+                return
             loop.call_soon_threadsafe(gateway.begin_drain, grace_s)
             if callable(previous):
                 previous(signum, frame)
@@ -213,10 +226,6 @@ async def _flush_once(gateway: Gateway) -> None:
 async def _store_error(request: Request, exc: Exception) -> Response:
     log.warning("store unavailable on %s %s: %s", request.method, request.url.path, exc)
     return error_response(StoreUnavailableError("The store is unavailable; try again shortly."))
-
-
-async def _too_deep(request: Request, exc: Exception) -> Response:
-    return error_response(InvalidRequestError("The JSON body is nested too deeply.", code="json_too_deep"))
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:

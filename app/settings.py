@@ -213,6 +213,9 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per line")
     log_requests: bool = Field(True, description="one log line per request (ids, key name, team, tokens, cost)")
     log_bodies: bool = Field(False, description="also log prompts and completions (off: never logged)")
+    shutdown_delay_s: float = Field(
+        0.0, ge=0, le=300, description="on SIGTERM, keep serving this long with /readyz at 503 before closing"
+    )
     shutdown_grace_s: float = Field(25.0, ge=0, le=3600, description="on SIGTERM, how long requests may finish")
     admin_host: str | None = Field(None, description="serve /admin on this address instead of the main one")
     admin_port: int | None = Field(None, ge=0, le=65535, description="serve /admin on this port only")
@@ -244,6 +247,10 @@ class Settings(BaseSettings):
         names = [(k.team, k.name) for k in self.keys]
         if len(set(names)) != len(names):
             raise ValueError("keys: each name may be declared once per team")
+        if self.admin_host is not None and self.admin_port is None:
+            raise ValueError("admin_host needs admin_port (the admin API's own address)")
+        if self.admin_port and self.admin_port == self.port:
+            raise ValueError("admin_port must differ from port")
         return self
 
     @classmethod

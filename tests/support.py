@@ -174,11 +174,18 @@ class GatewayProcess:
         return self
 
     def stop(self) -> int:
+        import subprocess
+
         if self.process is None:
             return 0
-        self.process.terminate()
-        code: int = self.process.wait(30)
-        self.process = None
+        process, self.process = self.process, None
+        process.terminate()
+        try:
+            code: int = process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()  # never leave a gateway behind
+            process.wait(10)
+            raise
         return code
 
     def __enter__(self) -> GatewayProcess:

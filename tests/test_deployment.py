@@ -114,7 +114,13 @@ def test_dockerfile_commands_build_and_run_the_gateway(tmp_path: Path, simulator
         assert subprocess.run(probe, env=env, timeout=30).returncode == 0
     finally:
         process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0
+        try:
+            code = process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()  # never leave the installed gateway running
+            process.wait(10)
+            raise
+        assert code == 0
 
 
 def test_compose_file_validates(tmp_path: Path) -> None:

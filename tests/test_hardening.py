@@ -24,7 +24,6 @@ HI = [{"role": "user", "content": "hi"}]
 def clean(response: httpx.Response, status: int | tuple[int, ...]) -> dict[str, Any]:
     statuses = status if isinstance(status, tuple) else (status,)
     assert response.status_code in statuses, (response.status_code, response.text[:500])
-    assert response.status_code < 500 or response.status_code in statuses
     assert "Traceback" not in response.text and "/work/" not in response.text and ".py" not in response.text
     assert response.headers.get("x-request-id")
     body: dict[str, Any] = response.json()
@@ -171,12 +170,11 @@ def test_admin_api_on_its_own_port(fenced: tuple[GatewayProcess, int]) -> None:
     clean(httpx.get(gateway.url + "/admin/teams", headers=admin), 404)
     listing = httpx.get(f"http://127.0.0.1:{admin_port}/admin/teams", headers=admin)
     assert listing.status_code == 200 and listing.json()["object"] == "list"
-    assert (
-        httpx.get(
-            f"http://127.0.0.1:{admin_port}/v1/models", headers={"Authorization": f"Bearer {CLIENT_KEY}"}
-        ).status_code
-        == 404
-    )
+    client = {"Authorization": f"Bearer {CLIENT_KEY}"}
+    assert httpx.get(f"http://127.0.0.1:{admin_port}/v1/models", headers=client).status_code == 404
+    for path in (CHAT, "/api/v1/chat/completions", "/v1/embeddings", "/v1/completions"):  # no inference there
+        inference = httpx.post(f"http://127.0.0.1:{admin_port}{path}", json={"messages": HI}, headers=client)
+        clean(inference, 404)
     assert (
         httpx.post(
             gateway.url + CHAT, json={"messages": HI}, headers={"Authorization": f"Bearer {CLIENT_KEY}"}

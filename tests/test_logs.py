@@ -96,7 +96,36 @@ def test_request_lines_follow_the_level(simulator: SimulatorThread, tmp_path: Pa
             ).status_code
             == 200
         )
-    assert not [e for e in lines(log) if e.get("message") == "request"]
+    entries = lines(log)
+    assert not [e for e in entries if e.get("message") == "request"]
+    # what is at the level still is logged: the warning that the drain began, at the stop
+    assert [e for e in entries if e["level"] == "warning" and "draining" in e["message"]], entries
+
+
+def test_text_format_keeps_the_fields(simulator: SimulatorThread, tmp_path: Path) -> None:
+    log = tmp_path / "text.log"
+    env = {
+        "OPENROUTER_BASE_URL": simulator.base_url,
+        "OPENROUTER_API_KEY": UPSTREAM_KEY,
+        "GATEWAY_API_KEY": CLIENT_KEY,
+        "GATEWAY_CONFIG": "/dev/null",
+        "GATEWAY_LOG_FORMAT": "text",
+    }
+    rid = "text-" + uuid.uuid4().hex
+    with GatewayProcess(env, str(log)) as gateway:
+        body = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": SECRET_PROMPT}]}
+        headers = {"Authorization": f"Bearer {CLIENT_KEY}", "x-request-id": rid}
+        assert httpx.post(gateway.url + "/v1/chat/completions", json=body, headers=headers).status_code == 200
+        line = wait_until(
+            lambda: next((x for x in log.read_text().splitlines() if f"request_id={rid}" in x), None),
+            10,
+            "the request line",
+        )
+    assert " INFO gateway.requests request " in line, line
+    for field in ("status=200", "key=bootstrap", "model=openai/gpt-4o-mini", "cost_source=upstream"):
+        assert field in line, line
+    assert "prompt_tokens=" in line and "duration_ms=" in line
+    assert SECRET_PROMPT not in log.read_text() and CLIENT_KEY not in log.read_text()
 
 
 def test_bodies_only_when_enabled(simulator: SimulatorThread, tmp_path: Path) -> None:
@@ -104,4 +133,8 @@ def test_bodies_only_when_enabled(simulator: SimulatorThread, tmp_path: Path) ->
     plain = next(e for e in entries if e.get("request_id") == rid)
     assert SECRET_PROMPT in plain["request_body"]
     assert "Hello from openai/gpt-4o-mini" in plain["response_body"]
+    streamed = next(e for e in entries if e.get("request_id") == rid + "-s")
+    assert SECRET_PROMPT in streamed["request_body"]
+    assert "data: {" in streamed["response_body"] and "data: [DONE]" in streamed["response_body"]
+    assert '"content":"Hello' in streamed["response_body"].replace(" ", "")
     assert CLIENT_KEY not in json.dumps(entries)  # headers are never logged, even then

@@ -138,3 +138,16 @@ def test_check_passes_a_good_config_with_secrets_set(tmp_path: Path) -> None:
     missing = run_check("--config", "config/gateway.yaml")
     assert missing.returncode == 1
     assert "problem: upstream.api_key: OPENROUTER_API_KEY is not set" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        ({"admin_host": "127.0.0.1"}, "admin_host needs admin_port"),
+        ({"port": 9000, "admin_port": 9000}, "admin_port must differ from port"),
+    ],
+)
+def test_admin_address_is_checked(overrides: dict[str, object], problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        load_settings(config_file=None, **overrides)
+    assert load_settings(config_file=None, port=9000, admin_port=9001, admin_host="127.0.0.1").admin_port == 9001

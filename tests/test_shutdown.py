@@ -1,6 +1,8 @@
-"""Graceful shutdown: SIGTERM during 20 open streams. Not ready at once, new connections refused,
-short streams complete, long ones end with one `server_shutting_down` error event instead of a
-cut, buffered usage reaches the ledger, and the process exits 0."""
+"""Graceful shutdown: SIGTERM during 20 open streams and two requests still waiting on OpenRouter.
+New connections refused, short streams complete, long ones end with one `server_shutting_down`
+error event instead of a cut, the waiting ones get a 503 `server_shutting_down`, every request
+reaches the ledger, and the process exits 0. With `shutdown_delay_s`, the gateway keeps serving
+(with /readyz at 503) before it closes its listener."""
 
 from __future__ import annotations
 
@@ -68,7 +70,8 @@ def test_sigterm_during_twenty_open_streams(simulator: SimulatorThread, tmp_path
         "GATEWAY_CONFIG": "/dev/null",
         "GATEWAY_SHUTDOWN_GRACE_S": "3",
     }
-    gateway = GatewayProcess(env, str(tmp_path / "gateway.log")).start()
+    log_path = tmp_path / "gateway.log"
+    gateway = GatewayProcess(env, str(log_path)).start()
     try:
         short = {
             "model": "openai/gpt-4o-mini",
@@ -77,34 +80,55 @@ def test_sigterm_during_twenty_open_streams(simulator: SimulatorThread, tmp_path
             "simulator": {"words": 10, "chunk_delay_ms": 100},
         }  # about 1 s
         long = {**short, "simulator": {"words": 300, "chunk_delay_ms": 100}}  # about 30 s
+        # OpenRouter answers these only after the grace period: they are still waiting at its end
+        slow = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+        slow["simulator"] = {"ttfb_ms": 20_000}
+        slow_stream = {**slow, "stream": True}
 
-        async def scenario() -> tuple[list[tuple[str, str]], float, bool]:
+        async def waiting(body: dict[str, Any]) -> tuple[int, dict[str, Any], float]:
+            async with httpx.AsyncClient(timeout=60, headers={"Authorization": f"Bearer {CLIENT_KEY}"}) as client:
+                response = await client.post(gateway.url + "/v1/chat/completions", json=body)
+                return response.status_code, response.json(), time.monotonic()
+
+        async def refused() -> bool:
+            try:  # new connections are refused once the drain starts
+                async with httpx.AsyncClient() as client:
+                    await client.get(gateway.url + "/healthz", timeout=2)
+                return False
+            except httpx.ConnectError:
+                return True
+
+        async def scenario() -> tuple[list[tuple[str, str]], list[tuple[int, dict[str, Any], float]], float, float]:
             opened, counter = asyncio.Event(), [0]
             tasks = [
                 asyncio.ensure_future(stream(gateway.url, short if i % 2 else long, opened, counter, 20))
                 for i in range(20)
             ]
+            slow_tasks = [asyncio.ensure_future(waiting(body)) for body in (slow, slow_stream)]
             await asyncio.wait_for(opened.wait(), 30)
             gateway.process.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
-            await asyncio.sleep(0.5)
-            try:  # new connections are refused once the drain starts
-                async with httpx.AsyncClient() as client:
-                    await client.get(gateway.url + "/healthz", timeout=2)
-                refused = False
-            except httpx.ConnectError:
-                refused = True
+            deadline = signalled + 10
+            while not await refused():
+                assert time.monotonic() < deadline, "the gateway kept accepting connections"
+                await asyncio.sleep(0.02)
             results = await asyncio.gather(*tasks)
-            return results, time.monotonic() - signalled, refused
+            answers = await asyncio.gather(*slow_tasks)
+            return results, answers, time.monotonic() - signalled, signalled
 
-        results, elapsed, refused = asyncio.run(scenario())
+        results, answers, elapsed, signalled = asyncio.run(scenario())
         assert gateway.process.wait(30) == 0
         gateway.process = None
         outcomes = [outcome for outcome, _ in results]
-        assert refused
         assert outcomes.count("done") == 10, outcomes  # the short ones finished
         assert outcomes.count("shutdown") == 10, outcomes  # the long ones got the error event, not a cut
         assert 3.0 <= elapsed < 15, elapsed  # ended at the grace period
+        for status, body, answered in answers:  # answered at the grace period, not cut at its end + 5 s
+            assert status == 503, body
+            assert body["error"]["code"] == "server_shutting_down", body
+            assert 3.0 <= answered - signalled < 6, answered - signalled
+        log = log_path.read_text()
+        assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
 
         def ledger() -> dict[str, int]:
             async def read() -> tuple[dict[str, dict[str, int]], dict[str, str]]:
@@ -123,11 +147,48 @@ def test_sigterm_during_twenty_open_streams(simulator: SimulatorThread, tmp_path
             return sums
 
         sums = ledger()  # written before the process exited
-        assert sums["requests"] == 20
+        assert sums["requests"] == 22
         assert sums["completion_tokens"] > 0 and sums["cost"] > 0
     finally:
         gateway.stop()
         redis_server.cleanup()
+
+
+def test_shutdown_delay_keeps_serving_while_not_ready(simulator: SimulatorThread, tmp_path: Path) -> None:
+    env = {
+        "OPENROUTER_BASE_URL": simulator.base_url,
+        "OPENROUTER_API_KEY": UPSTREAM_KEY,
+        "GATEWAY_API_KEY": CLIENT_KEY,
+        "GATEWAY_CONFIG": "/dev/null",
+        "GATEWAY_SHUTDOWN_DELAY_S": "2",
+        "GATEWAY_SHUTDOWN_GRACE_S": "1",
+    }
+    gateway = GatewayProcess(env, str(tmp_path / "gateway.log")).start()
+    client = httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=10)
+    try:
+        body = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+        gateway.process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        ready = wait_until(lambda: (r := client.get("/readyz")).status_code == 503 and r, 5, "readyz 503")
+        assert ready.json() == {"status": "draining"}
+        served = client.post("/v1/chat/completions", json=body)  # still serving while not ready
+        assert served.status_code == 200, served.text
+        assert time.monotonic() - signalled < 2.0  # all of that happened inside the delay
+
+        def closed() -> bool:
+            try:
+                httpx.get(gateway.url + "/healthz", timeout=1)
+                return False
+            except httpx.ConnectError:
+                return True
+
+        wait_until(closed, 10, "listener closed after the delay")
+        assert time.monotonic() - signalled >= 2.0
+        assert gateway.process.wait(30) == 0
+        gateway.process = None
+    finally:
+        client.close()
+        gateway.stop()
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +16,7 @@ from app.call import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint
 from app.errors import GatewayError
 from app.gateway import Gateway, response_headers
 from app.normalize.stream import StreamRelay
+from app.usage.meter import BODY_LOG_LIMIT
 
 router = APIRouter(tags=["OpenAI"])
 
@@ -28,7 +30,8 @@ async def proxy(
     payload = gateway.parse(raw, endpoint)
     call = gateway.new_call(request_id, endpoint, principal)
     if gateway.settings.log_bodies:
-        call.logged_body = raw[:16_384].decode("utf-8", "replace")
+        call.logged_body = raw[:BODY_LOG_LIMIT].decode("utf-8", "replace")
+        call.logged_stream = bytearray()
     try:
         await gateway.resolve(call, payload)
         body = gateway.to_upstream(call, payload, raw)
@@ -41,6 +44,10 @@ async def proxy(
         return SSEResponse(outcome, StreamRelay(call.include_usage), call, relayed, gateway.finish, gateway.streams)
     except GatewayError as error:
         gateway.finish(call, error)
+        raise
+    except BaseException as exc:  # cancelled, or a bug: the call is still metered and released
+        status, code = (499, "request_cancelled") if isinstance(exc, asyncio.CancelledError) else (500, None)
+        gateway.finish(call, GatewayError("The request did not complete.", status=status, code=code))
         raise
 
 

@@ -29,11 +29,19 @@ ROUTES: dict[str, Endpoint] = {
 
 
 class EdgeMiddleware:
-    def __init__(self, app: ASGIApp, max_header_bytes: int = 32768, max_headers: int = 100, admin: bool = True) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_header_bytes: int = 32768,
+        max_headers: int = 100,
+        admin: bool = True,
+        inference: bool = True,
+    ) -> None:
         self.app = app
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
-        self.admin = admin
+        self.admin = admin  # /admin is served here
+        self.inference = inference  # the OpenAI routes are served here (not on the admin address)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -53,7 +61,7 @@ class EdgeMiddleware:
         if refusal is not None:
             await error_response(refusal)(scope, receive, send_with_id)
             return
-        endpoint = ROUTES.get(scope["path"]) if scope["method"] == "POST" else None
+        endpoint = ROUTES.get(scope["path"]) if self.inference and scope["method"] == "POST" else None
         if endpoint is None:
             await self.app(scope, receive, send_with_id)
             return

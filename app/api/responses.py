@@ -16,6 +16,7 @@ from app.call import ProxyCall
 from app.errors import GatewayError, ServerShuttingDownError, UpstreamError
 from app.normalize.stream import StreamRelay
 from app.upstream.client import UpstreamResponse
+from app.usage.meter import BODY_LOG_LIMIT
 from app.usage.record import Usage
 
 JSON = "application/json"
@@ -59,7 +60,8 @@ class SSEResponse(Response):
     A client that goes away cancels the relay at once (uvicorn would otherwise swallow our
     writes silently), which closes the upstream connection, so OpenRouter stops generating.
     A server shutting down ends streams still open at the end of its grace period with one
-    OpenAI-style error event (`server_shutting_down`) instead of a cut.
+    OpenAI-style error event (`server_shutting_down`) instead of a cut. A stream counts as open
+    from the moment it is made (the upstream answered), so none slips past the drain.
     """
 
     def __init__(
@@ -73,8 +75,10 @@ class SSEResponse(Response):
     ) -> None:
         self.upstream = upstream
         self.streams = streams if streams is not None else set()
+        self.streams.add(self)
         self._task: asyncio.Task[Any] | None = None
         self._stopping = False
+        self._started = False
         self.relay = relay
         self.call = call
         self.raw_headers = _SSE_HEADERS + [(k.encode(), v.encode()) for k, v in headers.items()]
@@ -97,10 +101,12 @@ class SSEResponse(Response):
         watcher = asyncio.ensure_future(_disconnected(receive))
         watcher.add_done_callback(client_left)
         self._task = task
-        self.streams.add(self)
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            await self._relay(send)
+            if self._stopping:  # the drain ended it before it began
+                await self._end_for_shutdown(send)
+            else:
+                await self._start(send)
+                await self._relay(send)
         except asyncio.CancelledError:
             if gone:
                 task.uncancel()
@@ -128,12 +134,19 @@ class SSEResponse(Response):
 
     def stop(self) -> None:
         """The server is going away: end this stream now, with an error event."""
-        if self._task is not None and not self._complete and not self._stopping:
+        if not self._complete and not self._stopping:
             self._stopping = True
-            self._task.cancel()
+            if self._task is not None:
+                self._task.cancel()
+
+    async def _start(self, send: Send) -> None:
+        self._started = True
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
 
     async def _end_for_shutdown(self, send: Send) -> None:
         self._complete = True
+        if not self._started:
+            await self._start(send)
         tail = self.relay.fail(ServerShuttingDownError("The server is shutting down; retry the request."))
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
@@ -146,6 +159,8 @@ class SSEResponse(Response):
                     if call.first_token is None and relay.saw_data:
                         call.first_token = time.perf_counter()
                     await send({"type": "http.response.body", "body": out, "more_body": True})
+                    if call.logged_stream is not None and len(call.logged_stream) < BODY_LOG_LIMIT:
+                        call.logged_stream += out
                 if relay.done:
                     break
             tail = relay.end()

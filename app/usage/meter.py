@@ -32,6 +32,15 @@ def _clip(text: str) -> str:
     return text if len(text) <= BODY_LOG_LIMIT else text[:BODY_LOG_LIMIT] + "…"
 
 
+def _response_body(call: ProxyCall) -> str | None:
+    """The completion as the client got it: the JSON body, or a stream's events as relayed."""
+    if call.parsed is not None:
+        return _clip(orjson.dumps(call.parsed).decode())
+    if call.logged_stream:
+        return _clip(call.logged_stream.decode("utf-8", "replace"))
+    return None
+
+
 Lookup = Callable[[str, ProxyCall], Awaitable[tuple[int, Any]]]
 
 
@@ -70,7 +79,7 @@ class Meter:
             fields = record.log_fields()
             if self.log_bodies:
                 fields["request_body"] = call.logged_body
-                fields["response_body"] = _clip(orjson.dumps(call.parsed).decode()) if call.parsed is not None else None
+                fields["response_body"] = _response_body(call)
             requests_log.info("request", extra=fields)
         return record
 
