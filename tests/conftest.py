@@ -4,7 +4,8 @@ official `openai` client pointed at the gateway."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import openai
@@ -12,6 +13,9 @@ import pytest
 
 from app.auth.keys import hash_key
 from app.simulator import SimulatorThread
+from app.store.base import Store
+from app.store.memory import MemoryStore
+from app.store.redis import RedisStore
 from tests.redis_server import RedisServer
 from tests.support import (
     ADMIN_KEY,
@@ -70,3 +74,20 @@ def keyed(simulator: SimulatorThread) -> Iterator[GatewayServer]:
     with GatewayServer(settings) as server:
         yield server
     del os.environ["TEAM_ML_OPENROUTER_KEY"]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """Each contract test runs on the memory store and on a real redis-server."""
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    redis_store = RedisStore(server.url, prefix="t" + uuid.uuid4().hex[:10])
+    yield redis_store
+    await redis_store.close()

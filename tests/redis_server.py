@@ -9,6 +9,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -70,6 +71,18 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(10)
             self.process = None
+
+    def down_while(self, progress: Callable[[], int], answered: int = 10, timeout: float = 60) -> None:
+        """Stop the server until `answered` more requests (counted by `progress`) were answered
+        without it, then start it again."""
+        self.stop()
+        before = progress()
+        deadline = time.monotonic() + timeout
+        while progress() < before + answered:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{answered} requests were not answered with Redis down")
+            time.sleep(0.01)
+        self.start()
 
     def cleanup(self) -> None:
         self.stop()

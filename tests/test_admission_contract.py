@@ -1,38 +1,18 @@
-"""Admission semantics, the same on both stores: rolling windows, weighted tokens, leases,
+"""Admission semantics, the same on both stores: token buckets (RPM, TPM), leases,
 budgets, all-or-nothing reservation, and exactness under concurrency."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 
 from app.limits.checks import Check, Settlement, budget_period, format_duration
 from app.store.base import Store
-from app.store.memory import MemoryStore
-from app.store.redis import RedisStore
-from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
 LEASE_MS = 60_000
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    server: RedisServer = request.getfixturevalue("redis_server")
-    redis_store = RedisStore(server.url, prefix="a" + uuid.uuid4().hex[:10])
-    yield redis_store
-    await redis_store.close()
 
 
 def member() -> str:

@@ -50,9 +50,7 @@ def test_redis_restart_mid_run(simulator: SimulatorThread) -> None:
             worker = threading.Thread(target=run)
             worker.start()
             assert halfway.wait(30)
-            redis_server.stop()
-            time.sleep(1.0)  # requests go on while the ledger's store is gone
-            redis_server.start()
+            redis_server.down_while(lambda: sent)  # requests go on while the ledger's store is gone
             worker.join(60)
             assert sent == 60
 

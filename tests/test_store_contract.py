@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -14,28 +12,11 @@ from app.auth.records import KeyFields, KeyRecord, TeamFields, TeamRecord
 from app.auth.registry import Registry
 from app.errors import ConflictError, InvalidRequestError, NotFoundError
 from app.store.base import Store
-from app.store.memory import MemoryStore
 from app.store.redis import RedisStore
 from tests.redis_server import RedisServer
 from tests.redis_server import dump as redis_dump
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    server: RedisServer = request.getfixturevalue("redis_server")
-    redis_store = RedisStore(server.url, prefix="t" + uuid.uuid4().hex[:10])
-    yield redis_store
-    await redis_store.close()
 
 
 def team(name: str = "ml", **fields: object) -> TeamRecord:
