@@ -82,7 +82,9 @@ class Gateway:
         )
         self.forwarder.on_retry = lambda reason: metrics.retries.labels(reason).inc()
         self.ledger = Ledger(store, on_drop=metrics.ledger_dropped.inc)
-        self.meter = Meter(catalog, self.ledger, metrics, admission, self._generation)
+        self.meter = Meter(
+            catalog, self.ledger, metrics, admission, self._generation, tuple(settings.reconcile_delays_s)
+        )
         self.meter.log_requests, self.meter.log_bodies = settings.log_requests, settings.log_bodies
         self.draining = False  # SIGTERM came: not ready
         self.stopped = False  # the drain's grace period is over: open work ends now

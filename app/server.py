@@ -37,6 +37,15 @@ class QuietServer(uvicorn.Server):
         yield
 
 
+class WorkerConfig(uvicorn.Config):
+    """A worker's config. uvicorn calls `configure_logging` in each new worker before it serves:
+    quieting the signals there makes a drained worker exit 0, not re-raise SIGTERM on itself."""
+
+    def configure_logging(self) -> None:
+        super().configure_logging()
+        _quiet_signals_after_exit()
+
+
 def options(settings: Any) -> dict[str, Any]:
     return {
         "loop": "uvloop",
@@ -77,7 +86,7 @@ def run_workers(settings: Any, workers: int) -> None:
     """Several worker processes on one socket; each builds its app from the environment."""
     from uvicorn.supervisors import Multiprocess
 
-    config = uvicorn.Config(
+    config = WorkerConfig(
         "app.main:create_worker_app",
         factory=True,
         host=settings.host,

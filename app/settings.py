@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -205,6 +205,11 @@ class Settings(BaseSettings):
     auth_cache_ttl_s: float = Field(30.0, ge=0, description="re-read a cached key at least this often")
     last_used_flush_s: float = Field(5.0, gt=0, description="how often last-used times reach the store")
     budget_gauges_refresh_s: float = Field(15.0, gt=0, description="how often team budget gauges are read")
+    reconcile_delays_s: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [0.5, 0.5, 1, 2, 4, 8, 15],
+        max_length=20,
+        description="waits between GET /generation lookups for a cut stream's cost",
+    )
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_header_bytes: int = Field(32 * 1024, ge=1024, description="all request headers together; more gets 431")
     max_headers: int = Field(100, ge=10, description="request headers; more gets 431")

@@ -70,6 +70,7 @@ def budget_period(period: str, moment: datetime | None = None) -> tuple[str, int
 
 
 def _budget_period(period: str, moment: datetime) -> tuple[str, int]:
+    moment = moment.astimezone(UTC)  # the calendar is UTC's, whatever zone the moment was given in
     if period == "day":
         end = datetime(moment.year, moment.month, moment.day, tzinfo=UTC) + timedelta(days=1)
         return "d" + moment.strftime("%Y%m%d"), int((end - moment).total_seconds()) + 2 * 86400

@@ -52,7 +52,7 @@ class Meter:
         metrics: Metrics,
         admission: Admission,
         lookup: Lookup,
-        reconcile_delays_s: tuple[float, ...] = (0.5, 0.5, 1, 2, 4, 8, 15),
+        reconcile_delays_s: tuple[float, ...] = (0.5, 0.5, 1, 2, 4, 8, 15),  # settings.reconcile_delays_s
     ) -> None:
         self.catalog = catalog
         self.ledger = ledger
@@ -178,6 +178,7 @@ class Meter:
             exact.generation_id,
             exact.prompt_tokens + exact.completion_tokens,
             exact.cost_usd,
+            extra=exact.log_fields(),  # the corrected record (cost_source generation), for the log
         )
 
     async def drain(self) -> None:
