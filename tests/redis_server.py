@@ -3,6 +3,7 @@ those tests locally and fails them under CI=true (a skipped test in CI counts as
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -10,8 +11,11 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import pytest
+
+from app.store.redis import RedisStore
 
 
 def _free_port() -> int:
@@ -109,3 +113,22 @@ def dump(url: str) -> bytes:
     finally:
         client.close()
     return out
+
+
+def ledger_sums(url: str, prefix: str) -> dict[str, int]:
+    """Today's ledger in a Redis store, summed per measure (requests, tokens, cost, ...)."""
+
+    async def read() -> tuple[dict[str, dict[str, int]], dict[str, str]]:
+        store = RedisStore(url, prefix=prefix)
+        try:
+            return await store.ledger_read([datetime.now(UTC).strftime("%Y%m%d")])
+        finally:
+            await store.close()
+
+    stored, _ = asyncio.run(read())
+    sums: dict[str, int] = {}
+    for fields in stored.values():
+        for name, value in fields.items():
+            measure = name.rsplit("|", 1)[1]
+            sums[measure] = sums.get(measure, 0) + value
+    return sums

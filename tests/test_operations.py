@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import uuid
-from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,7 @@ import yaml
 
 from app.settings import Settings
 from app.simulator import SimulatorThread
-from app.store.redis import RedisStore
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, ledger_sums
 from tests.support import (
     ADMIN_KEY,
     CLIENT_KEY,
@@ -190,23 +188,6 @@ def test_the_admin_api_on_its_own_bind_address(fenced: tuple[GatewayProcess, str
 
 
 # -- 4. SIGTERM with `gateway serve --workers 2` -----------------------------------------------------
-def ledger_sums(url: str, prefix: str) -> dict[str, int]:
-    async def read() -> tuple[dict[str, dict[str, int]], dict[str, str]]:
-        store = RedisStore(url, prefix=prefix)
-        try:
-            return await store.ledger_read([datetime.now(UTC).strftime("%Y%m%d")])
-        finally:
-            await store.close()
-
-    stored, _ = asyncio.run(read())
-    sums: dict[str, int] = {}
-    for fields in stored.values():
-        for name, value in fields.items():
-            measure = name.rsplit("|", 1)[1]
-            sums[measure] = sums.get(measure, 0) + value
-    return sums
-
-
 def zombie_status(pid: int) -> int | None:
     """The wait status of an exited, not yet reaped process (field 52 of /proc/<pid>/stat), or
     None while it runs."""

@@ -12,7 +12,6 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,7 @@ import httpx
 import pytest
 
 from app.simulator import SimulatorThread
-from app.store.redis import RedisStore
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, ledger_sums
 from tests.support import (
     ADMIN_KEY,
     CLIENT_KEY,
@@ -130,23 +128,7 @@ def test_sigterm_during_twenty_open_streams(simulator: SimulatorThread, tmp_path
         log = log_path.read_text()
         assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
 
-        def ledger() -> dict[str, int]:
-            async def read() -> tuple[dict[str, dict[str, int]], dict[str, str]]:
-                store = RedisStore(redis_server.url, prefix=prefix)
-                try:
-                    return await store.ledger_read([datetime.now(UTC).strftime("%Y%m%d")])
-                finally:
-                    await store.close()
-
-            stored, _ = asyncio.run(read())
-            sums: dict[str, int] = {}
-            for fields in stored.values():
-                for name, value in fields.items():
-                    measure = name.rsplit("|", 1)[1]
-                    sums[measure] = sums.get(measure, 0) + value
-            return sums
-
-        sums = ledger()  # written before the process exited
+        sums = ledger_sums(redis_server.url, prefix)  # written before the process exited
         assert sums["requests"] == 22
         assert sums["completion_tokens"] > 0 and sums["cost"] > 0
     finally:
