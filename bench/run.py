@@ -99,6 +99,7 @@ class Stack:
 
     def start(self) -> Stack:
         redis_port, self.sim_port, self.bare_port, self.gw_port = (free_port() for _ in range(4))
+        self.redis_port = redis_port
         redis = shutil.which("redis-server")
         if redis is None:
             raise SystemExit("redis-server is needed (Debian package redis-server)")
@@ -148,7 +149,7 @@ class Stack:
             "OPENROUTER_BASE_URL": self.sim,
             "OPENROUTER_API_KEY": UPSTREAM_KEY,
             "GATEWAY_ADMIN_KEY": ADMIN_KEY,
-            "GATEWAY_STORE": f"redis://127.0.0.1:{redis_port}/0",
+            "GATEWAY_STORE": os.environ.get("BENCH_GATEWAY_STORE", f"redis://127.0.0.1:{redis_port}/0"),
             "GATEWAY_CONFIG": "/dev/null",
             "GATEWAY_HOST": "127.0.0.1",
             "GATEWAY_PORT": str(self.gw_port),

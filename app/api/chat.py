@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -38,8 +39,7 @@ async def proxy(
         await gateway.admit(call, payload)
         outcome = await gateway.forward(call, body, payload, headers)
         if isinstance(outcome, bytes):
-            gateway.finish(call)
-            return JSONBytes(outcome, response_headers(call, None))
+            return JSONBytes(outcome, response_headers(call, None), partial(gateway.finish, call))
         relayed = response_headers(call, outcome.headers)
         return SSEResponse(outcome, StreamRelay(call.include_usage), call, relayed, gateway.finish, gateway.streams)
     except GatewayError as error:

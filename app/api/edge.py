@@ -1,8 +1,8 @@
 """The outermost ASGI layer: header limits, request ids, and the inference routes' fast lane.
 
 Every response carries `x-request-id` (the client's, when sane). Requests with too many or too
-large headers get 431. POSTs to the OpenAI endpoints go straight to `proxy`, skipping FastAPI's
-router, dependency solving and exception middleware (a measurable share of each request);
+large headers get 431. POSTs to the OpenAI endpoints go straight to `proxy`, skipping all of FastAPI
+(its middleware stack, router and dependency solving: a measurable share of each request);
 everything else, including these routes' OpenAPI documentation, stays FastAPI's.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from starlette.datastructures import State
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.chat import proxy
@@ -32,12 +33,14 @@ class EdgeMiddleware:
     def __init__(
         self,
         app: ASGIApp,
+        state: State,
         max_header_bytes: int = 32768,
         max_headers: int = 100,
         admin: bool = True,
         inference: bool = True,
     ) -> None:
         self.app = app
+        self.state = state  # the app's: the lifespan puts the Gateway there
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
         self.admin = admin  # /admin is served here
@@ -65,7 +68,7 @@ class EdgeMiddleware:
         if endpoint is None:
             await self.app(scope, receive, send_with_id)
             return
-        gateway: Gateway = scope["app"].state.gateway
+        gateway: Gateway = self.state.gateway
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in raw_headers}
         try:
             response = await proxy(gateway, endpoint, headers, receive, rid)

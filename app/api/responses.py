@@ -28,10 +28,12 @@ _SSE_HEADERS = [
 
 
 class JSONBytes(Response):
-    """JSON bytes as received, with the least work an ASGI response can do."""
+    """JSON bytes as received, with the least work an ASGI response can do. `after` runs once the
+    body is handed to the server (or sending failed): metering, off the client's wait."""
 
-    def __init__(self, body: bytes, headers: dict[str, str]) -> None:
+    def __init__(self, body: bytes, headers: dict[str, str], after: Callable[[], None] | None = None) -> None:
         self.body = body
+        self.after = after
         self.status_code = 200
         self.background = None
         self.raw_headers = [
@@ -41,8 +43,12 @@ class JSONBytes(Response):
         ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        await send({"type": "http.response.body", "body": self.body})
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            await send({"type": "http.response.body", "body": self.body})
+        finally:
+            if self.after is not None:
+                self.after()
 
 
 def error_response(error: GatewayError) -> Response:

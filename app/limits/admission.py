@@ -80,17 +80,19 @@ class Plan:
 
     def __init__(self, scopes: list[Scope]) -> None:
         self.needs_demand = any(v.tpm is not None or v.budget_usd is not None for _, _, v in scopes)
-        self._fixed: list[Check | tuple[str, str, str, int, str]] = []
+        self._fixed: list[Check | tuple[str, str, str, int, str, str]] = []
         for scope, scope_id, values in scopes:
             if values.rpm is not None:
                 self._fixed.append(Check(scope, scope_id, "requests", values.rpm))
             if values.tpm is not None:
-                self._fixed.append((scope, scope_id, "tokens", values.tpm, ""))
+                stem = Check(scope, scope_id, "tokens", values.tpm).name
+                self._fixed.append((scope, scope_id, "tokens", values.tpm, "", stem))
             if values.max_concurrency is not None:
                 self._fixed.append(Check(scope, scope_id, "concurrency", values.max_concurrency))
             if values.budget_usd is not None:
                 limit = int(Decimal(str(values.budget_usd)) * NANO)
-                self._fixed.append((scope, scope_id, "budget", limit, values.budget_period or "month"))
+                stem = Check(scope, scope_id, "budget", limit).name
+                self._fixed.append((scope, scope_id, "budget", limit, values.budget_period or "month", stem))
 
     def checks(self, wanted: Demand) -> list[Check]:
         out: list[Check] = []
@@ -98,12 +100,12 @@ class Plan:
             if isinstance(item, Check):
                 out.append(item)
                 continue
-            scope, scope_id, kind, limit, period = item
+            scope, scope_id, kind, limit, period, stem = item
             if kind == "tokens":
-                out.append(Check(scope, scope_id, kind, limit, wanted.tokens))
+                out.append(Check(scope, scope_id, kind, limit, wanted.tokens, "", 0, stem))
             else:
                 period_id, ttl = budget_period(period)
-                out.append(Check(scope, scope_id, kind, limit, wanted.cost_nano, period_id, ttl))
+                out.append(Check(scope, scope_id, kind, limit, wanted.cost_nano, period_id, ttl, f"{stem}:{period_id}"))
         return out
 
 
@@ -253,10 +255,11 @@ class Admission:
         reservation.settled = True
         reservation.tokens = tokens
         self._active.pop(reservation.member, None)
-        cost_nano = int((cost * NANO).to_integral_value(ROUND_HALF_UP))
+        cost_nano = int((cost * NANO).to_integral_value(ROUND_HALF_UP)) if cost else 0
+        member = reservation.member
         self._queue(
             [
-                Settlement(c, reservation.member, cost_nano if c.kind == "budget" else c.amount - tokens)
+                Settlement(c, member, cost_nano if c.kind == "budget" else c.amount - tokens)
                 for c in reservation.checks
                 if c.kind != "requests"
             ]

@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from app import __version__
 from app.errors import UpstreamConnectionError, UpstreamTimeoutError
@@ -31,7 +32,11 @@ def open_session(settings: UpstreamSettings) -> aiohttp.ClientSession:
         total=None, sock_connect=settings.connect_timeout_s, sock_read=settings.read_timeout_s
     )
     return aiohttp.ClientSession(
-        connector=connector, timeout=timeout, read_bufsize=2**16, headers={"User-Agent": USER_AGENT}
+        connector=connector,
+        timeout=timeout,
+        read_bufsize=2**16,
+        headers={"User-Agent": USER_AGENT},
+        cookie_jar=aiohttp.DummyCookieJar(),  # an API client keeps no cookies (and skips their per-request work)
     )
 
 
@@ -101,6 +106,7 @@ class OpenRouterClient:
     def __init__(self, session: aiohttp.ClientSession, settings: UpstreamSettings) -> None:
         self._session = session
         self._base_url = settings.base_url
+        self._urls: dict[str, URL] = {}  # path -> parsed URL, so no request parses its URL again
         key = settings.api_key.get_secret_value() if settings.api_key else ""
         self._auth = f"Bearer {key}" if key else ""
 
@@ -120,7 +126,10 @@ class OpenRouterClient:
         response: aiohttp.ClientResponse | None = None
         try:
             async with asyncio.timeout(first_byte_timeout) as timer:
-                response = await self._session.post(self._base_url + path, data=body, headers=headers)
+                url = self._urls.get(path)
+                if url is None:
+                    url = self._urls[path] = URL(self._base_url + path)
+                response = await self._session.post(url, data=body, headers=headers)
                 upstream = UpstreamResponse(response)
                 if read_within is not None and response.status < 300:
                     timer.reschedule(asyncio.get_running_loop().time() + read_within)
