@@ -81,6 +81,7 @@ class Gateway:
             client, settings.upstream, lambda model: catalog.settings_for(model).first_byte_timeout_s
         )
         self.forwarder.on_retry = lambda reason: metrics.retries.labels(reason).inc()
+        metrics.follow_in_flight(lambda: self.forwarder.budget.in_flight)
         self.ledger = Ledger(store, on_drop=metrics.ledger_dropped.inc)
         self.meter = Meter(
             catalog, self.ledger, metrics, admission, self._generation, tuple(settings.reconcile_delays_s)
@@ -216,7 +217,8 @@ class Gateway:
             raise ServerShuttingDownError(SHUTTING_DOWN)
         call.forwarded = call.in_flight = True
         self.forwarder.budget.in_flight += 1
-        self.metrics.in_flight.inc()
+        if self.metrics.count_in_flight:
+            self.metrics.in_flight.inc()
         if call.stream:
             call.payload = payload
         task = asyncio.current_task()
@@ -242,7 +244,8 @@ class Gateway:
         if call.in_flight:
             call.in_flight = False
             self.forwarder.budget.in_flight -= 1
-            self.metrics.in_flight.dec()
+            if self.metrics.count_in_flight:
+                self.metrics.in_flight.dec()
         self.meter.record(call)
 
     def begin_drain(self, grace_s: float) -> None:

@@ -54,30 +54,32 @@ class EdgeMiddleware:
         rid = request_id_of(raw_headers)
         scope["request_id"] = rid
         id_header = (b"x-request-id", rid.encode())
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), id_header]
-            await send(message)
-
         refusal = self._refusal(scope)
-        if refusal is not None:
-            await error_response(refusal)(scope, receive, send_with_id)
-            return
         endpoint = ROUTES.get(scope["path"]) if self.inference and scope["method"] == "POST" else None
-        if endpoint is None:
+        if refusal is None and endpoint is None:
+
+            async def send_with_id(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message["headers"] = [*message.get("headers", ()), id_header]
+                await send(message)
+
             await self.app(scope, receive, send_with_id)
             return
-        gateway: Gateway = self.state.gateway
-        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in raw_headers}
-        try:
-            response = await proxy(gateway, endpoint, headers, receive, rid)
-        except GatewayError as error:
-            response = error_response(error)
-        except Exception:
-            log.exception("unhandled error on POST %s", scope["path"])
-            response = error_response(GatewayError())
-        await response(scope, receive, send_with_id)
+        if refusal is not None:
+            response = error_response(refusal)
+        else:
+            assert endpoint is not None
+            gateway: Gateway = self.state.gateway
+            headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in raw_headers}
+            try:
+                response = await proxy(gateway, endpoint, headers, receive, rid)
+            except GatewayError as error:
+                response = error_response(error)
+            except Exception:
+                log.exception("unhandled error on POST %s", scope["path"])
+                response = error_response(GatewayError())
+        response.raw_headers.append(id_header)  # our own responses: no wrapper around every send
+        await response(scope, receive, send)
 
     def _refusal(self, scope: Scope) -> GatewayError | None:
         headers = scope["headers"]

@@ -158,8 +158,15 @@ class SSEResponse(Response):
 
     async def _relay(self, send: Send) -> None:
         relay, call = self.relay, self.call
+        read = self.upstream.reader()
         try:
-            while chunk := await self.upstream.read_chunk():
+            while True:
+                try:
+                    chunk = await read()
+                except BaseException as exc:
+                    raise self.upstream.broken(exc) from exc
+                if not chunk:
+                    break
                 out = relay.feed(chunk)
                 if out:
                     if call.first_token is None and relay.saw_data:

@@ -2,14 +2,23 @@
 buckets sized for LLM calls; bounded labels (team, key name, model, status, endpoint,
 token_type, limit). Several workers share one view through prometheus_client's multiprocess
 mode (`PROMETHEUS_MULTIPROC_DIR`, wiped by `gateway serve` at start); replicas are each scraped.
+
+The per-request families are kept in plain Python in one process (a dict lookup and an add
+per update, no lock, no label tuple built by prometheus_client) and turned into samples only
+when /metrics is scraped; with several workers they go through prometheus_client's shared files.
 """
 
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from app.usage.record import UsageRecord
 
@@ -18,6 +27,100 @@ LLM_SECONDS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
 TTFT_SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60)
 OVERHEAD_SECONDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 TOKEN_TYPES = ("prompt", "completion", "reasoning", "cached")
+Labels = tuple[str, ...]
+
+
+def _go_float(value: float) -> str:
+    """A bucket bound as prometheus_client writes it in `le`."""
+    text: str = floatToGoString(value)  # type: ignore[no-untyped-call]
+    return text
+
+
+class LocalCounter:
+    """A counter family summed in this process, exported at scrape time."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Labels) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, labelnames
+        self.values: dict[Labels, float] = {}
+
+    def inc(self, labels: Labels, amount: float = 1) -> None:
+        values = self.values
+        values[labels] = values.get(labels, 0) + amount
+
+    def collect(self) -> Metric:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, value in list(self.values.items()):
+            family.add_metric(labels, value)
+        return family
+
+
+class LocalHistogram:
+    """A histogram family kept in this process: per label set, a count per bucket and the sum."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Labels, buckets: tuple[float, ...]) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, labelnames
+        self.bounds = [float(b) for b in buckets]
+        self._les = [*map(_go_float, self.bounds), "+Inf"]
+        self.values: dict[Labels, list[float]] = {}  # counts per bucket (the last is +Inf), then the sum
+
+    def observe(self, labels: Labels, value: float) -> None:
+        row = self.values.get(labels)
+        if row is None:
+            row = self.values[labels] = [0] * (len(self.bounds) + 2)
+        row[bisect_left(self.bounds, value)] += 1  # buckets are upper bounds, inclusive (le)
+        row[-1] += value
+
+    def collect(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, row in list(self.values.items()):
+            cumulative, buckets = 0.0, []
+            for le, count in zip(self._les, row, strict=False):
+                cumulative += count
+                buckets.append((le, cumulative))
+            family.add_metric(labels, buckets, sum_value=row[-1])
+        return family
+
+
+class SharedCounter:
+    """The same interface on a prometheus_client counter (multiprocess mode)."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Labels, registry: CollectorRegistry) -> None:
+        self._metric = Counter(name, documentation, labelnames, registry=registry)
+        self._children: dict[Labels, Any] = {}
+
+    def inc(self, labels: Labels, amount: float = 1) -> None:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._metric.labels(*labels)
+        child.inc(amount)
+
+
+class SharedHistogram:
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Labels,
+        buckets: tuple[float, ...],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._metric = Histogram(name, documentation, labelnames, buckets=buckets, registry=registry)
+        self._children: dict[Labels, Any] = {}
+
+    def observe(self, labels: Labels, value: float) -> None:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._metric.labels(*labels)
+        child.observe(value)
+
+
+class _LocalFamilies(Collector):
+    def __init__(self, families: list[LocalCounter | LocalHistogram]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.families:
+            yield family.collect()
 
 
 class Metrics:
@@ -25,49 +128,52 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         r = self.registry
-        self.requests = Counter(
-            "gateway_requests",
-            "Requests answered, by outcome.",
-            ("team", "key", "model", "endpoint", "status"),
-            registry=r,
+        local: list[LocalCounter | LocalHistogram] = []
+
+        def counter(name: str, documentation: str, labelnames: Labels) -> LocalCounter | SharedCounter:
+            if self.multiprocess:
+                return SharedCounter(name, documentation, labelnames, r)
+            family = LocalCounter(name, documentation, labelnames)
+            local.append(family)
+            return family
+
+        def histogram(
+            name: str, documentation: str, labelnames: Labels, buckets: tuple[float, ...]
+        ) -> LocalHistogram | SharedHistogram:
+            if self.multiprocess:
+                return SharedHistogram(name, documentation, labelnames, buckets, r)
+            family = LocalHistogram(name, documentation, labelnames, buckets)
+            local.append(family)
+            return family
+
+        self.requests = counter(
+            "gateway_requests", "Requests answered, by outcome.", ("team", "key", "model", "endpoint", "status")
         )
-        self.tokens = Counter(
+        self.tokens = counter(
             "gateway_tokens",
             "Tokens as OpenRouter counted them (reasoning is part of completion, cached part of prompt).",
             ("team", "key", "model", "token_type"),
-            registry=r,
         )
-        self.cost = Counter(
-            "gateway_cost_usd", "Spend in USD (OpenRouter's usage.cost first).", ("team", "key", "model"), registry=r
+        self.cost = counter(
+            "gateway_cost_usd", "Spend in USD (OpenRouter's usage.cost first).", ("team", "key", "model")
         )
-        self.duration = Histogram(
+        self.duration = histogram(
             "gateway_request_duration_seconds",
             "Whole request, as the client saw it.",
             ("model", "endpoint"),
-            buckets=LLM_SECONDS,
-            registry=r,
+            LLM_SECONDS,
         )
-        self.ttft = Histogram(
-            "gateway_time_to_first_token_seconds",
-            "Streams: until the first data event.",
-            ("model",),
-            buckets=TTFT_SECONDS,
-            registry=r,
+        self.ttft = histogram(
+            "gateway_time_to_first_token_seconds", "Streams: until the first data event.", ("model",), TTFT_SECONDS
         )
-        self.upstream = Histogram(
-            "gateway_upstream_duration_seconds",
-            "Time spent waiting on OpenRouter.",
-            ("model",),
-            buckets=LLM_SECONDS,
-            registry=r,
+        self.upstream = histogram(
+            "gateway_upstream_duration_seconds", "Time spent waiting on OpenRouter.", ("model",), LLM_SECONDS
         )
-        self.overhead = Histogram(
-            "gateway_overhead_seconds",
-            "Time the gateway itself added.",
-            ("endpoint",),
-            buckets=OVERHEAD_SECONDS,
-            registry=r,
+        self.overhead = histogram(
+            "gateway_overhead_seconds", "Time the gateway itself added.", ("endpoint",), OVERHEAD_SECONDS
         )
+        if local:
+            r.register(_LocalFamilies(local))
         self.retries = Counter(
             "gateway_upstream_retries", "Retries toward OpenRouter, by cause.", ("reason",), registry=r
         )
@@ -97,24 +203,22 @@ class Metrics:
             ("outcome",),
             registry=r,
         )
-        self._children: dict[tuple[Any, ...], Any] = {}
+        # In one process the gauge reads the live count when scraped; workers count into shared files.
+        self.count_in_flight = self.multiprocess
 
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+    def follow_in_flight(self, read: Callable[[], int]) -> None:
+        if not self.multiprocess:
+            self.in_flight.set_function(read)
 
     def observe_request(self, record: UsageRecord) -> None:
-        team, key, model = record.team or "", record.key_name, record.model or ""
-        self._child(self.requests, team, key, model, record.endpoint, str(record.status)).inc()
-        self._child(self.duration, model, record.endpoint).observe(record.duration_s)
-        self._child(self.overhead, record.endpoint).observe(record.overhead_s)
+        model, endpoint = record.model or "", record.endpoint
+        self.requests.inc((record.team or "", record.key_name, model, endpoint, str(record.status)))
+        self.duration.observe((model, endpoint), record.duration_s)
+        self.overhead.observe((endpoint,), record.overhead_s)
         if record.upstream_s is not None:
-            self._child(self.upstream, model).observe(record.upstream_s)
+            self.upstream.observe((model,), record.upstream_s)
         if record.ttft_s is not None:
-            self._child(self.ttft, model).observe(record.ttft_s)
+            self.ttft.observe((model,), record.ttft_s)
 
     def observe_usage(self, record: UsageRecord) -> None:
         team, key, model = record.team or "", record.key_name, record.model or ""
@@ -124,9 +228,9 @@ class Metrics:
             strict=True,
         ):
             if count:
-                self._child(self.tokens, team, key, model, token_type).inc(count)
+                self.tokens.inc((team, key, model, token_type), count)
         if record.cost_usd:
-            self._child(self.cost, team, key, model).inc(float(record.cost_usd))
+            self.cost.inc((team, key, model), float(record.cost_usd))
 
     def exposition(self) -> bytes:
         if self.multiprocess:
