@@ -18,8 +18,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 -- a token bucket: "level:stamp", refilled at cap per window, never above cap
-local function level_of(key, cap, window)
-  local state = redis.call('GET', key)
+local function level_at(state, cap, window)
   if not state then return cap end
   local sep = string.find(state, ':', 1, true)
   local level = tonumber(string.sub(state, 1, sep - 1)) + (now - tonumber(string.sub(state, sep + 1))) * cap / window
@@ -27,7 +26,12 @@ local function level_of(key, cap, window)
   return level
 end
 
-local function evict(zset, weights, sum, upto)
+local function level_of(key, cap, window)
+  return level_at(redis.call('GET', key), cap, window)
+end
+
+-- drop expired holds; returns the held sum after that (`held` is its value before)
+local function evict(zset, weights, sum, upto, held)
   local old = redis.call('ZRANGEBYSCORE', zset, '-inf', upto)
   if #old > 0 then
     local total = 0
@@ -36,9 +40,9 @@ local function evict(zset, weights, sum, upto)
       redis.call('HDEL', weights, m)
     end
     redis.call('ZREMRANGEBYSCORE', zset, '-inf', upto)
-    if total ~= 0 then redis.call('DECRBY', sum, total) end
+    if total ~= 0 then return redis.call('DECRBY', sum, total) end
   end
-  return tonumber(redis.call('GET', sum) or '0')
+  return tonumber(held or '0')
 end
 """
 
@@ -57,9 +61,24 @@ for i = 1, n do
   checks[i] = c
 end
 
+-- every bucket and budget sum in one read
+local reads = {}
+for _, c in ipairs(checks) do
+  if c.kind == 'r' or c.kind == 't' then
+    reads[#reads + 1] = KEYS[c.k]
+    c.r = #reads
+  elseif c.kind == 'b' then
+    reads[#reads + 1] = KEYS[c.k + 2]
+    reads[#reads + 1] = KEYS[c.k + 3]
+    c.r = #reads - 1
+  end
+end
+local values = {}
+if #reads > 0 then values = redis.call('MGET', unpack(reads)) end
+
 for i, c in ipairs(checks) do
   if c.kind == 'r' or c.kind == 't' then
-    c.level = level_of(KEYS[c.k], c.limit, window)
+    c.level = level_at(values[c.r], c.limit, window)
     if c.level < c.amount then
       local used = c.limit - math.floor(c.level)
       if c.amount > c.limit then return {0, i, -1, used} end
@@ -70,7 +89,7 @@ for i, c in ipairs(checks) do
     local used = redis.call('ZCARD', KEYS[c.k])
     if used + 1 > c.limit then return {0, i, 1000, used} end
   else
-    local used = evict(KEYS[c.k], KEYS[c.k + 1], KEYS[c.k + 2], now) + tonumber(redis.call('GET', KEYS[c.k + 3]) or '0')
+    local used = evict(KEYS[c.k], KEYS[c.k + 1], KEYS[c.k + 2], now, values[c.r]) + tonumber(values[c.r + 1] or '0')
     c.used = used
     if used + c.amount > c.limit then return {0, i, -1, used} end
   end
