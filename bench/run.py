@@ -58,6 +58,14 @@ def pinned(command: list[str], cpu: str) -> list[str]:
     )
 
 
+def on_load_core() -> None:
+    """This process generates load too (first-byte probes, the 1,000 slow streams): keep it on the
+    load core like wrk, off the proxy's core. Only where the proxies are pinned with taskset, since
+    the processes it starts inherit this."""
+    if pinned(["true"], "1")[0] == "taskset" and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {1})
+
+
 def raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
@@ -312,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench/results"), help="where latest.json and latest.md go")
     args = parser.parse_args(argv)
     raise_fd_limit()
+    on_load_core()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as logs, ExitStack() as stack_scope:

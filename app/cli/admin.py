@@ -12,11 +12,12 @@ import os
 import re
 import sys
 from datetime import UTC, datetime, timedelta
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from app.cli.tables import record, table
+
+if TYPE_CHECKING:
+    import httpx
 
 TEAM_COLUMNS = (
     "name",
@@ -258,10 +259,13 @@ def _key_generate(args: argparse.Namespace) -> int:
 # -- plumbing ---------------------------------------------------------------------------------
 class Api:
     def __init__(self, url: str) -> None:
+        import httpx  # here, not at the top: `gateway serve` must not carry it (~20 MB of RSS with rich)
+
         admin_key = os.environ.get("GATEWAY_ADMIN_KEY")
         if not admin_key:
             raise CommandError("set GATEWAY_ADMIN_KEY to the gateway's admin key")
-        self.client = httpx.Client(
+        self._http_error = httpx.HTTPError
+        self.client: httpx.Client = httpx.Client(
             base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {admin_key}"}, timeout=30
         )
 
@@ -275,7 +279,7 @@ class Api:
     ) -> Any:
         try:
             response = self.client.request(method, path, json=body, params=params, headers={"Accept": accept})
-        except httpx.HTTPError as exc:
+        except self._http_error as exc:
             raise CommandError(f"cannot reach the gateway at {self.client.base_url}: {exc}") from None
         if response.status_code >= 400:
             try:

@@ -1,0 +1,186 @@
+"""The hot path's shortcuts (issue 6) keep the behaviour of what they replace: metric families
+summed in process export exactly the samples prometheus_client would; the in-flight gauge reads
+the live count; the admission script's single read sees buckets, spend and expired holds
+together; fast-lane responses of every kind carry x-request-id; a non-streaming response is
+metered after it is sent, and still metered when the client is gone by then."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.limits.checks import Check, Settlement
+from app.store.base import Store
+from app.usage.metrics import LLM_SECONDS, OVERHEAD_SECONDS, LocalCounter, LocalHistogram, Metrics
+from tests.support import CLIENT_KEY, GatewayServer, wait_until
+
+HELLO = [{"role": "user", "content": "Hello there, how are you today?"}]
+MODEL = "openai/gpt-4o-mini"
+
+
+def samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample but `_created` (a timestamp), by name and labels."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text.decode())
+        for s in family.samples
+        if not s.name.endswith("_created")
+    }
+
+
+# -- 1. in-process families = prometheus_client's -----------------------------------------------------
+@pytest.mark.parametrize("buckets", [LLM_SECONDS, OVERHEAD_SECONDS], ids=["llm", "overhead"])
+def test_local_histogram_exports_what_prometheus_client_would(buckets: tuple[float, ...]) -> None:
+    values = [0.0, 0.00005, *buckets, *(b * 1.0001 for b in buckets), buckets[-1] * 10, 0.3, 0.3, 7.77]
+    reference = CollectorRegistry()
+    theirs = Histogram("h_seconds", "doc", ("model", "endpoint"), buckets=buckets, registry=reference)
+    ours = LocalHistogram("h_seconds", "doc", ("model", "endpoint"), buckets)
+    for i, value in enumerate(values):
+        labels = ("m" + str(i % 3), "chat")
+        theirs.labels(*labels).observe(value)
+        ours.observe(labels, value)
+    mine = CollectorRegistry()
+    mine.register(_Wrap(ours))
+    expected, got = samples(generate_latest(reference)), samples(generate_latest(mine))
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-12), key
+    assert len([k for k in got if k[0] == "h_seconds_bucket"]) == 3 * (len(buckets) + 1)  # +Inf included
+
+
+def test_local_counter_exports_what_prometheus_client_would() -> None:
+    reference = CollectorRegistry()
+    theirs = Counter("c_usd", "doc", ("team", "key"), registry=reference)
+    ours = LocalCounter("c_usd", "doc", ("team", "key"))
+    for i, amount in enumerate([1, 0.000123, 2.5, 1e-9, 40]):
+        labels = ("t" + str(i % 2), "k")
+        theirs.labels(*labels).inc(amount)
+        ours.inc(labels, amount)
+    mine = CollectorRegistry()
+    mine.register(_Wrap(ours))
+    assert samples(generate_latest(mine)) == samples(generate_latest(reference))
+
+
+class _Wrap:
+    def __init__(self, family: LocalCounter | LocalHistogram) -> None:
+        self.family = family
+
+    def collect(self) -> Any:
+        yield self.family.collect()
+
+
+def test_a_process_exports_the_request_families_once() -> None:
+    """One process (no PROMETHEUS_MULTIPROC_DIR): the families are in-process and each is exported
+    once, with HELP and TYPE, so promtool and Prometheus accept the page."""
+    metrics = Metrics()
+    assert not metrics.multiprocess and isinstance(metrics.duration, LocalHistogram)
+    text = metrics.exposition().decode()
+    for name in ("gateway_requests_total", "gateway_request_duration_seconds", "gateway_in_flight_requests"):
+        assert text.count(f"# TYPE {name} ") == 1, name
+
+
+# -- 2. the in-flight gauge is live --------------------------------------------------------------------
+def in_flight(url: str) -> float:
+    page = httpx.get(url + "/metrics", timeout=10).content
+    return samples(page)[("gateway_in_flight_requests", ())]
+
+
+def test_in_flight_gauge_counts_open_requests(gateway: GatewayServer, http: httpx.Client) -> None:
+    """A stream that goes silent stays in flight until its client leaves; one that ends does not."""
+    stalled = {"model": MODEL, "messages": HELLO, "stream": True, "simulator": {"words": 30, "stall_after": 2}}
+    ending = {"model": MODEL, "messages": HELLO, "stream": True, "simulator": {"words": 30, "chunk_delay_ms": 20}}
+    assert in_flight(gateway.url) == 0
+    with http.stream("POST", "/v1/chat/completions", json=stalled) as first:
+        assert first.status_code == 200
+        with http.stream("POST", "/v1/chat/completions", json=ending) as second:
+            assert second.status_code == 200
+            wait_until(lambda: in_flight(gateway.url) == 2, 10, "two requests in flight")
+            assert "".join(second.iter_text()).endswith("data: [DONE]\n\n")
+        wait_until(lambda: in_flight(gateway.url) == 1, 10, "one request in flight")
+    wait_until(lambda: in_flight(gateway.url) == 0, 10, "no request in flight once the client left")
+
+
+# -- 3. the admission script's one read ------------------------------------------------------------------
+@pytest.mark.anyio
+async def test_one_admission_sees_buckets_spend_and_expired_holds(store: Store) -> None:
+    """Buckets, a budget's spend and its held sum are read together; a hold that expired is
+    dropped from the held sum before the budget is decided, and the verdict's states say so."""
+    scope = "k" + uuid.uuid4().hex[:8]
+    rpm, tpm = Check("key", scope, "requests", 10), Check("key", scope, "tokens", 1000, 100)
+
+    def budget(amount: int) -> Check:
+        return Check("key", scope, "budget", 1000, amount, "total", 0)
+
+    crashed, paid, late = (uuid.uuid4().hex for _ in range(3))
+    started = time.monotonic()
+    assert (await store.admit([rpm, tpm, budget(500)], crashed, 200)).ok  # never settled: expires
+    assert (await store.admit([rpm, tpm, budget(300)], paid, 60_000)).ok
+    await store.settle([Settlement(tpm, paid, 100 - 40), Settlement(budget(300), paid, 250)])  # 40 tokens, 250 spent
+    assert not (await store.admit([rpm, tpm, budget(300)], late, 60_000)).ok  # 250 spent + 500 held
+    await asyncio.sleep(0.3)  # the crashed request's lease (200 ms) runs out
+    verdict = await store.admit([rpm, tpm, budget(300)], late, 60_000)
+    refill = (time.monotonic() - started) * 1000 / 60  # TPM 1000: the bucket refills 1000 a minute
+    assert verdict.ok
+    (rpm_left, _), (tpm_left, _), (budget_left, _) = verdict.states
+    assert rpm_left == 10 - 3  # three admissions; the refused one took nothing (all or nothing)
+    assert 1000 - 100 - 40 - 100 <= tpm_left <= 1000 - 100 - 40 - 100 + refill + 1  # 100 held, 40 used, 100 held
+    assert budget_left == 1000 - 250 - 300  # the expired 500 is no longer held
+
+
+# -- 4. fast-lane responses of every kind carry the request id ---------------------------------------
+def test_every_fast_lane_answer_carries_the_request_id(gateway: GatewayServer) -> None:
+    auth = {"Authorization": f"Bearer {CLIENT_KEY}"}
+    many_headers = {f"x-filler-{i}": "y" for i in range(120)}
+    cases: dict[str, tuple[dict[str, str], Any, int]] = {
+        "200": (auth, {"model": MODEL, "messages": HELLO}, 200),
+        "401": ({"Authorization": "Bearer sk-gw-nope"}, {"model": MODEL, "messages": HELLO}, 401),
+        "400": (auth, {"model": MODEL}, 400),
+        "upstream 503": (auth, {"model": MODEL, "messages": HELLO, "simulator": {"status": 503}}, 502),
+        "431": ({**auth, **many_headers}, {"model": MODEL, "messages": HELLO}, 431),
+    }
+    with httpx.Client(base_url=gateway.url, timeout=20) as http:
+        for kind, (headers, body, status) in cases.items():
+            rid = f"hot-{kind.replace(' ', '-')}-{uuid.uuid4().hex[:8]}"
+            response = http.post("/v1/chat/completions", json=body, headers={**headers, "x-request-id": rid})
+            assert response.status_code == status, (kind, response.text)
+            assert response.headers.get("x-request-id") == rid, kind
+            assert response.headers.get("content-type", "").startswith("application/json"), kind
+            assert list(response.headers.keys()).count("x-request-id") == 1, kind
+
+
+# -- 5. metering after the response --------------------------------------------------------------------
+def requests_counted(url: str, status: str) -> float:
+    page = samples(httpx.get(url + "/metrics", timeout=10).content)
+    return sum(
+        v for (name, labels), v in page.items() if name == "gateway_requests_total" and ("status", status) in labels
+    )
+
+
+def test_a_response_is_metered_once_sent_even_if_the_client_is_gone(gateway: GatewayServer) -> None:
+    """The client sends a request and closes its socket without reading the answer: the
+    request is still counted, once, as answered."""
+    before = requests_counted(gateway.url, "200")
+    body = httpx.Request(
+        "POST",
+        gateway.url + "/v1/chat/completions",
+        json={"model": MODEL, "messages": HELLO, "simulator": {"ttfb_ms": 150}},
+        headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+    )
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        head = f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\n" + "".join(
+            f"{k}: {v}\r\n" for k, v in body.headers.items() if k.lower() != "host"
+        )
+        raw.sendall(head.encode() + b"\r\n" + body.read())
+    wait_until(
+        lambda: requests_counted(gateway.url, "200") + requests_counted(gateway.url, "499") > before, 10, "metered"
+    )
+    assert requests_counted(gateway.url, "200") + requests_counted(gateway.url, "499") == before + 1
