@@ -52,6 +52,7 @@ def options(settings: Any) -> dict[str, Any]:
         "http": "httptools",
         "log_level": settings.log_level,
         "access_log": False,
+        "proxy_headers": False,  # the client's address is used nowhere; skip uvicorn's middleware for it
         "log_config": None,
         "timeout_graceful_shutdown": settings.shutdown_grace_s + EXTRA_WAIT_S,
     }

@@ -129,8 +129,12 @@ class RedisStore:
         try:
             return await self._resp.call(command)
         except StoreError as exc:
-            if "NOSCRIPT" not in str(exc):
-                raise
+            return await self._without_script(exc, command, name)
+
+    async def _without_script(self, exc: StoreError, command: bytes, name: str) -> Any:
+        """An EVALSHA failed: if Redis lacked the script, load it and send the command again."""
+        if "NOSCRIPT" not in str(exc):
+            raise exc
         await self._do(self.redis.script_load(self._scripts[name].script))
         return await self._resp.call(command)
 
@@ -240,7 +244,11 @@ class RedisStore:
         return [stem]
 
     async def admit(self, checks: Sequence[Check], member: str, lease_ms: int) -> Verdict:
-        result = await self._fast_command(self._admit_command(checks, member, lease_ms), "admit")
+        command = self._admit_command(checks, member, lease_ms)
+        try:  # _fast_command, inlined: one coroutine less on every request
+            result = await self._resp.call(command)
+        except StoreError as exc:
+            result = await self._without_script(exc, command, "admit")
         if result[0] == 0:
             return Verdict(False, int(result[1]) - 1, int(result[2]), int(result[3]))
         values = [int(v) for v in result[1:]]

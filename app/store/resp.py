@@ -75,7 +75,9 @@ class RespClient:
         self._next = itertools.cycle(range(connections))
 
     async def call(self, command: bytes) -> Any:
-        connection = await self._connection()
+        connection = self._slots[next(self._next)]
+        if connection is None or connection.lost:
+            connection = await self._connection()
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Any] = loop.create_future()
         connection.waiters.append(waiter)
