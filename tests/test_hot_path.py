@@ -19,7 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.limits.checks import Check, Settlement
 from app.store.base import Store
+from app.store.redis import RedisStore
 from app.usage.metrics import LLM_SECONDS, OVERHEAD_SECONDS, LocalCounter, LocalHistogram, Metrics
+from tests.redis_server import RedisServer
 from tests.support import CLIENT_KEY, GatewayServer, wait_until
 
 HELLO = [{"role": "user", "content": "Hello there, how are you today?"}]
@@ -185,3 +187,31 @@ def test_a_response_is_metered_once_sent_even_if_the_client_is_gone(gateway: Gat
         raw.sendall(head.encode() + b"\r\n" + body.read())
     counted = wait_until(lambda: answered(gateway.url) - before, 10, "the request metered")
     assert counted == 1  # a double record would be made in the same loop turn as the first
+
+
+# -- 6. the lean Redis client: commands queued per loop turn, set-up first -----------------------------
+@pytest.mark.anyio
+async def test_commands_racing_the_connection_set_up_land_after_auth_and_select(redis_server: RedisServer) -> None:
+    """A fresh store, a user with a password and database 3: fifty admissions sent at once (all
+    queued before the connection exists) are each answered with their own verdict, after AUTH
+    and SELECT, so every limit key lands in database 3."""
+    import redis.asyncio as aioredis
+
+    user, secret = "u" + uuid.uuid4().hex[:8], uuid.uuid4().hex
+    prefix = "t" + uuid.uuid4().hex[:10]
+    admin = aioredis.Redis(port=redis_server.port)
+    await admin.execute_command("ACL", "SETUSER", user, "on", f">{secret}", "~*", "+@all")
+    store = RedisStore(f"redis://{user}:{secret}@127.0.0.1:{redis_server.port}/3", prefix=prefix)
+    try:
+        limit = Check("key", "race", "requests", 30)
+        verdicts = await asyncio.gather(*(store.admit([limit], uuid.uuid4().hex, 60_000) for _ in range(50)))
+        assert sum(v.ok for v in verdicts) == 30  # each reply went to its own caller
+        assert sorted(v.states[0][0] for v in verdicts if v.ok) == list(range(30))
+        db3 = aioredis.Redis(port=redis_server.port, db=3)
+        in_3 = await db3.keys(f"*{prefix}*")
+        await db3.aclose()
+        assert in_3 and not await admin.keys(f"*{prefix}*")
+    finally:
+        await store.close()
+        await admin.execute_command("ACL", "DELUSER", user)
+        await admin.aclose()
