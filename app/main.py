@@ -180,6 +180,7 @@ async def _start_gateway(settings: Settings, client: OpenRouterClient, store: St
     metrics = Metrics()
     admission = Admission(store, settings.limits, on_store_error=metrics.store_errors.inc)
     gateway = Gateway(settings, client, catalog, store, authenticator, admission, metrics)
+    await store.prepare()
     await gateway.registry.load_declared([t.record() for t in settings.teams], [k.record() for k in settings.keys])
     return gateway
 

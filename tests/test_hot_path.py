@@ -7,6 +7,7 @@ metered after it is sent, and still metered when the client is gone by then."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import socket
 import time
 import uuid
@@ -18,11 +19,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.limits.checks import Check, Settlement
+from app.simulator import SimulatorThread
 from app.store.base import Store
 from app.store.redis import RedisStore
 from app.usage.metrics import LLM_SECONDS, OVERHEAD_SECONDS, LocalCounter, LocalHistogram, Metrics
 from tests.redis_server import RedisServer
-from tests.support import CLIENT_KEY, GatewayServer, wait_until
+from tests.support import ADMIN_KEY, CLIENT_KEY, GatewayServer, gateway_settings, wait_until
+from tests.test_limits import new_key
 
 HELLO = [{"role": "user", "content": "Hello there, how are you today?"}]
 MODEL = "openai/gpt-4o-mini"
@@ -215,3 +218,37 @@ async def test_commands_racing_the_connection_set_up_land_after_auth_and_select(
         await store.close()
         await admin.execute_command("ACL", "DELUSER", user)
         await admin.aclose()
+
+
+# -- 7. a released concurrency slot is back before the client's next request ------------------------
+def test_a_sequential_client_gets_its_concurrency_slot_back_at_once(keyed: GatewayServer) -> None:
+    """Metering (and so settlement) runs after the response is sent; the slot must still be free
+    when the client's next request comes: one after another at max_concurrency 1, never refused."""
+    key = new_key(keyed, max_concurrency=1)["key"]
+    with httpx.Client(base_url=keyed.url, headers={"Authorization": f"Bearer {key}"}, timeout=20) as http:
+        statuses = [
+            http.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 5}).status_code
+            for _ in range(40)
+        ]
+    assert statuses == [200] * 40
+
+
+def test_a_sequential_client_gets_its_concurrency_slot_back_at_once_on_redis(
+    simulator: SimulatorThread, redis_server: RedisServer
+) -> None:
+    """On Redis too, from a fresh Redis (no scripts loaded yet): the gateway loads its scripts
+    when it starts, before its first request, so no admission or settlement meets NOSCRIPT."""
+    import redis
+
+    from app.store import lua
+
+    shas = [hashlib.sha1(src.encode()).hexdigest() for src in (lua.ADMIT, lua.SETTLE, lua.LEDGER_APPLY)]
+    settings = gateway_settings(
+        simulator.base_url, admin_key=ADMIN_KEY, store=redis_server.url, store_prefix="t" + uuid.uuid4().hex[:10]
+    )
+    with redis.Redis(port=redis_server.port) as plain:
+        plain.script_flush()
+        assert plain.script_exists(*shas) == [False, False, False]
+        with GatewayServer(settings) as gateway:
+            assert plain.script_exists(*shas) == [True, True, True]  # loaded at start, before any request
+            test_a_sequential_client_gets_its_concurrency_slot_back_at_once(gateway)

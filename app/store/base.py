@@ -31,6 +31,9 @@ class StoreError(Exception):
 class Store(Protocol):
     async def ping(self) -> None: ...
 
+    async def prepare(self) -> None:
+        """At start: make the request path's first calls as fast as the rest (never raises)."""
+
     async def close(self) -> None: ...
 
     # teams
