@@ -51,15 +51,18 @@ class Reservation:
         headers: dict[str, str] = {}
         if self.verdict is None:
             return headers
-        tightest: dict[str, tuple[int, int, int]] = {}  # kind -> (remaining, reset_ms, limit)
-        for (remaining, reset_ms), check in zip(self.verdict.states, self.checks, strict=True):
-            kind = check.kind
-            if (kind == "requests" or kind == "tokens") and (kind not in tightest or remaining < tightest[kind][0]):
-                tightest[kind] = (remaining, reset_ms, check.limit)
-        for kind, (remaining, reset_ms, limit) in tightest.items():
-            headers[f"x-ratelimit-limit-{kind}"] = str(limit)
-            headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, remaining))
-            headers[f"x-ratelimit-reset-{kind}"] = format_duration(reset_ms)
+        states, checks = self.verdict.states, self.checks
+        tightest = {"requests": -1, "tokens": -1}  # kind -> index of its check with the least left
+        for i, check in enumerate(checks):
+            best = tightest.get(check.kind)
+            if best is not None and (best < 0 or states[i][0] < states[best][0]):
+                tightest[check.kind] = i
+        for kind, i in tightest.items():
+            if i >= 0:
+                remaining, reset_ms = states[i]
+                headers[f"x-ratelimit-limit-{kind}"] = str(checks[i].limit)
+                headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, remaining))
+                headers[f"x-ratelimit-reset-{kind}"] = format_duration(reset_ms)
         return headers
 
     @property
