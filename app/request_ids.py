@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from random import getrandbits
+import secrets
 
 
 def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:
@@ -11,4 +11,4 @@ def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:
             if 0 < len(value) <= 128 and all(33 <= byte < 127 for byte in value):
                 return value.decode()
             break
-    return f"req_{getrandbits(96):024x}"  # an id, not a secret: no system call needed
+    return "req_" + secrets.token_hex(12)

@@ -252,3 +252,79 @@ def test_a_sequential_client_gets_its_concurrency_slot_back_at_once_on_redis(
         with GatewayServer(settings) as gateway:
             assert plain.script_exists(*shas) == [True, True, True]  # loaded at start, before any request
             test_a_sequential_client_gets_its_concurrency_slot_back_at_once(gateway)
+
+
+# -- 8. reservations are the server's own, whatever request id the client sends ---------------------
+def test_a_reused_request_id_does_not_share_a_concurrency_slot(keyed: GatewayServer) -> None:
+    """The request id is the client's to choose, so it cannot name a request's hold in the
+    store: three requests sent with one id at max_concurrency 2 hold three slots, and the third
+    is refused; once they end, the slots are free again."""
+    key = new_key(keyed, max_concurrency=2)["key"]
+    stalled = {"model": MODEL, "messages": HELLO, "stream": True, "simulator": {"words": 30, "stall_after": 1}}
+    headers = {"Authorization": f"Bearer {key}", "x-request-id": "same-id-" + uuid.uuid4().hex[:6]}
+    with httpx.Client(base_url=keyed.url, headers=headers, timeout=20) as http:
+        with http.stream("POST", "/v1/chat/completions", json=stalled) as first:
+            assert first.status_code == 200
+            with http.stream("POST", "/v1/chat/completions", json=stalled) as second:
+                assert second.status_code == 200
+                third = http.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO})
+                assert third.status_code == 429, third.text
+                assert third.json()["error"]["code"] == "rate_limit_exceeded"
+        after = wait_until(
+            lambda: (
+                (r := http.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO})).status_code == 200
+                and r
+            ),
+            10,
+            "the slots released",
+        )
+        assert after.headers["x-request-id"] == headers["x-request-id"]
+
+
+def test_a_reused_request_id_does_not_share_a_concurrency_slot_on_redis(
+    simulator: SimulatorThread, redis_server: RedisServer
+) -> None:
+    settings = gateway_settings(
+        simulator.base_url, admin_key=ADMIN_KEY, store=redis_server.url, store_prefix="t" + uuid.uuid4().hex[:10]
+    )
+    with GatewayServer(settings) as gateway:
+        test_a_reused_request_id_does_not_share_a_concurrency_slot(gateway)
+
+
+# -- 9. the lean Redis client uses its connections, and leaves none behind --------------------------
+def connected_clients(port: int) -> int:
+    import redis
+
+    with redis.Redis(port=port) as plain:
+        count: int = plain.info("clients")["connected_clients"]
+        return count - 1  # this one
+
+
+@pytest.mark.anyio
+async def test_the_lean_client_opens_each_of_its_connections(redis_server: RedisServer) -> None:
+    from app.store.resp import RespClient, encode
+
+    before = connected_clients(redis_server.port)
+    client = RespClient(redis_server.url, timeout_s=2, connections=2)
+    try:
+        assert [await client.call(encode("PING")) for _ in range(4)] == [b"PONG"] * 4
+        assert connected_clients(redis_server.port) == before + 2
+    finally:
+        client.close()
+
+
+@pytest.mark.anyio
+async def test_a_refused_login_leaves_no_connection_open(redis_server: RedisServer) -> None:
+    from app.store.base import StoreError
+    from app.store.resp import RespClient, encode
+
+    before = connected_clients(redis_server.port)
+    client = RespClient(f"redis://nobody:wrong@127.0.0.1:{redis_server.port}/0", timeout_s=2, connections=2)
+    for _ in range(6):
+        with pytest.raises(StoreError):
+            await client.call(encode("PING"))
+    deadline = time.monotonic() + 10
+    while connected_clients(redis_server.port) > before and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)  # polling Redis's count, with a deadline
+    assert connected_clients(redis_server.port) == before
+    client.close()

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -133,6 +135,8 @@ class Admission:
         self._pending: deque[list[Settlement]] = deque(maxlen=MAX_PENDING_SETTLEMENTS)
         self._outbox: list[Settlement] = []
         self._sending: asyncio.Future[None] | None = None
+        self._members = itertools.count()
+        self._members_prefix = secrets.token_hex(4)
 
     # -- which limits apply ------------------------------------------------------------------
     def plan(self, principal: Principal, shared_key: bool) -> Plan:
@@ -162,9 +166,12 @@ class Admission:
         return {"period": period, "limit_usd": values.budget_usd, "spent_usd": float(Decimal(spent) / NANO)}
 
     # -- admit ---------------------------------------------------------------------------------
-    async def admit(self, member: str, checks: list[Check]) -> Reservation | None:
+    async def admit(self, request_id: str, checks: list[Check]) -> Reservation | None:
         if not checks:
             return None
+        # The holder's name in the store: the request id (which a client may choose, and reuse)
+        # made unique by this process, so two requests never share one slot or one budget hold.
+        member = f"{request_id}:{self._members_prefix}{next(self._members):x}"
         verdict = await self._decide(member, checks)
         if verdict is None:
             return Reservation(member, checks, None)  # admitted blind; its spend is still settled

@@ -101,7 +101,9 @@ class RedisStore:
         }
         self._listeners: list[ChangeListener] = []
         self._listener_task: asyncio.Task[None] | None = None
-        self._resp = resp.RespClient(url, timeout_s)
+        # One connection: Redis runs commands one at a time anyway, and on one connection a
+        # request's settlement is always applied before its client's next admission.
+        self._resp = resp.RespClient(url, timeout_s, connections=1)
         self._admit_encodings: dict[tuple[Any, ...], tuple[int, bytes, list[tuple[bytes, bytes]]]] = {}
         self._settle_encodings: dict[tuple[Any, ...], tuple[list[bytes], bytes, bytes]] = {}
 
@@ -154,6 +156,7 @@ class RedisStore:
         try:
             for name in ("admit", "settle", "ledger_apply"):
                 await self._do(self.redis.script_load(self._scripts[name].script))
+            await self._resp.call(resp.encode("PING"))  # and open the request path's connection
         except StoreError as exc:
             log.warning("limits store not reachable at start (%s); its scripts load on first use", exc)
 

@@ -1,9 +1,10 @@
 """A lean pipelined Redis client for the request path's two calls (admit, settle).
 
 redis-py spends more CPU packing and routing one EVALSHA than Redis spends running it. This
-client keeps a few connections open, writes pre-encoded RESP, parses replies with hiredis, and
-matches replies to callers in order (Redis answers a connection's commands in order). Anything
-that is not on the hot path still uses redis-py.
+client keeps its connection open (the store uses one, so commands reach Redis in the order they
+were sent), writes pre-encoded RESP, parses replies with hiredis, and matches replies to callers
+in order (Redis answers a connection's commands in order). Anything that is not on the hot path
+still uses redis-py.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class _Connection(asyncio.Protocol):
 class RespClient:
     """`await client.call(encode(...))` -> the reply (a hiredis.ReplyError is raised as StoreError)."""
 
-    def __init__(self, url: str, timeout_s: float, connections: int = 2) -> None:
+    def __init__(self, url: str, timeout_s: float, connections: int = 1) -> None:
         parsed = urlparse(url)
         self._unix = parsed.path if parsed.scheme == "unix" else None
         self._host = parsed.hostname or "127.0.0.1"
@@ -88,9 +89,10 @@ class RespClient:
         self._next = itertools.cycle(range(connections))
 
     async def call(self, command: bytes) -> Any:
-        connection = self._slots[next(self._next)]
+        slot = next(self._next)
+        connection = self._slots[slot]
         if connection is None or connection.lost:
-            connection = await self._connection()
+            connection = await self._connection(slot)
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Any] = loop.create_future()
         connection.waiters.append(waiter)
@@ -104,11 +106,7 @@ class RespClient:
             raise StoreError(f"redis: {reply}")
         return reply
 
-    async def _connection(self) -> _Connection:
-        slot = next(self._next)
-        connection = self._slots[slot]
-        if connection is not None and not connection.lost:
-            return connection
+    async def _connection(self, slot: int) -> _Connection:
         pending = self._connecting[slot]
         if pending is None:
             pending = self._connecting[slot] = asyncio.ensure_future(self._connect(slot))
@@ -133,8 +131,13 @@ class RespClient:
             setup.append(encode("AUTH", *([self._username] if self._username else []), self._password))
         if self._db:
             setup.append(encode("SELECT", self._db))
-        for command in setup:
-            await self.call_on(connection, command)
+        try:
+            for command in setup:
+                await self.call_on(connection, command)
+        except BaseException:
+            if connection.transport is not None:
+                connection.transport.close()  # a failed set-up must not leave a socket behind
+            raise
         self._slots[slot] = connection  # only now: no command may overtake the set-up
         return connection
 
@@ -142,7 +145,10 @@ class RespClient:
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         connection.waiters.append(waiter)
         connection.send(command)  # in order with every other command on this connection
-        reply = await asyncio.wait_for(waiter, self._timeout)
+        try:
+            reply = await asyncio.wait_for(waiter, self._timeout)
+        except TimeoutError:
+            raise StoreError("redis: no answer in time") from None
         if isinstance(reply, hiredis.ReplyError):
             raise StoreError(f"redis: {reply}")
         return reply

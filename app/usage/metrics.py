@@ -6,6 +6,7 @@ mode (`PROMETHEUS_MULTIPROC_DIR`, wiped by `gateway serve` at start); replicas a
 The per-request families are kept in plain Python in one process (a dict lookup and an add
 per update, no lock, no label tuple built by prometheus_client) and turned into samples only
 when /metrics is scraped; with several workers they go through prometheus_client's shared files.
+Neither mode exports `*_created` series (prometheus_client's multiprocess mode never did).
 """
 
 from __future__ import annotations
