@@ -202,10 +202,10 @@ class Stack:
 
 
 def measure(stack: Stack, quick: bool) -> dict[str, Any]:
-    """Every point for every target. Throughput points are measured in interleaved rounds
-    (direct, bare, gateway, direct, ...) and reported as medians, so a noisy neighbour on the
-    machine hits all three alike."""
-    seconds, rounds = (1.0, 1) if quick else (5.0, 3)
+    """Every point for every target. Throughput points are measured in short interleaved rounds
+    (direct, bare, gateway, then gateway, bare, direct, ...) and reported as medians, so a noisy
+    neighbour on the machine hits all three alike; ratios are medians of per-round ratios."""
+    seconds, rounds = (1.0, 1) if quick else (3.0, 7)
     pid = stack.gateway_process.pid
     targets = stack.targets()
     results: dict[str, Any] = {"targets": {name: {} for name in targets}, "rounds": rounds}
@@ -214,8 +214,10 @@ def measure(stack: Stack, quick: bool) -> dict[str, Any]:
         run_load(url, PLAIN, headers, 64, 2.0 if quick else 5.0, cpu="1")  # warm-up: connection pools, caches
     for point, body, concurrency in (("c1", PLAIN, 1), ("c64", PLAIN, 64), ("c64_stream", STREAM, 64)):
         samples: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
-        for _ in range(rounds):
-            for name, (url, headers) in targets.items():
+        for round_ in range(rounds):
+            order = list(targets) if round_ % 2 == 0 else list(reversed(targets))  # drift hits all alike
+            for name in order:
+                url, headers = targets[name]
                 samples[name].append(run_load(url, body, headers, concurrency, seconds, cpu="1").as_dict())
         for name, runs in samples.items():
             results["targets"][name][point] = _median_run(runs)
