@@ -78,6 +78,12 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_http(url: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -212,13 +218,22 @@ def measure(stack: Stack, quick: bool) -> dict[str, Any]:
     results["rss_mb"] = {"gateway_idle": rss_mb(pid), "bare_idle": rss_mb(stack.bare_process.pid)}
     for url, headers in targets.values():
         run_load(url, PLAIN, headers, 64, 2.0 if quick else 5.0, cpu="1")  # warm-up: connection pools, caches
+    # CPU time per request of each proxy process: steadier than req/s on a noisy machine.
+    pids = {"bare": stack.bare_process.pid, "gateway": pid}
     for point, body, concurrency in (("c1", PLAIN, 1), ("c64", PLAIN, 64), ("c64_stream", STREAM, 64)):
         samples: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+        used = dict.fromkeys(pids, 0.0)
         for round_ in range(rounds):
             order = list(targets) if round_ % 2 == 0 else list(reversed(targets))  # drift hits all alike
             for name in order:
                 url, headers = targets[name]
+                before = cpu_seconds(pids[name]) if name in pids else 0.0
                 samples[name].append(run_load(url, body, headers, concurrency, seconds, cpu="1").as_dict())
+                if name in pids:
+                    used[name] += cpu_seconds(pids[name]) - before
+        results.setdefault("cpu_us_per_request", {})[point] = {
+            name: used[name] / max(1, sum(r["requests"] for r in samples[name])) * 1e6 for name in pids
+        }
         for name, runs in samples.items():
             results["targets"][name][point] = _median_run(runs)
         results.setdefault("ratios", {})[point] = {
@@ -273,7 +288,14 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         "c1_p50_overhead_ms_vs_direct": g["c1"]["p50_ms"] - d["c1"]["p50_ms"],
         "c1_p50_overhead_ms_vs_bare": g["c1"]["p50_ms"] - b["c1"]["p50_ms"],
         "first_byte_overhead_ms_vs_direct": g["first_byte"]["p50_ms"] - d["first_byte"]["p50_ms"],
+        "c64_cpu_per_request_gateway_over_bare": _cpu_ratio(results, "c64"),
+        "c64_stream_cpu_per_request_gateway_over_bare": _cpu_ratio(results, "c64_stream"),
     }
+
+
+def _cpu_ratio(results: dict[str, Any], point: str) -> float:
+    cpu = results["cpu_us_per_request"][point]
+    return float(cpu["gateway"] / cpu["bare"]) if cpu["bare"] else float("nan")
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -298,6 +320,10 @@ def markdown(results: dict[str, Any]) -> str:
     for label, point, field, fmt in rows:
         d, b, g = (t[n][point][field] for n in ("direct", "bare", "gateway"))
         lines.append(f"| {label} | {fmt.format(d)} | {fmt.format(b)} | {fmt.format(g)} | {g / b:.2f}x | {g / d:.2f}x |")
+    cpu = results["cpu_us_per_request"]
+    for label, point in (("CPU µs per request, c=64", "c64"), ("CPU µs per request, stream c=64", "c64_stream")):
+        b, g = cpu[point]["bare"], cpu[point]["gateway"]
+        lines.append(f"| {label} | | {b:.0f} | {g:.0f} | {g / b:.2f}x | |")
     lines += [
         "",
         "| gateway | value | target |",
