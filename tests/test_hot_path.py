@@ -291,7 +291,7 @@ def test_a_reused_request_id_does_not_share_a_concurrency_slot_on_redis(
         test_a_reused_request_id_does_not_share_a_concurrency_slot(gateway)
 
 
-# -- 9. the lean Redis client uses its connections, and leaves none behind --------------------------
+# -- 9. the lean Redis client keeps one connection, and leaves none behind --------------------------
 def connected_clients(port: int) -> int:
     import redis
 
@@ -301,14 +301,16 @@ def connected_clients(port: int) -> int:
 
 
 @pytest.mark.anyio
-async def test_the_lean_client_opens_each_of_its_connections(redis_server: RedisServer) -> None:
+async def test_the_lean_client_keeps_one_connection(redis_server: RedisServer) -> None:
+    """Concurrent and later calls share one connection (so Redis runs them in the order sent)."""
     from app.store.resp import RespClient, encode
 
     before = connected_clients(redis_server.port)
-    client = RespClient(redis_server.url, timeout_s=2, connections=2)
+    client = RespClient(redis_server.url, timeout_s=2)
     try:
+        assert await asyncio.gather(*(client.call(encode("PING")) for _ in range(8))) == [b"PONG"] * 8
         assert [await client.call(encode("PING")) for _ in range(4)] == [b"PONG"] * 4
-        assert connected_clients(redis_server.port) == before + 2
+        assert connected_clients(redis_server.port) == before + 1
     finally:
         client.close()
 
@@ -319,7 +321,7 @@ async def test_a_refused_login_leaves_no_connection_open(redis_server: RedisServ
     from app.store.resp import RespClient, encode
 
     before = connected_clients(redis_server.port)
-    client = RespClient(f"redis://nobody:wrong@127.0.0.1:{redis_server.port}/0", timeout_s=2, connections=2)
+    client = RespClient(f"redis://nobody:wrong@127.0.0.1:{redis_server.port}/0", timeout_s=2)
     for _ in range(6):
         with pytest.raises(StoreError):
             await client.call(encode("PING"))
@@ -328,3 +330,26 @@ async def test_a_refused_login_leaves_no_connection_open(redis_server: RedisServ
         await asyncio.sleep(0.02)  # polling Redis's count, with a deadline
     assert connected_clients(redis_server.port) == before
     client.close()
+
+
+# -- 10. the serving stack the issue asks for ------------------------------------------------------
+def test_served_on_uvloop_and_httptools_with_no_base_http_middleware(simulator: SimulatorThread) -> None:
+    """uvicorn runs on uvloop with httptools; no middleware is a BaseHTTPMiddleware (which
+    would wrap every request in a task and a stream); the edge, with the inference fast lane,
+    is the first thing every request meets."""
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    from app.api.edge import EdgeMiddleware
+    from app.main import create_app
+    from app.server import options
+
+    settings = gateway_settings(simulator.base_url, cors_origins=["https://app.example"])
+    chosen = options(settings)
+    assert chosen["loop"] == "uvloop" and chosen["http"] == "httptools"
+    app = create_app(settings)
+    assert not any(issubclass(m.cls, BaseHTTPMiddleware) for m in app.user_middleware if isinstance(m.cls, type))
+    layer = app.front  # CORS (when configured), then the edge, then FastAPI
+    while not isinstance(layer, EdgeMiddleware):
+        assert not isinstance(layer, BaseHTTPMiddleware)
+        layer = layer.app
+    assert layer.inference and layer.app == app.behind_edge

@@ -101,9 +101,7 @@ class RedisStore:
         }
         self._listeners: list[ChangeListener] = []
         self._listener_task: asyncio.Task[None] | None = None
-        # One connection: Redis runs commands one at a time anyway, and on one connection a
-        # request's settlement is always applied before its client's next admission.
-        self._resp = resp.RespClient(url, timeout_s, connections=1)
+        self._resp = resp.RespClient(url, timeout_s)
         self._admit_encodings: dict[tuple[Any, ...], tuple[int, bytes, list[tuple[bytes, bytes]]]] = {}
         self._settle_encodings: dict[tuple[Any, ...], tuple[list[bytes], bytes, bytes]] = {}
 

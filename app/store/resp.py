@@ -1,16 +1,14 @@
 """A lean pipelined Redis client for the request path's two calls (admit, settle).
 
 redis-py spends more CPU packing and routing one EVALSHA than Redis spends running it. This
-client keeps its connection open (the store uses one, so commands reach Redis in the order they
-were sent), writes pre-encoded RESP, parses replies with hiredis, and matches replies to callers
-in order (Redis answers a connection's commands in order). Anything that is not on the hot path
-still uses redis-py.
+client keeps one connection open, writes pre-encoded RESP, parses replies with hiredis, and
+matches replies to callers in order (Redis answers a connection's commands in order). Anything
+that is not on the hot path still uses redis-py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import ssl
 from collections import deque
 from typing import Any, cast
@@ -71,9 +69,12 @@ class _Connection(asyncio.Protocol):
 
 
 class RespClient:
-    """`await client.call(encode(...))` -> the reply (a hiredis.ReplyError is raised as StoreError)."""
+    """`await client.call(encode(...))` -> the reply (a hiredis.ReplyError is raised as StoreError).
 
-    def __init__(self, url: str, timeout_s: float, connections: int = 1) -> None:
+    One connection: Redis runs commands one at a time anyway, and on one connection they are run
+    in the order they were sent (a request's settlement before its client's next admission)."""
+
+    def __init__(self, url: str, timeout_s: float) -> None:
         parsed = urlparse(url)
         self._unix = parsed.path if parsed.scheme == "unix" else None
         self._host = parsed.hostname or "127.0.0.1"
@@ -84,19 +85,20 @@ class RespClient:
         path = parsed.path.strip("/") if parsed.scheme != "unix" else ""
         self._db = int(path) if path.isdigit() else 0
         self._timeout = timeout_s
-        self._slots: list[_Connection | None] = [None] * connections
-        self._connecting: list[asyncio.Future[_Connection] | None] = [None] * connections
-        self._next = itertools.cycle(range(connections))
+        self._live: _Connection | None = None  # set once AUTH/SELECT are done
+        self._connecting: asyncio.Future[_Connection] | None = None
 
     async def call(self, command: bytes) -> Any:
-        slot = next(self._next)
-        connection = self._slots[slot]
+        connection = self._live
         if connection is None or connection.lost:
-            connection = await self._connection(slot)
+            connection = await self._connection()
+        return await self._call_on(connection, command)
+
+    async def _call_on(self, connection: _Connection, command: bytes) -> Any:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Any] = loop.create_future()
         connection.waiters.append(waiter)
-        connection.send(command)
+        connection.send(command)  # in order with every other command on this connection
         timer = loop.call_later(self._timeout, _expire, waiter)
         try:
             reply = await waiter
@@ -106,17 +108,17 @@ class RespClient:
             raise StoreError(f"redis: {reply}")
         return reply
 
-    async def _connection(self, slot: int) -> _Connection:
-        pending = self._connecting[slot]
+    async def _connection(self) -> _Connection:
+        pending = self._connecting
         if pending is None:
-            pending = self._connecting[slot] = asyncio.ensure_future(self._connect(slot))
+            pending = self._connecting = asyncio.ensure_future(self._connect())
         try:
             return await asyncio.shield(pending)
         finally:
             if pending.done():
-                self._connecting[slot] = None
+                self._connecting = None
 
-    async def _connect(self, slot: int) -> _Connection:
+    async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._timeout):
@@ -133,30 +135,17 @@ class RespClient:
             setup.append(encode("SELECT", self._db))
         try:
             for command in setup:
-                await self.call_on(connection, command)
+                await self._call_on(connection, command)
         except BaseException:
             if connection.transport is not None:
                 connection.transport.close()  # a failed set-up must not leave a socket behind
             raise
-        self._slots[slot] = connection  # only now: no command may overtake the set-up
+        self._live = connection  # only now: no command may overtake the set-up
         return connection
 
-    async def call_on(self, connection: _Connection, command: bytes) -> Any:
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        connection.waiters.append(waiter)
-        connection.send(command)  # in order with every other command on this connection
-        try:
-            reply = await asyncio.wait_for(waiter, self._timeout)
-        except TimeoutError:
-            raise StoreError("redis: no answer in time") from None
-        if isinstance(reply, hiredis.ReplyError):
-            raise StoreError(f"redis: {reply}")
-        return reply
-
     def close(self) -> None:
-        for connection in self._slots:
-            if connection is not None and connection.transport is not None:
-                connection.transport.close()
+        if self._live is not None and self._live.transport is not None:
+            self._live.transport.close()
 
 
 def _expire(waiter: asyncio.Future[Any]) -> None:

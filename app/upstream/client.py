@@ -67,8 +67,7 @@ class UpstreamResponse:
         try:
             return await self._response.read()
         except BaseException as exc:
-            self._response.close()
-            raise _translate(exc) from exc
+            raise self.broken(exc) from exc
 
     def reader(self) -> Callable[[], Awaitable[bytes]]:
         """Reads the next piece of the body as the network delivers it (b"" at the end). The
