@@ -113,6 +113,52 @@ async def test_exact_under_concurrency(store: Store) -> None:
     assert sum(v.ok for v in verdicts) == 37
 
 
+async def test_one_batch_settles_many_requests_of_one_limit(store: Store) -> None:
+    """Requests ending together are settled in one store call: each frees its own slot and hold."""
+    period, ttl = budget_period("day")
+    slots = Check("key", "k8", "concurrency", 3)
+
+    def budget(amount: int) -> Check:
+        return Check("key", "k8", "budget", 1000, amount, period, ttl)
+
+    holders = [member() for _ in range(3)]
+    for holder in holders:
+        assert (await store.admit([slots, budget(300)], holder, LEASE_MS)).ok
+    refused = await store.admit([slots, budget(1)], member(), LEASE_MS)
+    assert not refused.ok and refused.failed == 0 and refused.used == 3
+    settlements = [Settlement(slots, h, 0) for h in holders]
+    settlements += [Settlement(budget(300), h, spent) for h, spent in zip(holders, (10, 20, 30), strict=True)]
+    await store.settle(settlements)
+    assert await store.budget_spent(budget(0)) == 60
+    verdict = await store.admit([slots, budget(900)], member(), LEASE_MS)
+    assert verdict.ok and verdict.states == [(2, 0), (40, 0)]  # 3 - 1 slots; 1000 - 60 spent - 900 held
+    # A late adjustment of a settled request changes the spend and frees nothing twice.
+    await store.settle([Settlement(budget(300), holders[0], 5)])
+    assert await store.budget_spent(budget(0)) == 65
+    assert not (await store.admit([budget(36)], member(), LEASE_MS)).ok
+    assert (await store.admit([budget(35)], member(), LEASE_MS)).ok
+
+
+async def test_sweep_forgets_expired_leases_and_nothing_in_use(store: Store) -> None:
+    period, ttl = budget_period("day")
+    slots = Check("team", "t9", "concurrency", 2)
+    rpm = Check("team", "t9", "requests", 2)
+
+    def budget(amount: int) -> Check:
+        return Check("team", "t9", "budget", 1000, amount, period, ttl)
+
+    assert (await store.admit([slots, budget(600)], member(), 300)).ok  # its holder "crashes"
+    live = member()
+    assert (await store.admit([slots, budget(300), rpm], live, LEASE_MS)).ok
+    assert (await store.admit([rpm], member(), LEASE_MS)).ok
+    await asyncio.sleep(0.4)
+    assert await store.sweep() > 0
+    assert not (await store.admit([rpm], member(), LEASE_MS)).ok  # a bucket in use stays as it was
+    verdict = await store.admit([slots, budget(700)], member(), LEASE_MS)  # the crashed lease went
+    assert verdict.ok and verdict.states == [(0, 0), (0, 0)]  # the live one stays: 1 slot, 300 held
+    assert not (await store.admit([slots], member(), LEASE_MS)).ok
+
+
 def test_budget_periods_are_calendar_utc() -> None:
     from datetime import UTC, datetime
 

@@ -252,7 +252,9 @@ def test_admission_is_one_script_call_and_settlement_one_more(
             assert monitor.scripts(mark) == Counter({"admit": 1, "settle": 1, "ledger": 1})
             assert after.get("evalsha", 0) - before.get("evalsha", 0) == 3
             admit = next(args for _, args in monitor.commands(mark) if args[:2] == ["EVALSHA", SHA["admit"]])
-            assert int(admit[2]) == 3 * (1 + 1 + 1 + 4)  # every limit's keys in that one call
+            # every limit's keys in that one call: the limits hash, then per scope a concurrency
+            # lease set and a budget's lease set and spend (buckets are fields of the hash)
+            assert int(admit[2]) == 1 + 3 * (1 + 2)
             assert int(admit[2 + int(admit[2]) + 4]) == 12  # ... and its 12 checks
             # No other command from the gateway touched a limit's key: reads and writes are in the scripts.
             outside = [
@@ -301,10 +303,17 @@ def test_every_key_and_every_script_call_stays_in_one_hash_slot(
 
     tag = "{" + prefix + "}:"
     assert names and all(n.startswith(tag) for n in names), [n for n in names if not n.startswith(tag)]
-    families = {re.sub(r"^[^:]+:((lim:[a-z]+)|[a-z]+).*", r"\1", n) for n in names}
-    assert {"lim:requests", "lim:tokens", "lim:concurrency", "lim:budget", "ledger", "key", "team", "lastused"} <= (
-        families
-    )
+    families = {re.sub(r"^[^:]+:((lim:[a-z]+)|(leases:[a-z]+)|[a-z]+).*", r"\1", n) for n in names}
+    assert {
+        "limits",
+        "leases:concurrency",
+        "leases:budget",
+        "lim:budget",
+        "ledger",
+        "key",
+        "team",
+        "lastused",
+    } <= families
     assert len({key_slot(n.encode()) for n in names}) == 1
     # Every multi-key script call (limits, ledger, teams, keys) named keys of that one slot.
     slot = key_slot(names[0].encode())

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import redis
 
 from app.auth.keys import hash_key, key_id_of
 from app.auth.records import KeyFields, KeyRecord, TeamFields, TeamRecord
 from app.auth.registry import Registry
 from app.errors import ConflictError, InvalidRequestError, NotFoundError
+from app.limits.checks import Check, Settlement, budget_period
 from app.store.base import Store
 from app.store.redis import RedisStore
 from tests.redis_server import RedisServer
@@ -177,3 +180,41 @@ async def test_redis_changes_reach_other_replicas(store: Store, redis_server: Re
             await asyncio.sleep(0.005)
     finally:
         await replica.close()
+
+
+@pytest.mark.parametrize("store", ["redis"], indirect=True)
+async def test_redis_sweep_leaves_no_state_behind(store: Store, redis_server: RedisServer) -> None:
+    """Limit state that says nothing any more goes: settled leases at once, full buckets and
+    leases of crashed requests at the sweep, which one replica runs per minute."""
+    assert isinstance(store, RedisStore)
+    prefix = store.channel.split(":")[0]
+    limits, tag = f"{{{prefix}}}:limits", f"{{{prefix}}}:"
+    period, ttl = budget_period("day")
+    checks = [
+        Check("key", "s1", "requests", 5),
+        Check("key", "s1", "tokens", 500, 100),
+        Check("key", "s1", "concurrency", 5),
+        Check("key", "s1", "budget", 10**6, 1000, period, ttl),
+    ]
+    settled, crashed = "req-settled", "req-crashed"
+    assert (await store.admit(checks, settled, 60_000)).ok
+    assert (await store.admit(checks, crashed, 200)).ok
+    await store.settle([Settlement(c, settled, 40 if c.kind == "tokens" else 7) for c in checks[1:]])
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        fields = {f.decode() for f in client.hkeys(limits)}
+        assert fields == {c.name for c in checks}  # the crashed request still holds its lease
+        leases = [f"{tag}leases:{c.name}" for c in checks[2:]]
+        assert [client.zcard(z) for z in leases] == [1, 1]
+        # Make the buckets idle for two windows (as if two minutes had passed).
+        for c in checks[:2]:
+            level = client.hget(limits, c.name).decode().split(":")[0]
+            client.hset(limits, c.name, f"{level}:{int(time.time() * 1000) - 2 * 60_000 - 1}")
+        await asyncio.sleep(0.3)  # the crashed request's lease runs out
+        assert await store.sweep() == 4
+        assert client.hlen(limits) == 0 and [client.exists(z) for z in leases] == [0, 0]
+        assert int(client.get(f"{tag}lim:{checks[3].name}:spent")) == 7  # the spend stays
+        assert 0 < client.ttl(f"{tag}lim:{checks[3].name}:spent") <= ttl
+        assert await store.sweep() == 0  # another replica's turn comes in a minute
+    finally:
+        client.close()

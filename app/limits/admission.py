@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 RATE_KINDS = ("requests", "tokens", "concurrency")
 Scope = tuple[str, str, LimitValues]
 PROBE_INTERVAL_S = 1.0
+SWEEP_INTERVAL_S = 60.0  # limit state that says nothing any more goes (one replica does it)
 MAX_PENDING_SETTLEMENTS = 100_000
 
 
@@ -309,15 +310,19 @@ class Admission:
             self._sending = None
 
     async def run(self) -> None:
-        """Background duty: flush settlements held back, renew leases of running requests."""
+        """Background duty: flush settlements held back, renew leases of running requests, sweep."""
         every = self.settings.lease_s / 4
-        renewed = time.monotonic()
+        renewed = swept = time.monotonic()
         while True:
             await asyncio.sleep(PROBE_INTERVAL_S)
             await self.flush()
             if time.monotonic() - renewed >= every:
                 renewed = time.monotonic()
                 await self.renew()
+            if time.monotonic() - swept >= SWEEP_INTERVAL_S:
+                swept = time.monotonic()
+                with contextlib.suppress(StoreError):
+                    await self.store.sweep()
 
     async def flush(self) -> None:
         if self._sending is not None:

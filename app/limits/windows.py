@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from app.limits.checks import BUCKET_KINDS, WINDOW_MS, Check, Settlement, Verdict
 
 CONCURRENCY_RETRY_MS = 1000
+IDLE_MS = 2 * WINDOW_MS  # a bucket untouched this long is full
 
 
 @dataclass
@@ -24,6 +25,8 @@ class _Bucket:
     stamp: int
 
     def level(self, capacity: int, now: int) -> float:
+        if now - self.stamp >= IDLE_MS:
+            return float(capacity)  # idle that long: full, whatever it owed (as in the Redis store)
         return min(float(capacity), self.tokens + (now - self.stamp) * capacity / WINDOW_MS)
 
 
@@ -112,6 +115,18 @@ class MemoryLimits:
             held = self._leases.get(check.name)
             if held is not None and member in held.expiry:
                 held.expiry[member] = now + lease_ms
+
+    def sweep(self) -> int:
+        """Forget full buckets and lease sets with nothing held; returns how many were looked at."""
+        now = self.now_ms()
+        seen = len(self._buckets) + len(self._leases)
+        for name in [n for n, b in self._buckets.items() if now - b.stamp >= IDLE_MS]:
+            del self._buckets[name]
+        for name, leases in list(self._leases.items()):
+            leases.evict(now)
+            if not leases.expiry:
+                del self._leases[name]
+        return seen
 
     def spent(self, check: Check) -> int:
         return self._spent.get(check.name, 0)

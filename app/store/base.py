@@ -78,6 +78,10 @@ class Store(Protocol):
     async def budget_spent(self, check: Check) -> int:
         """Settled nano-USD of a budget check's period."""
 
+    async def sweep(self) -> int:
+        """Drop limit state that says nothing any more (full buckets, expired leases); returns how
+        many entries it looked at. Called about once a minute."""
+
     # the usage ledger
     async def ledger_apply(self, batch: LedgerBatch) -> None:
         """Add a batch of increments, at most once whatever the retries."""

@@ -112,6 +112,9 @@ class MemoryStore:
     async def budget_spent(self, check: Check) -> int:
         return self._limits.spent(check)
 
+    async def sweep(self) -> int:
+        return self._limits.sweep()
+
     async def ledger_apply(self, batch: LedgerBatch) -> None:
         if batch.id in self._batches_seen:
             return

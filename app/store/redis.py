@@ -22,6 +22,7 @@ from app.store import lua, resp
 from app.store.base import ChangeListener, LedgerBatch, StoreError
 
 log = logging.getLogger(__name__)
+SWEEP_EVERY_MS = 60_000
 
 _CREATE_TEAM = """
 if redis.call('SET', KEYS[1], ARGV[2], 'NX') then
@@ -84,6 +85,7 @@ class RedisStore:
         self._keys_key = f"{tag}:keys"
         self._last_used_key = f"{tag}:lastused"
         self._tag = tag
+        self._limits_key = f"{tag}:limits"
         self.channel = f"{prefix}:changes"
         self._scripts = {
             name: self.redis.register_script(src)
@@ -96,14 +98,15 @@ class RedisStore:
                 ("admit", lua.ADMIT),
                 ("settle", lua.SETTLE),
                 ("renew", lua.RENEW),
+                ("sweep", lua.SWEEP),
                 ("ledger_apply", lua.LEDGER_APPLY),
             )
         }
         self._listeners: list[ChangeListener] = []
         self._listener_task: asyncio.Task[None] | None = None
         self._resp = resp.RespClient(url, timeout_s)
-        self._admit_encodings: dict[tuple[Any, ...], tuple[int, bytes, list[tuple[bytes, bytes]]]] = {}
-        self._settle_encodings: dict[tuple[Any, ...], tuple[list[bytes], bytes, bytes]] = {}
+        self._admit_encodings: dict[tuple[Any, ...], tuple[int, bytes, list[bytes]]] = {}
+        self._settle_encodings: dict[str, tuple[list[bytes], bytes]] = {}
 
     def _team(self, name: str) -> str:
         return f"{self._tag}:team:{name}"
@@ -248,11 +251,19 @@ class RedisStore:
             )
 
     # -- admission -------------------------------------------------------------------------
+    def _leases(self, check: Check) -> str:
+        return f"{self._tag}:leases:{check.name}"
+
+    def _spend(self, check: Check) -> str:
+        return f"{self._tag}:lim:{check.name}:spent"
+
     def _limit_keys(self, check: Check) -> list[str]:
-        stem = f"{self._tag}:lim:{check.name}"
+        """A check's keys besides the limits hash (see `lua`): buckets have none of their own."""
         if check.kind == "budget":
-            return [stem + ":held", stem + ":hw", stem + ":hs", stem + ":spent"]
-        return [stem]
+            return [self._leases(check), self._spend(check)]
+        if check.kind == "concurrency":
+            return [self._leases(check)]
+        return []
 
     async def admit(self, checks: Sequence[Check], member: str, lease_ms: int) -> Verdict:
         command = self._admit_command(checks, member, lease_ms)
@@ -267,13 +278,13 @@ class RedisStore:
 
     def _admit_command(self, checks: Sequence[Check], member: str, lease_ms: int) -> bytes:
         """EVALSHA admit, with everything but the member and the amounts encoded once per plan."""
-        signature = tuple((c.name, c.limit, c.ttl_s) for c in checks)
+        signature = tuple((c.name, c.limit) for c in checks)
         cached = self._admit_encodings.get(signature)
         if cached is None:
-            keys = [key for check in checks for key in self._limit_keys(check)]
+            keys = [self._limits_key, *(key for check in checks for key in self._limit_keys(check))]
             sha: str = self._scripts["admit"].sha
             head = b"".join([resp.bulk(b"EVALSHA"), resp.bulk(sha), resp.bulk(len(keys)), *map(resp.bulk, keys)])
-            parts = [(resp.bulk(lua.KIND_CODE[c.kind]) + resp.bulk(c.limit), resp.bulk(c.ttl_s)) for c in checks]
+            parts = [resp.bulk(lua.KIND_CODE[c.kind]) + resp.bulk(c.name) + resp.bulk(c.limit) for c in checks]
             cached = (3 + len(keys) + 4 + 4 * len(checks), head, parts)
             if len(self._admit_encodings) > 10_000:
                 self._admit_encodings.clear()
@@ -287,47 +298,68 @@ class RedisStore:
             resp.bulk(WINDOW_MS),
             resp.bulk(len(checks)),
         ]
-        for check, (kind_limit, ttl) in zip(checks, parts, strict=True):
-            out += (kind_limit, resp.bulk(check.amount), ttl)
+        for check, static in zip(checks, parts, strict=True):
+            out += (static, resp.bulk(check.amount))
         return b"".join(out)
 
     async def settle(self, settlements: Sequence[Settlement]) -> None:
         items = [s for s in settlements if s.check.kind != "requests"]
         if not items:
             return
-        keys: list[bytes] = []
+        keys: list[bytes] = [resp.bulk(self._limits_key)]
         args: list[bytes] = [resp.bulk(WINDOW_MS), resp.bulk(len(items))]
         for item in items:
-            check_keys, kind, static = self._settle_parts(item.check)
+            check = item.check
+            check_keys, static = self._settle_parts(check)
             keys += check_keys
-            args += (kind, resp.bulk(item.member), resp.bulk(item.value), static)
+            args += (
+                static,
+                resp.bulk(item.member),
+                resp.bulk(item.value),
+                resp.bulk(check.limit) + resp.bulk(check.amount) + resp.bulk(check.ttl_s),
+            )
         sha: str = self._scripts["settle"].sha
-        head = b"*%d\r\n" % (3 + len(keys) + 2 + 5 * len(items))
+        head = b"*%d\r\n" % (3 + len(keys) + 2 + 7 * len(items))
         command = b"".join([head, resp.bulk(b"EVALSHA"), resp.bulk(sha), resp.bulk(len(keys)), *keys, *args])
         await self._fast_command(command, "settle")
 
-    def _settle_parts(self, check: Check) -> tuple[list[bytes], bytes, bytes]:
-        """A check's keys and unchanging arguments, encoded once."""
-        signature = (check.name, check.limit, check.ttl_s)
-        parts = self._settle_encodings.get(signature)
+    def _settle_parts(self, check: Check) -> tuple[list[bytes], bytes]:
+        """A check's keys, its kind and its name, encoded once."""
+        parts = self._settle_encodings.get(check.name)
         if parts is None:
             if len(self._settle_encodings) > 10_000:
                 self._settle_encodings.clear()
-            parts = self._settle_encodings[signature] = (
+            parts = self._settle_encodings[check.name] = (
                 [resp.bulk(key) for key in self._limit_keys(check)],
-                resp.bulk(lua.KIND_CODE[check.kind]),
-                resp.bulk(check.ttl_s) + resp.bulk(check.limit),
+                resp.bulk(lua.KIND_CODE[check.kind]) + resp.bulk(check.name),
             )
         return parts
 
     async def renew(self, leases: Sequence[tuple[Check, str]], lease_ms: int) -> None:
         if leases:
-            keys = [self._limit_keys(check)[0] for check, _ in leases]
-            await self._call("renew", keys, [lease_ms, *(member for _, member in leases)])
+            keys = [self._leases(check) for check, _ in leases]
+            members = [f"{member}|{check.amount}" if check.kind == "budget" else member for check, member in leases]
+            await self._call("renew", keys, [lease_ms, *members])
 
     async def budget_spent(self, check: Check) -> int:
-        raw = await self._do(self.redis.get(self._limit_keys(check)[3]))
+        raw = await self._do(self.redis.get(self._spend(check)))
         return int(raw or 0)
+
+    async def sweep(self, batch: int = 500) -> int:
+        """Drop what the limits hash no longer needs (full buckets, fields with no lease left) and
+        leases that expired unrenewed (a crashed replica's). One replica a minute does it."""
+        if not await self._do(self.redis.set(self._limits_key + ":sweeping", 1, nx=True, px=SWEEP_EVERY_MS)):
+            return 0
+        seen, cursor = 0, 0
+        while True:
+            cursor, fields = await self._do(self.redis.hscan(self._limits_key, cursor, count=batch))
+            names = [f.decode() for f in fields]
+            if names:
+                seen += len(names)
+                keys = [self._limits_key, *(f"{self._tag}:leases:{name}" for name in names)]
+                await self._call("sweep", keys, [WINDOW_MS, *names])
+            if cursor == 0:
+                return seen
 
     # -- ledger --------------------------------------------------------------------------------
     async def ledger_apply(self, batch: LedgerBatch) -> None:
