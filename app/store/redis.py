@@ -23,6 +23,7 @@ from app.store.base import ChangeListener, LedgerBatch, StoreError
 
 log = logging.getLogger(__name__)
 SWEEP_EVERY_MS = 60_000
+CLOSE_TIMEOUT_S = 2.0
 
 _CREATE_TEAM = """
 if redis.call('SET', KEYS[1], ARGV[2], 'NX') then
@@ -162,13 +163,18 @@ class RedisStore:
             log.warning("limits store not reachable at start (%s); its scripts load on first use", exc)
 
     async def close(self) -> None:
+        """Stop listening and close every connection; a shutdown never waits on Redis for long."""
+        self._resp.close()
         if self._listener_task is not None:
             self._listener_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener_task
-        await self.redis.aclose()
-        await self._pubsub_client.aclose()
-        self._resp.close()
+            await asyncio.wait({self._listener_task}, timeout=CLOSE_TIMEOUT_S)
+        closing = {asyncio.ensure_future(client.aclose()) for client in (self.redis, self._pubsub_client)}
+        done, late = await asyncio.wait(closing, timeout=CLOSE_TIMEOUT_S)  # never cancels: cannot hang
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("closing a Redis client: %s", task.exception())
+        if late:
+            log.warning("Redis clients still closing after %.0fs; not waiting for them", CLOSE_TIMEOUT_S)
 
     # -- teams -----------------------------------------------------------------------------
     async def create_team(self, team: TeamRecord) -> bool:
@@ -430,4 +436,5 @@ class RedisStore:
                 await asyncio.sleep(0.5)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    async with asyncio.timeout(CLOSE_TIMEOUT_S):  # also when cancelled: a bounded wait
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
