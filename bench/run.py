@@ -117,7 +117,7 @@ class Stack:
         redis = shutil.which("redis-server")
         if redis is None:
             raise SystemExit("redis-server is needed (Debian package redis-server)")
-        self.spawn(
+        self.redis_process = self.spawn(
             "redis",
             pinned(
                 [redis, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
@@ -220,19 +220,24 @@ def measure(stack: Stack, quick: bool) -> dict[str, Any]:
         run_load(url, PLAIN, headers, 64, 2.0 if quick else 5.0, cpu="1")  # warm-up: connection pools, caches
     # CPU time per request of each proxy process: steadier than req/s on a noisy machine.
     pids = {"bare": stack.bare_process.pid, "gateway": pid}
+    redis_pid = stack.redis_process.pid  # the gateway's Redis work, done on the load core
     for point, body, concurrency in (("c1", PLAIN, 1), ("c64", PLAIN, 64), ("c64_stream", STREAM, 64)):
         samples: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
-        used = dict.fromkeys(pids, 0.0)
+        used = dict.fromkeys([*pids, "redis"], 0.0)
         for round_ in range(rounds):
             order = list(targets) if round_ % 2 == 0 else list(reversed(targets))  # drift hits all alike
             for name in order:
                 url, headers = targets[name]
                 before = cpu_seconds(pids[name]) if name in pids else 0.0
+                redis_before = cpu_seconds(redis_pid)
                 samples[name].append(run_load(url, body, headers, concurrency, seconds, cpu="1").as_dict())
                 if name in pids:
                     used[name] += cpu_seconds(pids[name]) - before
+                if name == "gateway":
+                    used["redis"] += cpu_seconds(redis_pid) - redis_before
         results.setdefault("cpu_us_per_request", {})[point] = {
-            name: used[name] / max(1, sum(r["requests"] for r in samples[name])) * 1e6 for name in pids
+            name: used[name] / max(1, sum(r["requests"] for r in samples[name if name in pids else "gateway"])) * 1e6
+            for name in used
         }
         for name, runs in samples.items():
             results["targets"][name][point] = _median_run(runs)
@@ -324,6 +329,9 @@ def markdown(results: dict[str, Any]) -> str:
     for label, point in (("CPU µs per request, c=64", "c64"), ("CPU µs per request, stream c=64", "c64_stream")):
         b, g = cpu[point]["bare"], cpu[point]["gateway"]
         lines.append(f"| {label} | | {b:.0f} | {g:.0f} | {g / b:.2f}x | |")
+        lines.append(
+            f"| Redis CPU µs per gateway request, {label[20:]} (load core) | | | {cpu[point]['redis']:.0f} | | |"
+        )
     lines += [
         "",
         "| gateway | value | target |",

@@ -34,6 +34,6 @@ def test_quick_benchmark_measures_every_point(tmp_path: Path) -> None:
     assert report["soak"]["requests"] > 0 and not math.isnan(report["soak"]["growth_pct"])
     assert all(not math.isnan(v) for v in report["summary"].values())
     for point in ("c1", "c64", "c64_stream"):  # CPU per request of both proxies, measured from /proc
-        assert all(report["cpu_us_per_request"][point][name] > 0 for name in ("bare", "gateway")), point
+        assert all(report["cpu_us_per_request"][point][name] > 0 for name in ("bare", "gateway", "redis")), point
     table = (tmp_path / "latest.md").read_text()
     assert "gateway / bare" in table and "RSS idle" in table
