@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from decimal import Decimal
 
 import pytest
 
+from app.limits.admission import Admission
 from app.limits.checks import Check, Settlement, budget_period, format_duration
+from app.settings import LimitsSettings
 from app.store.base import Store
 
 pytestmark = pytest.mark.anyio
@@ -157,6 +160,30 @@ async def test_sweep_forgets_expired_leases_and_nothing_in_use(store: Store) -> 
     verdict = await store.admit([slots, budget(700)], member(), LEASE_MS)  # the crashed lease went
     assert verdict.ok and verdict.states == [(0, 0), (0, 0)]  # the live one stays: 1 slot, 300 held
     assert not (await store.admit([slots], member(), LEASE_MS)).ok
+
+
+async def test_thousands_of_settlements_ending_together_all_land(store: Store) -> None:
+    """2,700 requests ending in one loop turn: 8,100 settlements (more values than one Lua call
+    can unpack), every token, slot, hold and nano-USD of them settled exactly once."""
+    period, ttl = budget_period("day")
+    checks = [
+        Check("key", "k10", "tokens", 10**9, 100),
+        Check("key", "k10", "concurrency", 10_000),
+        Check("key", "k10", "budget", 10**15, 5000, period, ttl),
+    ]
+    admission = Admission(store, LimitsSettings())
+    reservations = [await admission.admit(f"req-{i}", checks) for i in range(2700)]
+    for reservation in reservations:
+        assert reservation is not None
+        admission.settle(reservation, 40, Decimal("0.000001"))  # 1,000 nano-USD each
+    await admission.flush()
+    assert admission.pending_settlements == 0
+    assert await store.budget_spent(checks[2]) == 2700 * 1000
+    verdict = await store.admit(checks, member(), LEASE_MS)
+    assert verdict.ok
+    assert verdict.states[1][0] == 10_000 - 1  # every slot came back
+    assert verdict.states[2][0] == 10**15 - 2700 * 1000 - 5000  # every hold came back
+    assert verdict.states[0][0] >= 10**9 - 2700 * 40 - 100  # the unused tokens came back
 
 
 def test_budget_periods_are_calendar_utc() -> None:

@@ -37,6 +37,7 @@ Scope = tuple[str, str, LimitValues]
 PROBE_INTERVAL_S = 1.0
 SWEEP_INTERVAL_S = 60.0  # limit state that says nothing any more goes (one replica does it)
 MAX_PENDING_SETTLEMENTS = 100_000
+SETTLE_BATCH = 500  # settlements per store call (see RedisStore.settle)
 
 
 @dataclass(slots=True)
@@ -300,7 +301,9 @@ class Admission:
         try:
             await asyncio.sleep(0)  # let every request ending in this loop turn join the batch
             while self._outbox:
-                items, self._outbox = self._outbox, []
+                # One store call per batch, and a batch no bigger than a store takes in one
+                # atomic call: a failed batch is retried whole, so it must never be half applied.
+                items, self._outbox = self._outbox[:SETTLE_BATCH], self._outbox[SETTLE_BATCH:]
                 try:
                     await self.store.settle(items)
                 except StoreError as exc:

@@ -13,9 +13,11 @@ Layout, under the store's hash tag so Redis Cluster accepts every script:
 Every call to Redis from a script costs a few microseconds, more than the arithmetic around it,
 so the state a request reads is one HMGET (and one MGET of budget spends), what it writes one
 HSET plus one ZADD per lease. Expired leases are swept from a zset only once its bound has
-passed, and counted again from the zset then: counts cannot drift further than one lease.
-A missing field means full (buckets) or nothing held (leases). Time is Redis's own (TIME), so
-replicas with skewed clocks still share one window.
+passed, and counted again from the zset then.
+A missing field means full (buckets) or nothing held (leases). Lease zsets and the hash have no
+TTL, and spend is money: the Redis behind the gateway must not evict keys (`maxmemory-policy
+noeviction`, Redis's default). Time is Redis's own (TIME), so replicas with skewed clocks still
+share one window.
 """
 
 KIND_CODE = {"requests": "r", "tokens": "t", "concurrency": "c", "budget": "b"}

@@ -23,6 +23,8 @@ from app.store.base import ChangeListener, LedgerBatch, StoreError
 
 log = logging.getLogger(__name__)
 SWEEP_EVERY_MS = 60_000
+SETTLE_CHUNK = 1000  # settlements per script call (Lua's unpack limit is ~8,000 values)
+SWEEP_CHUNK = 500  # limit fields per sweep call
 CLOSE_TIMEOUT_S = 2.0
 
 _CREATE_TEAM = """
@@ -309,7 +311,14 @@ class RedisStore:
         return b"".join(out)
 
     async def settle(self, settlements: Sequence[Settlement]) -> None:
+        """One script call per SETTLE_CHUNK settlements: Lua unpacks at most ~8,000 values, and the
+        script unpacks a name per settlement and a name and value per field it writes. (Admission
+        never sends more than one chunk at a time, so a failed call is never half applied.)"""
         items = [s for s in settlements if s.check.kind != "requests"]
+        for start in range(0, len(items), SETTLE_CHUNK):
+            await self._settle(items[start : start + SETTLE_CHUNK])
+
+    async def _settle(self, items: Sequence[Settlement]) -> None:
         if not items:
             return
         keys: list[bytes] = [resp.bulk(self._limits_key)]
@@ -360,10 +369,11 @@ class RedisStore:
         while True:
             cursor, fields = await self._do(self.redis.hscan(self._limits_key, cursor, count=batch))
             names = [f.decode() for f in fields]
-            if names:
-                seen += len(names)
-                keys = [self._limits_key, *(f"{self._tag}:leases:{name}" for name in names)]
-                await self._call("sweep", keys, [WINDOW_MS, *names])
+            seen += len(names)
+            for start in range(0, len(names), SWEEP_CHUNK):
+                chunk = names[start : start + SWEEP_CHUNK]
+                keys = [self._limits_key, *(f"{self._tag}:leases:{name}" for name in chunk)]
+                await self._call("sweep", keys, [WINDOW_MS, *chunk])
             if cursor == 0:
                 return seen
 
