@@ -186,6 +186,26 @@ async def test_thousands_of_settlements_ending_together_all_land(store: Store) -
     assert verdict.states[0][0] >= 10**9 - 2700 * 40 - 100  # the unused tokens came back
 
 
+async def test_a_batch_sent_again_is_not_applied_again(store: Store) -> None:
+    """A settlement whose reply was lost (a timeout after the store applied it) is sent again under
+    the same batch id: the spend, the tokens and the slot count once."""
+    period, ttl = budget_period("day")
+    slots = Check("key", "k11", "concurrency", 1)
+    tokens = Check("key", "k11", "tokens", 100, 60)
+    budget = Check("key", "k11", "budget", 1000, 400, period, ttl)
+    holder = member()
+    assert (await store.admit([slots, tokens, budget], holder, LEASE_MS)).ok
+    batch = [Settlement(slots, holder, 0), Settlement(tokens, holder, 50), Settlement(budget, holder, 300)]
+    for _ in range(3):
+        await store.settle(batch, "batch-1")
+    assert await store.budget_spent(budget) == 300
+    after = await store.admit([slots, tokens, budget], member(), LEASE_MS)
+    assert after.ok and after.states == [(0, 0), (after.states[1][0], after.states[1][1]), (1000 - 300 - 400, 0)]
+    assert 30 <= after.states[1][0] <= 31  # 100 - 60 + 50 given back once - 60 (+ refill)
+    await store.settle([Settlement(budget, holder, 5)], "batch-2")  # another batch counts
+    assert await store.budget_spent(budget) == 305
+
+
 def test_budget_periods_are_calendar_utc() -> None:
     from datetime import UTC, datetime
 

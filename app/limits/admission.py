@@ -134,7 +134,7 @@ class Admission:
         self._down_since: float | None = None
         self._next_probe = 0.0
         self._active: dict[str, Reservation] = {}
-        self._pending: deque[list[Settlement]] = deque(maxlen=MAX_PENDING_SETTLEMENTS)
+        self._pending: deque[tuple[str, list[Settlement]]] = deque(maxlen=MAX_PENDING_SETTLEMENTS)
         self._outbox: list[Settlement] = []
         self._sending: asyncio.Future[None] | None = None
         self._members = itertools.count()
@@ -304,11 +304,12 @@ class Admission:
                 # One store call per batch, and a batch no bigger than a store takes in one
                 # atomic call: a failed batch is retried whole, so it must never be half applied.
                 items, self._outbox = self._outbox[:SETTLE_BATCH], self._outbox[SETTLE_BATCH:]
+                batch = secrets.token_hex(12)  # retried under this id: applied once whatever happens
                 try:
-                    await self.store.settle(items)
+                    await self.store.settle(items, batch)
                 except StoreError as exc:
                     self._store_failed(exc)
-                    self._pending.append(items)  # settled later: spend must not be lost
+                    self._pending.append((batch, items))  # settled later: spend must not be lost
         finally:
             self._sending = None
 
@@ -331,9 +332,9 @@ class Admission:
         if self._sending is not None:
             await asyncio.shield(self._sending)
         while self._pending:
-            items = self._pending[0]
+            batch, items = self._pending[0]
             try:
-                await self.store.settle(items)
+                await self.store.settle(items, batch)
             except StoreError:
                 return
             self._pending.popleft()

@@ -69,8 +69,9 @@ class Store(Protocol):
     async def admit(self, checks: Sequence[Check], member: str, lease_ms: int) -> Verdict:
         """Decide every check; reserve all of them only if all pass."""
 
-    async def settle(self, settlements: Sequence[Settlement]) -> None:
-        """Replace estimates by actual use; free concurrency slots and budget holds."""
+    async def settle(self, settlements: Sequence[Settlement], batch: str = "") -> None:
+        """Replace estimates by actual use; free concurrency slots and budget holds. A batch sent
+        again under the same non-empty `batch` id is not applied again."""
 
     async def renew(self, leases: Sequence[tuple[Check, str]], lease_ms: int) -> None:
         """Extend the leases of requests still running."""

@@ -175,14 +175,17 @@ return out
 """
 )
 
-# KEYS: the limits hash, then per settlement: concurrency its leases; budget its leases and spend
-# ARGV: window_ms, n, then per settlement: kind, name, member, value, limit, amount, ttl_s
+# KEYS: the limits hash, the batch's marker, then per settlement: concurrency its leases; budget
+# its leases and spend. ARGV: window_ms, n, then per settlement: kind, name, member, value, limit,
+# amount, ttl_s. A batch is applied at most once (its marker), however often it is sent: a reply
+# lost to a timeout after Redis ran the script must not count the spend twice when retried.
 SETTLE = (
     _PRELUDE
     + """
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', 604800) then return 0 end
 local window, n = tonumber(ARGV[1]), tonumber(ARGV[2])
 local items, fields = {}, {}
-local k = 2
+local k = 3
 for i = 1, n do
   local a = 2 + (i - 1) * 7
   local s = {kind = ARGV[a + 1], name = ARGV[a + 2], member = ARGV[a + 3], value = tonumber(ARGV[a + 4]),

@@ -23,6 +23,7 @@ class MemoryStore:
         self._ledger: dict[str, dict[str, int]] = {}
         self._key_names: dict[str, str] = {}
         self._batches_seen: set[str] = set()
+        self._settled: dict[str, None] = {}  # settlement batches applied, oldest first
 
     async def ping(self) -> None:
         return None
@@ -103,7 +104,13 @@ class MemoryStore:
     async def admit(self, checks: Sequence[Check], member: str, lease_ms: int) -> Verdict:
         return self._limits.admit(checks, member, lease_ms)
 
-    async def settle(self, settlements: Sequence[Settlement]) -> None:
+    async def settle(self, settlements: Sequence[Settlement], batch: str = "") -> None:
+        if batch:
+            if batch in self._settled:
+                return
+            self._settled[batch] = None
+            if len(self._settled) > 100_000:
+                del self._settled[next(iter(self._settled))]  # the oldest: retries come soon
         self._limits.settle(settlements)
 
     async def renew(self, leases: Sequence[tuple[Check, str]], lease_ms: int) -> None:

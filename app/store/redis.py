@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import secrets
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -310,18 +311,20 @@ class RedisStore:
             out += (static, resp.bulk(check.amount))
         return b"".join(out)
 
-    async def settle(self, settlements: Sequence[Settlement]) -> None:
+    async def settle(self, settlements: Sequence[Settlement], batch: str = "") -> None:
         """One script call per SETTLE_CHUNK settlements: Lua unpacks at most ~8,000 values, and the
         script unpacks a name per settlement and a name and value per field it writes. (Admission
-        never sends more than one chunk at a time, so a failed call is never half applied.)"""
+        never sends more than one chunk at a time, so a failed call is never half applied.) Each
+        chunk of a batch is applied at most once, however often the batch is sent."""
         items = [s for s in settlements if s.check.kind != "requests"]
+        batch = batch or secrets.token_hex(12)
         for start in range(0, len(items), SETTLE_CHUNK):
-            await self._settle(items[start : start + SETTLE_CHUNK])
+            await self._settle(items[start : start + SETTLE_CHUNK], f"{batch}:{start // SETTLE_CHUNK}")
 
-    async def _settle(self, items: Sequence[Settlement]) -> None:
+    async def _settle(self, items: Sequence[Settlement], marker: str) -> None:
         if not items:
             return
-        keys: list[bytes] = [resp.bulk(self._limits_key)]
+        keys: list[bytes] = [resp.bulk(self._limits_key), resp.bulk(f"{self._tag}:settled:{marker}")]
         args: list[bytes] = [resp.bulk(WINDOW_MS), resp.bulk(len(items))]
         for item in items:
             check = item.check
