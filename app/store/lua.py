@@ -178,11 +178,13 @@ return out
 # KEYS: the limits hash, the batch's marker, then per settlement: concurrency its leases; budget
 # its leases and spend. ARGV: window_ms, n, then per settlement: kind, name, member, value, limit,
 # amount, ttl_s. A batch is applied at most once (its marker), however often it is sent: a reply
-# lost to a timeout after Redis ran the script must not count the spend twice when retried.
+# lost to a timeout after Redis ran the script must not count the spend twice when retried. The
+# marker lives two minutes (a retry comes within a second or two unless Redis is gone; a key per
+# batch for days would cost gigabytes at thousands of requests a second).
 SETTLE = (
     _PRELUDE
     + """
-if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', 604800) then return 0 end
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', 120) then return 0 end
 local window, n = tonumber(ARGV[1]), tonumber(ARGV[2])
 local items, fields = {}, {}
 local k = 3
