@@ -235,10 +235,9 @@ def measure(stack: Stack, quick: bool) -> dict[str, Any]:
                     used[name] += cpu_seconds(pids[name]) - before
                 if name == "gateway":
                     used["redis"] += cpu_seconds(redis_pid) - redis_before
-        results.setdefault("cpu_us_per_request", {})[point] = {
-            name: used[name] / max(1, sum(r["requests"] for r in samples[name if name in pids else "gateway"])) * 1e6
-            for name in used
-        }
+        served = {name: max(1, sum(r["requests"] for r in samples[name])) for name in pids}
+        served["redis"] = served["gateway"]  # Redis works for the gateway's requests
+        results.setdefault("cpu_us_per_request", {})[point] = {name: used[name] / served[name] * 1e6 for name in used}
         for name, runs in samples.items():
             results["targets"][name][point] = _median_run(runs)
         results.setdefault("ratios", {})[point] = {

@@ -37,7 +37,6 @@ Scope = tuple[str, str, LimitValues]
 PROBE_INTERVAL_S = 1.0
 SWEEP_INTERVAL_S = 60.0  # limit state that says nothing any more goes (one replica does it)
 MAX_PENDING_SETTLEMENTS = 100_000
-SETTLE_BATCH = 500  # settlements per store call (see RedisStore.settle)
 
 
 @dataclass(slots=True)
@@ -138,6 +137,8 @@ class Admission:
         self._outbox: list[Settlement] = []
         self._sending: asyncio.Future[None] | None = None
         self._members = itertools.count()
+        self._batches = itertools.count()
+        self._batches_prefix = secrets.token_hex(8)  # batch ids must never collide across processes
         self._members_prefix = secrets.token_hex(4)
 
     # -- which limits apply ------------------------------------------------------------------
@@ -301,10 +302,9 @@ class Admission:
         try:
             await asyncio.sleep(0)  # let every request ending in this loop turn join the batch
             while self._outbox:
-                # One store call per batch, and a batch no bigger than a store takes in one
-                # atomic call: a failed batch is retried whole, so it must never be half applied.
-                items, self._outbox = self._outbox[:SETTLE_BATCH], self._outbox[SETTLE_BATCH:]
-                batch = secrets.token_hex(12)  # retried under this id: applied once whatever happens
+                items, self._outbox = self._outbox, []
+                # Retried under this id if it fails: the store applies a batch once, however often sent.
+                batch = f"{self._batches_prefix}{next(self._batches):x}"
                 try:
                     await self.store.settle(items, batch)
                 except StoreError as exc:

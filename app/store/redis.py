@@ -260,8 +260,9 @@ class RedisStore:
             )
 
     # -- admission -------------------------------------------------------------------------
-    def _leases(self, check: Check) -> str:
-        return f"{self._tag}:leases:{check.name}"
+    def _leases(self, name: str) -> str:
+        """The lease zset of a concurrency or budget limit (by the check's name)."""
+        return f"{self._tag}:leases:{name}"
 
     def _spend(self, check: Check) -> str:
         return f"{self._tag}:lim:{check.name}:spent"
@@ -269,9 +270,9 @@ class RedisStore:
     def _limit_keys(self, check: Check) -> list[str]:
         """A check's keys besides the limits hash (see `lua`): buckets have none of their own."""
         if check.kind == "budget":
-            return [self._leases(check), self._spend(check)]
+            return [self._leases(check.name), self._spend(check)]
         if check.kind == "concurrency":
-            return [self._leases(check)]
+            return [self._leases(check.name)]
         return []
 
     async def admit(self, checks: Sequence[Check], member: str, lease_ms: int) -> Verdict:
@@ -312,10 +313,10 @@ class RedisStore:
         return b"".join(out)
 
     async def settle(self, settlements: Sequence[Settlement], batch: str = "") -> None:
-        """One script call per SETTLE_CHUNK settlements: Lua unpacks at most ~8,000 values, and the
-        script unpacks a name per settlement and a name and value per field it writes. (Admission
-        never sends more than one chunk at a time, so a failed call is never half applied.) Each
-        chunk of a batch is applied at most once, however often the batch is sent."""
+        """One script call per SETTLE_CHUNK settlements (Lua unpacks at most ~8,000 values, and the
+        script unpacks a name per settlement and a name and value per field it writes). Each chunk
+        is applied at most once, so a batch that failed half way is completed, not doubled, when
+        sent again under the same id."""
         items = [s for s in settlements if s.check.kind != "requests"]
         batch = batch or secrets.token_hex(12)
         for start in range(0, len(items), SETTLE_CHUNK):
@@ -355,7 +356,7 @@ class RedisStore:
 
     async def renew(self, leases: Sequence[tuple[Check, str]], lease_ms: int) -> None:
         if leases:
-            keys = [self._leases(check) for check, _ in leases]
+            keys = [self._leases(check.name) for check, _ in leases]
             members = [f"{member}|{check.amount}" if check.kind == "budget" else member for check, member in leases]
             await self._call("renew", keys, [lease_ms, *members])
 
@@ -363,19 +364,19 @@ class RedisStore:
         raw = await self._do(self.redis.get(self._spend(check)))
         return int(raw or 0)
 
-    async def sweep(self, batch: int = 500) -> int:
+    async def sweep(self, scan_count: int = 500) -> int:
         """Drop what the limits hash no longer needs (full buckets, fields with no lease left) and
         leases that expired unrenewed (a crashed replica's). One replica a minute does it."""
         if not await self._do(self.redis.set(self._limits_key + ":sweeping", 1, nx=True, px=SWEEP_EVERY_MS)):
             return 0
         seen, cursor = 0, 0
         while True:
-            cursor, fields = await self._do(self.redis.hscan(self._limits_key, cursor, count=batch))
+            cursor, fields = await self._do(self.redis.hscan(self._limits_key, cursor, count=scan_count))
             names = [f.decode() for f in fields]
             seen += len(names)
             for start in range(0, len(names), SWEEP_CHUNK):
                 chunk = names[start : start + SWEEP_CHUNK]
-                keys = [self._limits_key, *(f"{self._tag}:leases:{name}" for name in chunk)]
+                keys = [self._limits_key, *map(self._leases, chunk)]
                 await self._call("sweep", keys, [WINDOW_MS, *chunk])
             if cursor == 0:
                 return seen
