@@ -108,6 +108,7 @@ class RedisStore:
         }
         self._listeners: list[ChangeListener] = []
         self._listener_task: asyncio.Task[None] | None = None
+        self._closed = False
         self._resp = resp.RespClient(url, timeout_s)
         self._admit_encodings: dict[tuple[Any, ...], tuple[int, bytes, list[bytes]]] = {}
         self._settle_encodings: dict[str, tuple[list[bytes], bytes]] = {}
@@ -167,6 +168,7 @@ class RedisStore:
 
     async def close(self) -> None:
         """Stop listening and close every connection; a shutdown never waits on Redis for long."""
+        self._closed = True
         self._resp.close()
         if self._listener_task is not None:
             self._listener_task.cancel()
@@ -429,7 +431,7 @@ class RedisStore:
     async def _listen(self) -> None:
         """Follow the change channel for as long as the store is open, reconnecting as needed."""
         lost = False
-        while True:
+        while not self._closed:  # not only cancellation: a library that swallows it must not keep us
             pubsub = self._pubsub_client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
@@ -437,7 +439,7 @@ class RedisStore:
                     log.warning("change channel restored")
                     lost = False
                 await self._notify("*")  # anything could have changed while we were not listening
-                while True:
+                while not self._closed:
                     message = await pubsub.get_message(timeout=1.0)
                     if message and message.get("type") == "message":
                         await self._notify(message["data"].decode())
