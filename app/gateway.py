@@ -171,7 +171,7 @@ class Gateway:
         shared_key = team is None or team.headers.get("Authorization") == self._shared_auth
         plan = self.admission.plan(call.principal, shared_key)
         demand = self._demand(call, payload) if plan.needs_demand else Demand()
-        call.reservation = await self.admission.admit(call.request_id, plan.checks(demand))
+        call.reservation = await self.admission.admit(call.request_id, plan.checks(demand), plan)
 
     def _demand(self, call: ProxyCall, payload: dict[str, Any]) -> Demand:
         models = [m for m in self._models(call) if m is not None]
@@ -273,6 +273,7 @@ class Gateway:
     async def drain(self) -> None:
         """At shutdown: settle, reconcile (what can be), and write everything still queued."""
         await self.meter.drain()
+        await self.admission.release_spares()
         await self.admission.flush()
         await self.ledger.flush()
 

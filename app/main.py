@@ -178,7 +178,9 @@ async def _start_gateway(settings: Settings, client: OpenRouterClient, store: St
     bootstrap = settings.api_key.get_secret_value() if settings.api_key else None
     authenticator = KeyAuthenticator(store, teams, bootstrap, cache_ttl_s=settings.auth_cache_ttl_s)
     metrics = Metrics()
-    admission = Admission(store, settings.limits, on_store_error=metrics.store_errors.inc)
+    admission = Admission(
+        store, settings.limits, on_store_error=metrics.store_errors.inc, on_ahead=metrics.admitted_ahead
+    )
     gateway = Gateway(settings, client, catalog, store, authenticator, admission, metrics)
     await store.prepare()
     await gateway.registry.load_declared([t.record() for t in settings.teams], [k.record() for k in settings.keys])

@@ -134,6 +134,13 @@ class LimitsSettings(_Section):
     key_defaults: LimitValues = Field(default_factory=lambda: LimitValues(), description="for keys that set none")
     on_store_error: StoreErrorPolicy = Field(default_factory=lambda: StoreErrorPolicy())
     lease_s: float = Field(120.0, ge=5, description="concurrency slots and budget holds expire unless renewed")
+    admit_ahead: bool = Field(
+        True, description="reserve a principal's next request ahead, so it is admitted without a store round trip"
+    )
+    ahead_idle_s: float = Field(2.0, gt=0, description="a reservation ahead unused this long is given back")
+    ahead_max_share: float = Field(
+        0.01, gt=0, le=0.5, description="reserve ahead only where a request is at most this share of each limit"
+    )
 
 
 class ModelsSettings(_Section):

@@ -2,6 +2,14 @@
 round trip, settled to real use when the request ends, and told to the client in OpenAI's
 headers.
 
+Admission ahead (`limits.admit_ahead`, on by default): once a principal's request is admitted,
+the next one's worth is reserved in the background, so the principal's next request is admitted
+without waiting for the store. Only where one request is a small share of every limit it counts
+against (`limits.ahead_max_share`, 1%: small limits behave exactly as without it) and while every
+limit has room for it and one more. It is released, and its request and tokens given back, after
+`limits.ahead_idle_s` unused. Limits are never overshot: what is reserved ahead is held in the
+store like any request's reservation.
+
 Store outages follow an explicit policy per concern (`limits.on_store_error`): rate limits
 open by default, budgets closed. An outage is logged once when it starts and once when it
 ends; while it lasts, the store is probed at most once a second instead of on every request.
@@ -26,7 +34,7 @@ from app.auth.keys import Principal
 from app.auth.records import LimitValues
 from app.errors import BudgetExceededError, RateLimitError, StoreUnavailableError
 from app.limits import estimate
-from app.limits.checks import NANO, Check, Settlement, Verdict, budget_period, format_duration
+from app.limits.checks import BUCKET_KINDS, NANO, Check, Settlement, Verdict, budget_period, format_duration
 from app.settings import LimitsSettings
 from app.store.base import Store, StoreError
 
@@ -37,6 +45,7 @@ Scope = tuple[str, str, LimitValues]
 PROBE_INTERVAL_S = 1.0
 SWEEP_INTERVAL_S = 60.0  # limit state that says nothing any more goes (one replica does it)
 MAX_PENDING_SETTLEMENTS = 100_000
+AHEAD_HEADROOM = 2  # a reservation ahead is made only while every limit has room for it and one more
 
 
 @dataclass(slots=True)
@@ -48,6 +57,9 @@ class Reservation:
     verdict: Verdict | None  # None: admitted without the store (an outage, with an open policy)
     settled: bool = False
     tokens: int = 0  # what it was settled at
+    made: float = 0.0  # a reservation ahead: when it was made (monotonic)
+    plan: Plan | None = None  # admission ahead: whose next request to reserve when this one ends
+    ahead: list[Check] | None = None  # ... and with what amounts
 
     def headers(self) -> dict[str, str]:
         """x-ratelimit-* of the tightest requests and tokens limits."""
@@ -85,6 +97,9 @@ class Plan:
     """The checks of one principal, built once; only the demand changes per request."""
 
     def __init__(self, scopes: list[Scope]) -> None:
+        self.spare: Reservation | None = None  # reserved ahead for this principal's next request
+        self.reserving: asyncio.Future[None] | None = None  # the spare, on its way
+        self.claimed = False  # a request already waits for it
         self.needs_demand = any(v.tpm is not None or v.budget_usd is not None for _, _, v in scopes)
         self._fixed: list[Check | tuple[str, str, str, int, str, str]] = []
         for scope, scope_id, values in scopes:
@@ -123,13 +138,18 @@ class AdmissionCounters:
 
 class Admission:
     def __init__(
-        self, store: Store, settings: LimitsSettings, on_store_error: Callable[[], None] | None = None
+        self,
+        store: Store,
+        settings: LimitsSettings,
+        on_store_error: Callable[[], None] | None = None,
+        on_ahead: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.lease_ms = int(settings.lease_s * 1000)
         self.counters = AdmissionCounters()
         self._on_store_error = on_store_error
+        self._on_ahead = on_ahead  # "taken" | "released", for the metrics
         self._down_since: float | None = None
         self._next_probe = 0.0
         self._active: dict[str, Reservation] = {}
@@ -140,6 +160,10 @@ class Admission:
         self._batches = itertools.count()
         self._batches_prefix = secrets.token_hex(8)  # batch ids must never collide across processes
         self._members_prefix = secrets.token_hex(4)
+        self._ahead = settings.admit_ahead
+        self._spares: set[Plan] = set()  # plans holding a reservation ahead
+        self._reserving: set[asyncio.Future[None]] = set()  # referenced: the loop holds tasks weakly
+        self._wanted: list[tuple[Plan, list[Check]]] = []  # reservations ahead to send with settlements
 
     # -- which limits apply ------------------------------------------------------------------
     def plan(self, principal: Principal, shared_key: bool) -> Plan:
@@ -169,9 +193,23 @@ class Admission:
         return {"period": period, "limit_usd": values.budget_usd, "spent_usd": float(Decimal(spent) / NANO)}
 
     # -- admit ---------------------------------------------------------------------------------
-    async def admit(self, request_id: str, checks: list[Check]) -> Reservation | None:
+    async def admit(self, request_id: str, checks: list[Check], plan: Plan | None = None) -> Reservation | None:
+        """Reserve `checks` for a request, or raise the refusal. With the request's `plan`, a
+        reservation made ahead for the principal is taken if the request fits it."""
         if not checks:
             return None
+        ahead = None
+        if plan is not None and self._ahead:
+            spare = await self._take_spare(plan)
+            if spare is not None and _fits(spare.checks, checks):
+                spare.plan, spare.ahead = plan, spare.checks
+                if self._on_ahead:
+                    self._on_ahead("taken")
+                return spare
+            ahead = checks
+            if spare is not None:  # made for a smaller request (or an earlier budget period)
+                self.release(spare)
+                ahead = _larger(spare.checks, checks)
         # The holder's name in the store: the request id (which a client may choose, and reuse)
         # made unique by this process, so two requests never share one slot or one budget hold.
         member = f"{request_id}:{self._members_prefix}{next(self._members):x}"
@@ -184,7 +222,79 @@ class Admission:
         reservation = Reservation(member, checks, verdict)
         if reservation.leases:
             self._active[member] = reservation
+        if ahead is not None:
+            reservation.plan, reservation.ahead = plan, ahead
         return reservation
+
+    # -- admission ahead -----------------------------------------------------------------------
+    async def _take_spare(self, plan: Plan) -> Reservation | None:
+        if plan.spare is None and plan.reserving is not None and not plan.claimed:
+            plan.claimed = True  # one request waits for the reservation on its way; the rest do not
+            await asyncio.shield(plan.reserving)
+        spare = plan.spare
+        if spare is not None:
+            plan.spare = None
+            self._spares.discard(plan)
+        return spare
+
+    def _reserve_ahead(self, plan: Plan, checks: list[Check]) -> None:
+        if not self._ahead or plan.spare is not None or plan.reserving is not None or self._down_since is not None:
+            return
+        share = self.settings.ahead_max_share
+        for check in checks:
+            if check.amount > check.limit * share:
+                return  # a request's worth held ahead would be felt by everyone else under this limit
+        plan.claimed = False
+        plan.reserving = task = asyncio.ensure_future(self._reserve_spare(plan, checks))
+        self._reserving.add(task)
+        task.add_done_callback(self._reserving.discard)
+
+    async def _reserve_spare(self, plan: Plan, checks: list[Check]) -> None:
+        member = f"ahead:{self._members_prefix}{next(self._members):x}"
+        try:
+            verdict = await self.store.admit(checks, member, self.lease_ms, AHEAD_HEADROOM)
+        except StoreError as exc:
+            self._store_failed(exc)  # the policy applies from the next request without a spare
+            return
+        finally:
+            plan.reserving = None
+        if verdict.ok:
+            spare = plan.spare = Reservation(member, checks, verdict, made=time.monotonic())
+            if spare.leases:
+                self._active[member] = spare
+            self._spares.add(plan)
+
+    def release(self, spare: Reservation) -> None:
+        """Give back a reservation never used: its request and tokens, its slots and holds."""
+        if spare.settled:
+            return
+        spare.settled = True
+        self._active.pop(spare.member, None)
+        if self._on_ahead:
+            self._on_ahead("released")
+        self._queue([Settlement(c, spare.member, c.amount if c.kind in BUCKET_KINDS else 0) for c in spare.checks])
+
+    def release_idle(self, idle_s: float | None = None) -> int:
+        """Release the reservations ahead unused for `idle_s` (all of them with 0); returns how many."""
+        idle_s = self.settings.ahead_idle_s if idle_s is None else idle_s
+        cutoff = time.monotonic() - idle_s
+        released = 0
+        for plan in list(self._spares):
+            spare = plan.spare
+            if spare is None or spare.made <= cutoff:
+                plan.spare = None
+                self._spares.discard(plan)
+                if spare is not None:
+                    self.release(spare)
+                    released += 1
+        return released
+
+    async def release_spares(self) -> None:
+        """At shutdown: let reservations on their way land, then give every one back."""
+        self._ahead = False
+        if self._reserving:
+            await asyncio.gather(*self._reserving, return_exceptions=True)
+        self.release_idle(0)
 
     async def _decide(self, member: str, checks: list[Check]) -> Verdict | None:
         """The store's verdict, or None when the store is down and the policy lets the request in."""
@@ -268,6 +378,10 @@ class Admission:
         reservation.settled = True
         reservation.tokens = tokens
         self._active.pop(reservation.member, None)
+        if reservation.plan is not None and reservation.ahead is not None and self._ahead:
+            # Reserved when a request ends, sent with its settlement (one write, one reply read):
+            # the store's work then overlaps the client's next request arriving.
+            self._wanted.append((reservation.plan, reservation.ahead))
         cost_nano = int((cost * NANO).to_integral_value(ROUND_HALF_UP)) if cost else 0
         member = reservation.member
         self._queue(
@@ -292,17 +406,20 @@ class Admission:
         )
 
     def _queue(self, items: list[Settlement]) -> None:
-        if not items:
-            return
         self._outbox.extend(items)
-        if self._sending is None:
+        if self._sending is None and (self._outbox or self._wanted):
             self._sending = asyncio.ensure_future(self._send_outbox())
 
     async def _send_outbox(self) -> None:
         try:
             await asyncio.sleep(0)  # let every request ending in this loop turn join the batch
-            while self._outbox:
+            while self._outbox or self._wanted:
+                wanted, self._wanted = self._wanted, []
+                for plan, checks in wanted:
+                    self._reserve_ahead(plan, checks)  # starts next turn, its command joins this write
                 items, self._outbox = self._outbox, []
+                if not items:
+                    break
                 # Retried under this id if it fails: the store applies a batch once, however often sent.
                 batch = f"{self._batches_prefix}{next(self._batches):x}"
                 try:
@@ -319,6 +436,7 @@ class Admission:
         renewed = swept = time.monotonic()
         while True:
             await asyncio.sleep(PROBE_INTERVAL_S)
+            self.release_idle()
             await self.flush()
             if time.monotonic() - renewed >= every:
                 renewed = time.monotonic()
@@ -349,6 +467,28 @@ class Admission:
     @property
     def pending_settlements(self) -> int:
         return len(self._pending)
+
+
+def _fits(spare: list[Check], checks: list[Check]) -> bool:
+    """Whether a reservation ahead covers a request: the same limits, each amount at least its."""
+    if len(spare) != len(checks):
+        return False
+    for held, wanted in zip(spare, checks, strict=True):
+        if held.name != wanted.name or held.limit != wanted.limit or held.amount < wanted.amount:
+            return False
+    return True
+
+
+def _larger(spare: list[Check], checks: list[Check]) -> list[Check]:
+    """The request's checks, each amount raised to what the spare held where that was more."""
+    held = {c.name: c.amount for c in spare}
+    out = []
+    for c in checks:
+        amount = max(c.amount, held.get(c.name, 0))
+        out.append(
+            c if amount == c.amount else Check(c.scope, c.scope_id, c.kind, c.limit, amount, c.period, c.ttl_s, c.name)
+        )
+    return out
 
 
 def _merged(record: Any, defaults: LimitValues) -> LimitValues:

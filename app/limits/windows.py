@@ -52,21 +52,21 @@ class MemoryLimits:
     def now_ms() -> int:
         return int(time.monotonic() * 1000)
 
-    def admit(self, checks: Sequence[Check], member: str, lease_ms: int) -> Verdict:
+    def admit(self, checks: Sequence[Check], member: str, lease_ms: int, headroom: int = 1) -> Verdict:
         now = self.now_ms()
         for index, check in enumerate(checks):
-            ok, used, retry = self._check(check, now)
+            ok, used, retry = self._check(check, now, headroom)
             if not ok:
                 return Verdict(False, index, retry, used)
         states = [self._reserve(check, member, now, lease_ms) for check in checks]
         return Verdict(True, states=states)
 
-    def _check(self, check: Check, now: int) -> tuple[bool, int, int]:
+    def _check(self, check: Check, now: int, headroom: int) -> tuple[bool, int, int]:
         if check.kind in BUCKET_KINDS:
             bucket = self._buckets.get(check.name)
             level = bucket.level(check.limit, now) if bucket else float(check.limit)
             used = check.limit - math.floor(level)
-            if level >= check.amount:
+            if level >= check.amount * headroom:
                 return True, used, 0
             if check.amount > check.limit:
                 return False, used, -1
@@ -74,9 +74,9 @@ class MemoryLimits:
         leases = self._leases.setdefault(check.name, _Leases())
         leases.evict(now)
         if check.kind == "concurrency":
-            return leases.total + 1 <= check.limit, leases.total, CONCURRENCY_RETRY_MS
+            return leases.total + headroom <= check.limit, leases.total, CONCURRENCY_RETRY_MS
         used = self._spent.get(check.name, 0) + leases.total
-        return used + check.amount <= check.limit, used, -1
+        return used + check.amount * headroom <= check.limit, used, -1
 
     def _reserve(self, check: Check, member: str, now: int, lease_ms: int) -> tuple[int, int]:
         if check.kind in BUCKET_KINDS:
@@ -95,7 +95,7 @@ class MemoryLimits:
         now = self.now_ms()
         for item in settlements:
             check = item.check
-            if check.kind == "tokens":
+            if check.kind in BUCKET_KINDS:  # tokens given back (requests: a reservation ahead, unused)
                 bucket = self._buckets.get(check.name)
                 if bucket is not None and item.value:
                     self._buckets[check.name] = _Bucket(

@@ -66,11 +66,13 @@ class Store(Protocol):
         """Record when keys were last used (flushed in batches, not per request)."""
 
     # admission (one round trip each)
-    async def admit(self, checks: Sequence[Check], member: str, lease_ms: int) -> Verdict:
-        """Decide every check; reserve all of them only if all pass."""
+    async def admit(self, checks: Sequence[Check], member: str, lease_ms: int, headroom: int = 1) -> Verdict:
+        """Decide every check; reserve all of them only if all pass. With `headroom` n > 1, a check
+        passes only if n requests of its amount would fit (one is still reserved)."""
 
     async def settle(self, settlements: Sequence[Settlement], batch: str = "") -> None:
-        """Replace estimates by actual use; free concurrency slots and budget holds. A batch sent
+        """Replace estimates by actual use (tokens given back to a TPM bucket, or to an RPM bucket
+        for a reservation never used); free concurrency slots and budget holds. A batch sent
         again under the same non-empty `batch` id is not applied again."""
 
     async def renew(self, leases: Sequence[tuple[Check, str]], lease_ms: int) -> None:

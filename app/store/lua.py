@@ -94,15 +94,18 @@ end
 """
 
 # KEYS: the limits hash, then per check: concurrency its leases; budget its leases and spend
-# ARGV: member, lease_ms, window_ms, n, then per check: kind, name, limit, amount
+# ARGV: member, lease_ms, window_ms, n, headroom, then per check: kind, name, limit, amount.
+# headroom: how many requests of these amounts must fit for this one to be admitted (1; 2 when a
+# request's worth is reserved ahead, so a reservation ahead never takes a limit's last room).
 ADMIT = (
     _PRELUDE
     + """
 local member, lease, window, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local headroom = tonumber(ARGV[5])
 local checks, fields, spends = {}, {}, {}
 local k = 2
 for i = 1, n do
-  local a = 4 + (i - 1) * 4
+  local a = 5 + (i - 1) * 4
   local c = {kind = ARGV[a + 1], name = ARGV[a + 2], limit = tonumber(ARGV[a + 3]), amount = tonumber(ARGV[a + 4]),
              raw = ARGV[a + 4]}
   if c.kind == 'c' then
@@ -123,7 +126,7 @@ local changes = {}
 for i, c in ipairs(checks) do
   if c.kind == 'r' or c.kind == 't' then
     c.level = level_at(values[i], c.limit, window)
-    if c.level < c.amount then
+    if c.level < c.amount * headroom then
       write(KEYS[1], changes)
       local used = c.limit - math.floor(c.level)
       if c.amount > c.limit then return {0, i, -1, used} end
@@ -136,8 +139,8 @@ for i, c in ipairs(checks) do
     if recounted then changes[c.name] = lease_field(c.held, c.n, c.bound, budget) end  -- kept even if refused
     if budget then
       c.used = c.held + tonumber(spent[c.s] or '0')
-      if c.used + c.amount > c.limit then write(KEYS[1], changes); return {0, i, -1, c.used} end
-    elseif c.n + 1 > c.limit then
+      if c.used + c.amount * headroom > c.limit then write(KEYS[1], changes); return {0, i, -1, c.used} end
+    elseif c.n + headroom > c.limit then
       write(KEYS[1], changes)
       return {0, i, 1000, c.n}
     end
@@ -207,7 +210,7 @@ for i, s in ipairs(items) do
 end
 
 for _, s in ipairs(items) do
-  if s.kind == 't' then
+  if s.kind == 't' or s.kind == 'r' then  -- tokens given back ('r': a reservation ahead, unused)
     local v = state[s.name]
     if s.value ~= 0 and v then
       local level = level_at(v, s.limit, window) + s.value

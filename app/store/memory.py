@@ -101,8 +101,8 @@ class MemoryStore:
             if key_id in self._keys:
                 self._last_used[key_id] = max(when, self._last_used.get(key_id, when))
 
-    async def admit(self, checks: Sequence[Check], member: str, lease_ms: int) -> Verdict:
-        return self._limits.admit(checks, member, lease_ms)
+    async def admit(self, checks: Sequence[Check], member: str, lease_ms: int, headroom: int = 1) -> Verdict:
+        return self._limits.admit(checks, member, lease_ms, headroom)
 
     async def settle(self, settlements: Sequence[Settlement], batch: str = "") -> None:
         if batch:

@@ -277,8 +277,8 @@ class RedisStore:
             return [self._leases(check.name)]
         return []
 
-    async def admit(self, checks: Sequence[Check], member: str, lease_ms: int) -> Verdict:
-        command = self._admit_command(checks, member, lease_ms)
+    async def admit(self, checks: Sequence[Check], member: str, lease_ms: int, headroom: int = 1) -> Verdict:
+        command = self._admit_command(checks, member, lease_ms, headroom)
         try:  # _fast_command, inlined: one coroutine less on every request
             result = await self._resp.call(command)
         except StoreError as exc:
@@ -288,7 +288,7 @@ class RedisStore:
         values = [int(v) for v in result[1:]]
         return Verdict(True, states=list(zip(values[0::2], values[1::2], strict=True)))
 
-    def _admit_command(self, checks: Sequence[Check], member: str, lease_ms: int) -> bytes:
+    def _admit_command(self, checks: Sequence[Check], member: str, lease_ms: int, headroom: int = 1) -> bytes:
         """EVALSHA admit, with everything but the member and the amounts encoded once per plan."""
         signature = tuple((c.name, c.limit) for c in checks)
         cached = self._admit_encodings.get(signature)
@@ -297,7 +297,7 @@ class RedisStore:
             sha: str = self._scripts["admit"].sha
             head = b"".join([resp.bulk(b"EVALSHA"), resp.bulk(sha), resp.bulk(len(keys)), *map(resp.bulk, keys)])
             parts = [resp.bulk(lua.KIND_CODE[c.kind]) + resp.bulk(c.name) + resp.bulk(c.limit) for c in checks]
-            cached = (3 + len(keys) + 4 + 4 * len(checks), head, parts)
+            cached = (3 + len(keys) + 5 + 4 * len(checks), head, parts)
             if len(self._admit_encodings) > 10_000:
                 self._admit_encodings.clear()
             self._admit_encodings[signature] = cached
@@ -309,6 +309,7 @@ class RedisStore:
             resp.bulk(lease_ms),
             resp.bulk(WINDOW_MS),
             resp.bulk(len(checks)),
+            resp.bulk(headroom),
         ]
         for check, static in zip(checks, parts, strict=True):
             out += (static, resp.bulk(check.amount))
@@ -319,7 +320,7 @@ class RedisStore:
         script unpacks a name per settlement and a name and value per field it writes). Each chunk
         is applied at most once, so a batch that failed half way is completed, not doubled, when
         sent again under the same id."""
-        items = [s for s in settlements if s.check.kind != "requests"]
+        items = [s for s in settlements if s.check.kind != "requests" or s.value]  # RPM: only give-backs
         batch = batch or secrets.token_hex(12)
         for start in range(0, len(items), SETTLE_CHUNK):
             await self._settle(items[start : start + SETTLE_CHUNK], f"{batch}:{start // SETTLE_CHUNK}")

@@ -204,8 +204,18 @@ class Metrics:
             ("outcome",),
             registry=r,
         )
+        self.ahead = Counter(
+            "gateway_admissions_ahead",
+            "Reservations made ahead for a key's next request, by outcome: taken by it, or released unused.",
+            ("outcome",),
+            registry=r,
+        )
+        self._ahead = {outcome: self.ahead.labels(outcome) for outcome in ("taken", "released")}
         # In one process the gauge reads the live count when scraped; workers count into shared files.
         self.count_in_flight = self.multiprocess
+
+    def admitted_ahead(self, outcome: str) -> None:
+        self._ahead[outcome].inc()
 
     def follow_in_flight(self, read: Callable[[], int]) -> None:
         if not self.multiprocess:

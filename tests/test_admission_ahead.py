@@ -1,0 +1,303 @@
+"""Admission ahead: a principal's next request is reserved in the background, so it is admitted
+without waiting for the store. Shown here: the request path does not touch the store when a
+reservation waits for it; limits are never overshot (two replicas on one Redis); small limits and
+a limit's last room are never reserved ahead; what was reserved ahead and not used is given back
+(after idle, at shutdown, and when a larger request comes); accounting stays exact on both stores;
+and a reservation made before a store outage admits its request during it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from app.auth.records import LimitValues
+from app.limits.admission import Admission, Demand, Plan
+from app.limits.checks import Check, Settlement, budget_period
+from app.settings import LimitsSettings
+from app.simulator import SimulatorThread
+from app.store.base import Store
+from tests.redis_server import RedisServer
+from tests.support import ADMIN_KEY, GatewayServer, gateway_settings, wait_until
+from tests.test_admission_details import (
+    HELLO,
+    MINI,
+    budget_of,
+    chat,
+    make_key,
+    make_team,
+    redis_gateway,
+)
+
+BODY = {"model": MINI, "messages": HELLO, "max_tokens": 10}
+BIG = {"rpm": 1000, "tpm": 1_000_000, "max_concurrency": 1000, "budget_usd": 5, "budget_period": "day"}
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+def lease_members(server: RedisServer, prefix: str) -> dict[str, list[str]]:
+    """Every lease zset under the gateway's prefix: its members (concurrency slots, budget holds)."""
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        return {
+            key: client.zrange(key, 0, -1) for key in client.scan_iter(match="{" + prefix + "}:leases:*", count=1000)
+        }
+    finally:
+        client.close()
+
+
+def ahead_held(server: RedisServer, prefix: str) -> int:
+    return sum(m.startswith("ahead:") for members in lease_members(server, prefix).values() for m in members)
+
+
+def ahead_metric(gateway: GatewayServer, outcome: str) -> float:
+    text = httpx.get(gateway.url + "/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith(f'gateway_admissions_ahead_total{{outcome="{outcome}"}} '):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def remaining(response: Any, kind: str) -> int:
+    return int(response.headers[f"x-ratelimit-remaining-{kind}"])
+
+
+# -- the request path ---------------------------------------------------------------------------
+def test_the_next_request_is_admitted_without_waiting_for_the_store(
+    simulator: SimulatorThread, own_redis: RedisServer
+) -> None:
+    """With Redis frozen (connections open, nothing answers) a request that waited on the store
+    would take the whole store timeout (3 s here); the one with a reservation ahead does not."""
+    assert own_redis.process is not None
+    with redis_gateway(simulator, own_redis, store_timeout_s=3, limits={"ahead_idle_s": 60}) as gateway:
+        key = make_key(gateway, make_team(gateway), **BIG)
+        first = chat(gateway, key["key"], BODY)
+        assert first.status_code == 200, first.text
+        prefix = gateway.settings.store_prefix
+        wait_until(lambda: ahead_held(own_redis, prefix) == 2, 10, "the next request reserved ahead")  # slot, hold
+        os.kill(own_redis.process.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            second = chat(gateway, key["key"], BODY)
+            took = time.monotonic() - started
+        finally:
+            os.kill(own_redis.process.pid, signal.SIGCONT)
+        assert second.status_code == 200, second.text
+        assert took < 2, f"the request waited for the store ({took:.1f}s)"
+        # Reserved for it and counted: the headers go on from the first request's.
+        assert remaining(second, "requests") == remaining(first, "requests") - 1
+        assert ahead_metric(gateway, "taken") == 1 and ahead_metric(gateway, "released") == 0
+        assert chat(gateway, key["key"], BODY).status_code == 200  # and on, once Redis answers again
+
+
+def test_limits_are_never_overshot_across_two_replicas(simulator: SimulatorThread, own_redis: RedisServer) -> None:
+    """Ten a minute on one key, thirty requests alternating between two replicas that both reserve
+    ahead (a share of one half lets this small limit do so): ten pass, whichever replica holds what."""
+
+    def replica() -> GatewayServer:
+        return GatewayServer(
+            gateway_settings(
+                simulator.base_url,
+                admin_key=ADMIN_KEY,
+                store=own_redis.url,
+                store_prefix=prefix,
+                limits={"ahead_max_share": 0.5, "ahead_idle_s": 60},
+            )
+        )
+
+    prefix = "a" + uuid.uuid4().hex[:8]
+    with replica() as one, replica() as two:
+        key = make_key(one, make_team(one), rpm=10)
+        wait_until(lambda: chat(two, key["key"], BODY).status_code == 200, 10, "the key known to both")
+        statuses = [chat((one, two)[i % 2], key["key"], BODY).status_code for i in range(30)]
+        assert statuses.count(200) == 9, statuses  # one of the ten went to the probe above
+        assert set(statuses) == {200, 429}
+
+
+def test_small_limits_and_a_limits_last_room_are_never_reserved_ahead(
+    simulator: SimulatorThread, own_redis: RedisServer
+) -> None:
+    with redis_gateway(simulator, own_redis, limits={"ahead_idle_s": 60}) as gateway:
+        prefix = gateway.settings.store_prefix
+        # A team of 10 concurrent requests: one request is 10% of it, more than the 1% share.
+        small = make_key(gateway, make_team(gateway, max_concurrency=10), **BIG)
+        assert chat(gateway, small["key"], BODY).status_code == 200
+        big = make_key(gateway, make_team(gateway), **BIG)
+        assert chat(gateway, big["key"], BODY).status_code == 200
+        wait_until(lambda: ahead_held(own_redis, prefix) == 2, 10, "the big key's next request reserved")
+        held = lease_members(own_redis, prefix)
+        assert not any(m.startswith("ahead:") for k, ms in held.items() if small["id"] in k for m in ms)
+        # Teammates of a small team limit see it whole: three a minute, three requests of two keys.
+        team = make_team(gateway, rpm=3)
+        first, second = make_key(gateway, team, **BIG), make_key(gateway, team, **BIG)
+        statuses = [chat(gateway, k["key"], BODY).status_code for k in (first, second, second)]
+        assert statuses == [200, 200, 200]
+
+
+@pytest.mark.anyio
+async def test_a_reservation_ahead_needs_room_for_one_more(store: Store) -> None:
+    """The store's headroom: reserve one request's worth only if two would fit."""
+    period, ttl = budget_period("day")
+    rpm = Check("key", "h1", "requests", 3)
+    slots = Check("key", "h1", "concurrency", 2)
+    budget = Check("key", "h1", "budget", 1000, 300, period, ttl)
+    assert (await store.admit([rpm], "m1", 60_000, headroom=2)).ok  # 3 -> 2
+    assert (await store.admit([rpm], "m2", 60_000, headroom=2)).ok  # 2 -> 1
+    refused = await store.admit([rpm], "m3", 60_000, headroom=2)
+    assert not refused.ok and refused.failed == 0
+    last = await store.admit([rpm], "m4", 60_000)  # a request itself still takes the last one
+    assert last.ok and last.states[0][0] == 0
+    assert (await store.admit([slots, budget], "s1", 60_000, headroom=2)).ok  # 1 slot, 300 held
+    refused = await store.admit([slots, budget], "s2", 60_000, headroom=2)
+    assert not refused.ok and refused.failed == 0  # 1 + 2 slots > 2
+    assert not (await store.admit([budget], "s3", 60_000, headroom=3)).ok  # 300 + 900 > 1000
+    assert (await store.admit([budget], "s4", 60_000, headroom=2)).ok  # 300 + 600 <= 1000
+
+
+@pytest.mark.anyio
+async def test_an_unused_request_is_given_back_to_its_bucket(store: Store) -> None:
+    rpm = Check("key", "g1", "requests", 2)
+    assert (await store.admit([rpm], "m1", 60_000)).ok
+    assert (await store.admit([rpm], "m2", 60_000)).ok
+    assert not (await store.admit([rpm], "m3", 60_000)).ok
+    await store.settle([Settlement(rpm, "m2", 1)])  # m2 was a reservation ahead, never used
+    again = await store.admit([rpm], "m4", 60_000)
+    assert again.ok and again.states[0][0] == 0
+    await store.settle([Settlement(rpm, "m4", 1), Settlement(rpm, "m1", 1), Settlement(rpm, "m5", 1)])
+    full = await store.admit([rpm], "m6", 60_000)
+    assert full.ok and full.states[0][0] == 1  # given back, but never above the limit
+
+
+# -- given back ---------------------------------------------------------------------------------
+def test_what_was_reserved_ahead_is_given_back_when_idle_and_at_shutdown(
+    simulator: SimulatorThread, own_redis: RedisServer
+) -> None:
+    limits = {"ahead_max_share": 0.5, "ahead_idle_s": 0.2}
+    with redis_gateway(simulator, own_redis, limits=limits) as gateway:
+        prefix = gateway.settings.store_prefix
+        key = make_key(gateway, make_team(gateway), rpm=6, tpm=120, max_concurrency=10, budget_usd=5)
+        first = chat(gateway, key["key"], BODY)
+        assert first.status_code == 200 and remaining(first, "requests") == 5
+        used = first.json()["usage"]
+        wait_until(lambda: ahead_held(own_redis, prefix) == 2, 10, "the next request reserved ahead")
+        wait_until(lambda: ahead_held(own_redis, prefix) == 0, 10, "given back after idle")
+        assert all(members == [] for members in lease_members(own_redis, prefix).values())  # no slot, no hold
+        assert ahead_metric(gateway, "released") == 1 and ahead_metric(gateway, "taken") == 0
+        wait_until(
+            lambda: Decimal(str(budget_of(gateway, f"/keys/{key['id']}")["spent_usd"])) == Decimal(str(used["cost"])),
+            10,
+            "the first request's cost, and nothing for the reservation",
+        )
+        second = chat(gateway, key["key"], BODY)
+        # 6 a minute refill one every 10 s: the reservation's request came back, so 6 - 1 - 1 remain
+        # (4 had it not); its tokens too: at least 120 - the first's use - this one's estimate.
+        assert remaining(second, "requests") == 4
+        estimate = 120 - remaining(first, "tokens")  # the first's estimate (the bucket was full)
+        assert remaining(second, "tokens") >= 120 - used["total_tokens"] - estimate
+        wait_until(lambda: ahead_held(own_redis, prefix) == 2, 10, "reserved ahead again")
+    assert all(members == [] for members in lease_members(own_redis, prefix).values()), "held past shutdown"
+
+
+def test_a_larger_request_than_the_reservation_is_admitted_and_spend_stays_exact(
+    simulator: SimulatorThread, own_redis: RedisServer
+) -> None:
+    limits = {"ahead_idle_s": 0.2}
+    with redis_gateway(simulator, own_redis, limits=limits) as gateway:
+        prefix = gateway.settings.store_prefix
+        key = make_key(gateway, make_team(gateway), **BIG)
+        costs = []
+        for max_tokens in (10, 10, 200, 10, 400):  # each larger one finds a reservation too small
+            response = chat(gateway, key["key"], {**BODY, "max_tokens": max_tokens})
+            assert response.status_code == 200, response.text
+            costs.append(Decimal(str(response.json()["usage"]["cost"])))
+        wait_until(lambda: ahead_held(own_redis, prefix) == 0, 10, "given back after idle")
+        assert all(members == [] for members in lease_members(own_redis, prefix).values())
+        wait_until(
+            lambda: Decimal(str(budget_of(gateway, f"/keys/{key['id']}")["spent_usd"])) == sum(costs),
+            10,
+            "spend: exactly what the five requests cost",
+        )
+
+
+@pytest.mark.anyio
+async def test_accounting_is_exact_with_reservations_ahead(store: Store) -> None:
+    """Admission's own path on both stores: requests of varied sizes, some taking a reservation
+    ahead, some too large for it; in the end every slot and hold is back and spend is exact."""
+    admission = Admission(store, LimitsSettings(ahead_max_share=0.5))
+    values = LimitValues(rpm=100, tpm=10_000_000, max_concurrency=100, budget_usd=1000, budget_period="day")
+    scope = "x" + uuid.uuid4().hex[:8]
+    plan = Plan([("key", scope, values)])
+    spent = 0
+    taken = 0
+    for i in range(40):
+        demand = Demand(tokens=100 + (i % 7) * 50, cost_nano=1000 + (i % 5) * 700)
+        reservation = await admission.admit(f"r{i}", plan.checks(demand), plan)
+        assert reservation is not None
+        taken += reservation.member.startswith("ahead:")
+        cost = Decimal(500 + i) / 10**9
+        admission.settle(reservation, 90, cost)
+        spent += 500 + i
+        await admission.flush()  # the settlement goes, and with it the next one's reservation
+        if plan.reserving is not None:
+            await plan.reserving  # which lands before the next request comes (as at c=1)
+    assert taken >= 20  # most requests found theirs waiting
+    await admission.release_spares()
+    await admission.flush()
+    checks = plan.checks(Demand(tokens=1, cost_nano=1))
+    budget = next(c for c in checks if c.kind == "budget")
+    assert await store.budget_spent(budget) == spent
+    slots = Check("key", scope, "concurrency", 1)  # every slot came back: one fits under a limit of 1
+    assert (await store.admit([slots], "probe", 60_000)).ok
+    verdict = await store.admit(checks, "probe2", 60_000)
+    assert verdict.ok
+    kinds = [c.kind for c in checks]
+    assert verdict.states[kinds.index("budget")][0] == 1000 * 10**9 - spent - 1  # no hold left
+    assert verdict.states[kinds.index("requests")][0] >= 100 - 40 - 1  # the unused one came back
+
+
+# -- a store outage -----------------------------------------------------------------------------
+def test_a_reservation_made_before_an_outage_admits_its_request_during_it(
+    simulator: SimulatorThread, own_redis: RedisServer
+) -> None:
+    """Budgets close in an outage (the default policy), but a request whose budget hold was
+    reserved ahead before it was checked then: it goes through, with its rate-limit headers;
+    the key's next request meets the policy."""
+    with redis_gateway(simulator, own_redis, store_timeout_s=0.2, limits={"ahead_idle_s": 60}) as gateway:
+        prefix = gateway.settings.store_prefix
+        key = make_key(gateway, make_team(gateway), **BIG)
+        assert chat(gateway, key["key"], BODY).status_code == 200
+        wait_until(lambda: ahead_held(own_redis, prefix) == 2, 10, "the next request reserved ahead")
+        own_redis.stop()
+        reserved = chat(gateway, key["key"], BODY)
+        assert reserved.status_code == 200 and "x-ratelimit-remaining-requests" in reserved.headers
+        refused = chat(gateway, key["key"], BODY)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "store_unavailable"
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["ahead", "not-ahead"])
+def test_the_setting_switches_it_off(simulator: SimulatorThread, own_redis: RedisServer, enabled: bool) -> None:
+    with redis_gateway(simulator, own_redis, limits={"admit_ahead": enabled, "ahead_idle_s": 60}) as gateway:
+        prefix = gateway.settings.store_prefix
+        key = make_key(gateway, make_team(gateway), **BIG)
+        for _ in range(3):
+            assert chat(gateway, key["key"], BODY).status_code == 200
+        if enabled:
+            wait_until(lambda: ahead_held(own_redis, prefix) == 2, 10, "reserved ahead")
+        else:
+            wait_until(lambda: all(m == [] for m in lease_members(own_redis, prefix).values()), 10, "all settled")
+            assert ahead_held(own_redis, prefix) == 0
