@@ -130,8 +130,9 @@ def _percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(len(values) * q / 100))]
 
 
-async def first_byte_ms(url: str, body: dict[str, Any], headers: dict[str, str], count: int) -> dict[str, float]:
-    """Time from sending a streaming request to its first `data:` byte, one request at a time."""
+async def first_byte_ms(url: str, body: dict[str, Any], headers: dict[str, str], count: int) -> dict[str, Any]:
+    """Time from sending a streaming request to its first `data:` byte, one request at a time
+    (`times_ms`: every sample, so rounds can be pooled)."""
     payload = json.dumps(body).encode()
     times: list[float] = []
     async with aiohttp.ClientSession(headers={"Content-Type": "application/json", **headers}) as session:
@@ -145,7 +146,11 @@ async def first_byte_ms(url: str, body: dict[str, Any], headers: dict[str, str],
                 times.append(time.perf_counter() - started)
                 await response.read()
     times.sort()
-    return {"p50_ms": statistics.median(times) * 1000, "p99_ms": _percentile(times, 99) * 1000}
+    return {
+        "p50_ms": statistics.median(times) * 1000,
+        "p99_ms": _percentile(times, 99) * 1000,
+        "times_ms": [t * 1000 for t in times],
+    }
 
 
 async def hold_streams(url: str, body: dict[str, Any], headers: dict[str, str], count: int, while_open: Any) -> Any:
