@@ -77,6 +77,16 @@ def keyed(simulator: SimulatorThread) -> Iterator[GatewayServer]:
 
 
 @pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, for tests that stop, freeze or watch it."""
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
 

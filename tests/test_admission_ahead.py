@@ -11,7 +11,6 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -39,15 +38,6 @@ from tests.test_admission_details import (
 
 BODY = {"model": MINI, "messages": HELLO, "max_tokens": 10}
 BIG = {"rpm": 1000, "tpm": 1_000_000, "max_concurrency": 1000, "budget_usd": 5, "budget_period": "day"}
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
 
 
 def lease_members(server: RedisServer, prefix: str) -> dict[str, list[str]]:

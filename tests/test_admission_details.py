@@ -199,15 +199,6 @@ def redis_gateway(simulator: SimulatorThread, server: RedisServer, **overrides: 
         yield gateway
 
 
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
-
-
 @pytest.fixture(scope="module")
 def shared(simulator: SimulatorThread, redis_server: RedisServer) -> Iterator[GatewayServer]:
     """A gateway on the session's Redis (its own prefix), for tests that make their own keys."""
