@@ -272,8 +272,8 @@ class Gateway:
 
     async def drain(self) -> None:
         """At shutdown: settle, reconcile (what can be), and write everything still queued."""
+        await self.admission.release_spares()  # first: reconciling cut streams may take half a minute
         await self.meter.drain()
-        await self.admission.release_spares()
         await self.admission.flush()
         await self.ledger.flush()
 

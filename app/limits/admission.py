@@ -58,7 +58,7 @@ class Reservation:
     settled: bool = False
     tokens: int = 0  # what it was settled at
     made: float = 0.0  # a reservation ahead: when it was made (monotonic)
-    plan: Plan | None = None  # admission ahead: whose next request to reserve when this one ends
+    owner: str = ""  # admission ahead: whose next request to reserve when this one ends ...
     ahead: list[Check] | None = None  # ... and with what amounts
 
     def headers(self) -> dict[str, str]:
@@ -97,9 +97,10 @@ class Plan:
     """The checks of one principal, built once; only the demand changes per request."""
 
     def __init__(self, scopes: list[Scope]) -> None:
-        self.spare: Reservation | None = None  # reserved ahead for this principal's next request
-        self.reserving: asyncio.Future[None] | None = None  # the spare, on its way
-        self.claimed = False  # a request already waits for it
+        # Whose reservations ahead these checks take: the same across a key's plans (a principal
+        # is rebuilt on every cache refresh and change; a reservation made under other limits
+        # than the request's does not fit it and is given back).
+        self.owner = "|".join(f"{scope}:{scope_id}" for scope, scope_id, _ in scopes)
         self.needs_demand = any(v.tpm is not None or v.budget_usd is not None for _, _, v in scopes)
         self._fixed: list[Check | tuple[str, str, str, int, str, str]] = []
         for scope, scope_id, values in scopes:
@@ -128,6 +129,15 @@ class Plan:
                 period_id, ttl = budget_period(period)
                 out.append(Check(scope, scope_id, kind, limit, wanted.cost_nano, period_id, ttl, f"{stem}:{period_id}"))
         return out
+
+
+@dataclass(slots=True)
+class _Ahead:
+    """A principal's reservation made ahead, or on its way."""
+
+    spare: Reservation | None = None
+    reserving: asyncio.Future[None] | None = None
+    claimed: bool = False  # a request already waits for the one on its way
 
 
 @dataclass
@@ -161,9 +171,10 @@ class Admission:
         self._batches_prefix = secrets.token_hex(8)  # batch ids must never collide across processes
         self._members_prefix = secrets.token_hex(4)
         self._ahead = settings.admit_ahead
-        self._spares: set[Plan] = set()  # plans holding a reservation ahead
-        self._reserving: set[asyncio.Future[None]] = set()  # referenced: the loop holds tasks weakly
-        self._wanted: list[tuple[Plan, list[Check]]] = []  # reservations ahead to send with settlements
+        self._aheads: dict[str, _Ahead] = {}  # by plan owner
+        self._held_ahead: dict[str, int] = {}  # check name -> amount this process holds ahead
+        self._tasks: set[asyncio.Future[None]] = set()  # referenced: the loop holds tasks weakly
+        self._wanted: list[tuple[str, list[Check]]] = []  # reservations ahead to send with settlements
 
     # -- which limits apply ------------------------------------------------------------------
     def plan(self, principal: Principal, shared_key: bool) -> Plan:
@@ -200,15 +211,17 @@ class Admission:
             return None
         ahead = None
         if plan is not None and self._ahead:
-            spare = await self._take_spare(plan)
-            if spare is not None and _fits(spare.checks, checks):
-                spare.plan, spare.ahead = plan, spare.checks
-                if self._on_ahead:
-                    self._on_ahead("taken")
-                return spare
+            spare = await self._take_spare(plan.owner)
             ahead = checks
-            if spare is not None:  # made for a smaller request (or an earlier budget period)
-                self.release(spare)
+            if spare is not None:
+                if _fits(spare.checks, checks):
+                    spare.owner, spare.ahead = plan.owner, spare.checks
+                    if self._on_ahead:
+                        self._on_ahead("taken")
+                    return spare
+                # Made for a smaller request, under other limits or in an earlier budget period:
+                # given back before this request is judged, so that its room counts.
+                await self._give_back_first(spare)
                 ahead = _larger(spare.checks, checks)
         # The holder's name in the store: the request id (which a client may choose, and reuse)
         # made unique by this process, so two requests never share one slot or one budget hold.
@@ -222,78 +235,129 @@ class Admission:
         reservation = Reservation(member, checks, verdict)
         if reservation.leases:
             self._active[member] = reservation
-        if ahead is not None:
-            reservation.plan, reservation.ahead = plan, ahead
+        if ahead is not None and plan is not None:
+            reservation.owner, reservation.ahead = plan.owner, ahead
         return reservation
 
     # -- admission ahead -----------------------------------------------------------------------
-    async def _take_spare(self, plan: Plan) -> Reservation | None:
-        if plan.spare is None and plan.reserving is not None and not plan.claimed:
-            plan.claimed = True  # one request waits for the reservation on its way; the rest do not
-            await asyncio.shield(plan.reserving)
-        spare = plan.spare
-        if spare is not None:
-            plan.spare = None
-            self._spares.discard(plan)
+    async def _take_spare(self, owner: str) -> Reservation | None:
+        state = self._aheads.get(owner)
+        if state is None:
+            return None
+        if state.spare is None and state.reserving is not None and not state.claimed:
+            state.claimed = True  # one request waits for the reservation on its way; the rest do not
+            await asyncio.shield(state.reserving)  # never raises: _reserve_spare keeps its errors
+        spare = state.spare
+        if spare is None:
+            return None
+        state.spare = None
+        if state.reserving is None and self._aheads.get(owner) is state:
+            del self._aheads[owner]
+        self._unhold(spare.checks)  # a request's reservation now, no longer one held ahead
         return spare
 
-    def _reserve_ahead(self, plan: Plan, checks: list[Check]) -> None:
-        if not self._ahead or plan.spare is not None or plan.reserving is not None or self._down_since is not None:
+    def _reserve_ahead(self, owner: str, checks: list[Check]) -> None:
+        if not self._ahead or self._down_since is not None:
             return
-        share = self.settings.ahead_max_share
+        state = self._aheads.get(owner)
+        if state is not None and (state.spare is not None or state.reserving is not None):
+            return
+        # What this process holds ahead on a limit, over all keys, stays within its share: many
+        # keys of a team must not fill the team's limit with reservations nobody may use.
+        share, held = self.settings.ahead_max_share, self._held_ahead
         for check in checks:
-            if check.amount > check.limit * share:
-                return  # a request's worth held ahead would be felt by everyone else under this limit
-        plan.claimed = False
-        plan.reserving = task = asyncio.ensure_future(self._reserve_spare(plan, checks))
-        self._reserving.add(task)
-        task.add_done_callback(self._reserving.discard)
+            if held.get(check.name, 0) + check.amount > check.limit * share:
+                return
+        for check in checks:
+            held[check.name] = held.get(check.name, 0) + check.amount
+        if state is None:
+            state = self._aheads[owner] = _Ahead()
+        state.claimed = False
+        state.reserving = task = asyncio.ensure_future(self._reserve_spare(owner, state, checks))
+        self._keep(task)
 
-    async def _reserve_spare(self, plan: Plan, checks: list[Check]) -> None:
+    async def _reserve_spare(self, owner: str, state: _Ahead, checks: list[Check]) -> None:
         member = f"ahead:{self._members_prefix}{next(self._members):x}"
         try:
-            verdict = await self.store.admit(checks, member, self.lease_ms, AHEAD_HEADROOM)
-        except StoreError as exc:
-            self._store_failed(exc)  # the policy applies from the next request without a spare
-            return
+            verdict: Verdict | None = await self.store.admit(checks, member, self.lease_ms, AHEAD_HEADROOM)
+        except Exception as exc:  # a request may wait on this task: it must not raise
+            verdict = None
+            if isinstance(exc, StoreError):
+                self._store_failed(exc)  # the policy applies from the next request without a spare
+            else:
+                log.exception("reservation ahead failed")
+            # Its reply may be lost after the store made it: free the slots and holds it may
+            # have (unknown members are ignored); tokens taken, if any, come back with the refill.
+            self._queue([Settlement(c, member, 0) for c in checks if c.kind in ("concurrency", "budget")])
         finally:
-            plan.reserving = None
-        if verdict.ok:
-            spare = plan.spare = Reservation(member, checks, verdict, made=time.monotonic())
-            if spare.leases:
-                self._active[member] = spare
-            self._spares.add(plan)
-
-    def release(self, spare: Reservation) -> None:
-        """Give back a reservation never used: its request and tokens, its slots and holds."""
-        if spare.settled:
+            state.reserving = None
+        if verdict is None or not verdict.ok:
+            self._unhold(checks)
+            if state.spare is None and self._aheads.get(owner) is state:
+                del self._aheads[owner]
             return
+        spare = state.spare = Reservation(member, checks, verdict, made=time.monotonic())
+        if spare.leases:
+            self._active[member] = spare
+
+    def _unhold(self, checks: list[Check]) -> None:
+        held = self._held_ahead
+        for check in checks:
+            left = held.get(check.name, 0) - check.amount
+            if left > 0:
+                held[check.name] = left
+            else:
+                held.pop(check.name, None)
+
+    def _keep(self, task: asyncio.Future[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _given_back(self, spare: Reservation) -> list[Settlement]:
+        """A reservation never used, marked settled: what gives back its request and tokens and
+        frees its slots and holds."""
+        if spare.settled:
+            return []
         spare.settled = True
         self._active.pop(spare.member, None)
         if self._on_ahead:
             self._on_ahead("released")
-        self._queue([Settlement(c, spare.member, c.amount if c.kind in BUCKET_KINDS else 0) for c in spare.checks])
+        return [Settlement(c, spare.member, c.amount if c.kind in BUCKET_KINDS else 0) for c in spare.checks]
+
+    def release(self, spare: Reservation) -> None:
+        """Give back a reservation never used (with the next settlements)."""
+        self._queue(self._given_back(spare))
+
+    async def _give_back_first(self, spare: Reservation) -> None:
+        """Give back a reservation never used ahead of the next command to the store: its batch
+        is sent in this loop turn (on Redis, commands of one connection run in the order sent;
+        the memory store applies it at once)."""
+        items = self._given_back(spare)
+        if items:
+            self._keep(asyncio.ensure_future(self._settle_batch(items)))
+            await asyncio.sleep(0)  # its first step sends it
 
     def release_idle(self, idle_s: float | None = None) -> int:
         """Release the reservations ahead unused for `idle_s` (all of them with 0); returns how many."""
         idle_s = self.settings.ahead_idle_s if idle_s is None else idle_s
         cutoff = time.monotonic() - idle_s
         released = 0
-        for plan in list(self._spares):
-            spare = plan.spare
-            if spare is None or spare.made <= cutoff:
-                plan.spare = None
-                self._spares.discard(plan)
-                if spare is not None:
-                    self.release(spare)
-                    released += 1
+        for owner, state in list(self._aheads.items()):
+            spare = state.spare
+            if spare is not None and spare.made <= cutoff:
+                state.spare = None
+                self._unhold(spare.checks)
+                self.release(spare)
+                released += 1
+            if state.spare is None and state.reserving is None:
+                del self._aheads[owner]
         return released
 
     async def release_spares(self) -> None:
         """At shutdown: let reservations on their way land, then give every one back."""
         self._ahead = False
-        if self._reserving:
-            await asyncio.gather(*self._reserving, return_exceptions=True)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         self.release_idle(0)
 
     async def _decide(self, member: str, checks: list[Check]) -> Verdict | None:
@@ -378,10 +442,10 @@ class Admission:
         reservation.settled = True
         reservation.tokens = tokens
         self._active.pop(reservation.member, None)
-        if reservation.plan is not None and reservation.ahead is not None and self._ahead:
-            # Reserved when a request ends, sent with its settlement (one write, one reply read):
-            # the store's work then overlaps the client's next request arriving.
-            self._wanted.append((reservation.plan, reservation.ahead))
+        if reservation.ahead is not None and self._ahead:
+            # Reserved when a request ends, sent in the same write as its settlement: the store's
+            # work then overlaps the client's next request arriving.
+            self._wanted.append((reservation.owner, reservation.ahead))
         cost_nano = int((cost * NANO).to_integral_value(ROUND_HALF_UP)) if cost else 0
         member = reservation.member
         self._queue(
@@ -415,20 +479,23 @@ class Admission:
             await asyncio.sleep(0)  # let every request ending in this loop turn join the batch
             while self._outbox or self._wanted:
                 wanted, self._wanted = self._wanted, []
-                for plan, checks in wanted:
-                    self._reserve_ahead(plan, checks)  # starts next turn, its command joins this write
+                for owner, checks in wanted:
+                    self._reserve_ahead(owner, checks)  # starts next turn, its command joins this write
                 items, self._outbox = self._outbox, []
                 if not items:
                     break
-                # Retried under this id if it fails: the store applies a batch once, however often sent.
-                batch = f"{self._batches_prefix}{next(self._batches):x}"
-                try:
-                    await self.store.settle(items, batch)
-                except StoreError as exc:
-                    self._store_failed(exc)
-                    self._pending.append((batch, items))  # settled later: spend must not be lost
+                await self._settle_batch(items)
         finally:
             self._sending = None
+
+    async def _settle_batch(self, items: list[Settlement]) -> None:
+        # Retried under this id if it fails: the store applies a batch once, however often sent.
+        batch = f"{self._batches_prefix}{next(self._batches):x}"
+        try:
+            await self.store.settle(items, batch)
+        except StoreError as exc:
+            self._store_failed(exc)
+            self._pending.append((batch, items))  # settled later: spend must not be lost
 
     async def run(self) -> None:
         """Background duty: flush settlements held back, renew leases of running requests, sweep."""
@@ -447,8 +514,11 @@ class Admission:
                     await self.store.sweep()
 
     async def flush(self) -> None:
+        """Send what is queued; retry what failed; let reservations ahead on their way land."""
         if self._sending is not None:
             await asyncio.shield(self._sending)
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
         while self._pending:
             batch, items = self._pending[0]
             try:
