@@ -46,6 +46,7 @@ PROBE_INTERVAL_S = 1.0
 SWEEP_INTERVAL_S = 60.0  # limit state that says nothing any more goes (one replica does it)
 MAX_PENDING_SETTLEMENTS = 100_000
 AHEAD_HEADROOM = 2  # a reservation ahead is made only while every limit has room for it and one more
+AHEAD_MARGIN = 4  # ... with its tokens and cost a quarter above the last request's (conversations grow)
 
 
 @dataclass(slots=True)
@@ -215,14 +216,13 @@ class Admission:
             ahead = checks
             if spare is not None:
                 if _fits(spare.checks, checks):
-                    spare.owner, spare.ahead = plan.owner, spare.checks
+                    spare.owner, spare.ahead = plan.owner, checks
                     if self._on_ahead:
                         self._on_ahead("taken")
                     return spare
                 # Made for a smaller request, under other limits or in an earlier budget period:
                 # given back before this request is judged, so that its room counts.
                 await self._give_back_first(spare)
-                ahead = _larger(spare.checks, checks)
         # The holder's name in the store: the request id (which a client may choose, and reuse)
         # made unique by this process, so two requests never share one slot or one budget hold.
         member = f"{request_id}:{self._members_prefix}{next(self._members):x}"
@@ -262,6 +262,7 @@ class Admission:
         state = self._aheads.get(owner)
         if state is not None and (state.spare is not None or state.reserving is not None):
             return
+        checks = [_with_margin(c) for c in checks]
         # What this process holds ahead on a limit, over all keys, stays within its share: many
         # keys of a team must not fill the team's limit with reservations nobody may use.
         share, held = self.settings.ahead_max_share, self._held_ahead
@@ -278,23 +279,24 @@ class Admission:
 
     async def _reserve_spare(self, owner: str, state: _Ahead, checks: list[Check]) -> None:
         member = f"ahead:{self._members_prefix}{next(self._members):x}"
+        verdict: Verdict | None = None
         try:
-            verdict: Verdict | None = await self.store.admit(checks, member, self.lease_ms, AHEAD_HEADROOM)
-        except Exception as exc:  # a request may wait on this task: it must not raise
-            verdict = None
-            if isinstance(exc, StoreError):
-                self._store_failed(exc)  # the policy applies from the next request without a spare
-            else:
-                log.exception("reservation ahead failed")
-            # Its reply may be lost after the store made it: free the slots and holds it may
-            # have (unknown members are ignored); tokens taken, if any, come back with the refill.
-            self._queue([Settlement(c, member, 0) for c in checks if c.kind in ("concurrency", "budget")])
-        finally:
+            verdict = await self.store.admit(checks, member, self.lease_ms, AHEAD_HEADROOM)
+        except StoreError as exc:
+            self._store_failed(exc)  # the policy applies from the next request without a spare
+        except Exception:  # a request may wait on this task: it must not raise
+            log.exception("reservation ahead failed")
+        finally:  # cancelled (at shutdown) too
             state.reserving = None
+            if verdict is None:
+                # Its reply may be lost after the store made it: free the slots and holds it may
+                # have (unknown members are ignored); tokens taken, if any, come back by refill.
+                self._queue([Settlement(c, member, 0) for c in checks if c.kind in ("concurrency", "budget")])
+            if verdict is None or not verdict.ok:
+                self._unhold(checks)
+                if state.spare is None and self._aheads.get(owner) is state:
+                    del self._aheads[owner]
         if verdict is None or not verdict.ok:
-            self._unhold(checks)
-            if state.spare is None and self._aheads.get(owner) is state:
-                del self._aheads[owner]
             return
         spare = state.spare = Reservation(member, checks, verdict, made=time.monotonic())
         if spare.leases:
@@ -357,7 +359,7 @@ class Admission:
         """At shutdown: let reservations on their way land, then give every one back."""
         self._ahead = False
         if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.wait(list(self._tasks))
         self.release_idle(0)
 
     async def _decide(self, member: str, checks: list[Check]) -> Verdict | None:
@@ -496,6 +498,9 @@ class Admission:
         except StoreError as exc:
             self._store_failed(exc)
             self._pending.append((batch, items))  # settled later: spend must not be lost
+        except asyncio.CancelledError:
+            self._pending.append((batch, items))  # sent or not: applied once when flushed
+            raise
 
     async def run(self) -> None:
         """Background duty: flush settlements held back, renew leases of running requests, sweep."""
@@ -518,7 +523,7 @@ class Admission:
         if self._sending is not None:
             await asyncio.shield(self._sending)
         if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            await asyncio.wait(list(self._tasks))  # a cancelled flush must not cancel them
         while self._pending:
             batch, items = self._pending[0]
             try:
@@ -549,16 +554,13 @@ def _fits(spare: list[Check], checks: list[Check]) -> bool:
     return True
 
 
-def _larger(spare: list[Check], checks: list[Check]) -> list[Check]:
-    """The request's checks, each amount raised to what the spare held where that was more."""
-    held = {c.name: c.amount for c in spare}
-    out = []
-    for c in checks:
-        amount = max(c.amount, held.get(c.name, 0))
-        out.append(
-            c if amount == c.amount else Check(c.scope, c.scope_id, c.kind, c.limit, amount, c.period, c.ttl_s, c.name)
-        )
-    return out
+def _with_margin(check: Check) -> Check:
+    """A check reserved ahead: tokens and cost a quarter above the request's, so a conversation
+    whose prompt grows by less than that between requests still finds its reservation fitting."""
+    if check.kind not in ("tokens", "budget") or not check.amount:
+        return check
+    amount = check.amount + -(-check.amount // AHEAD_MARGIN)
+    return Check(check.scope, check.scope_id, check.kind, check.limit, amount, check.period, check.ttl_s, check.name)
 
 
 def _merged(record: Any, defaults: LimitValues) -> LimitValues:
