@@ -2,13 +2,14 @@
 round trip, settled to real use when the request ends, and told to the client in OpenAI's
 headers.
 
-Admission ahead (`limits.admit_ahead`, on by default): once a principal's request is admitted,
-the next one's worth is reserved in the background, so the principal's next request is admitted
-without waiting for the store. Only where one request is a small share of every limit it counts
-against (`limits.ahead_max_share`, 1%: small limits behave exactly as without it) and while every
-limit has room for it and one more. It is released, and its request and tokens given back, after
-`limits.ahead_idle_s` unused. Limits are never overshot: what is reserved ahead is held in the
-store like any request's reservation.
+Admission ahead (`limits.admit_ahead`, on by default): when a principal's request ends, the
+next one's worth (tokens and cost a quarter higher) is reserved in the same write as the
+settlement, so the principal's next request is admitted without waiting for the store. What one
+process holds ahead on a limit, over all principals, stays within `limits.ahead_max_share` (1%)
+of it, and a reservation is made only while every limit has room for it and one more. Unused,
+it is given back whole: after `limits.ahead_idle_s`, at shutdown, or before a request it does not
+fit is judged. Limits are never overshot: what is reserved ahead is held in the store like any
+request's reservation.
 
 Store outages follow an explicit policy per concern (`limits.on_store_error`): rate limits
 open by default, budgets closed. An outage is logged once when it starts and once when it
