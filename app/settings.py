@@ -139,7 +139,10 @@ class LimitsSettings(_Section):
     )
     ahead_idle_s: float = Field(2.0, gt=0, description="a reservation ahead unused this long is given back")
     ahead_max_share: float = Field(
-        0.01, gt=0, le=0.5, description="reserve ahead only where a request is at most this share of each limit"
+        0.01,
+        gt=0,
+        le=0.5,
+        description="what one process holds ahead on a limit, over all keys, stays within this share",
     )
 
 

@@ -15,7 +15,6 @@ from collections import Counter
 from decimal import Decimal
 from typing import Any
 
-import httpx
 import pytest
 import redis
 
@@ -37,6 +36,7 @@ from tests.test_admission_details import (
     make_team,
     redis_gateway,
 )
+from tests.test_metering_details import metric
 
 BODY = {"model": MINI, "messages": HELLO, "max_tokens": 10}
 BIG = {"rpm": 1000, "tpm": 1_000_000, "max_concurrency": 1000, "budget_usd": 5, "budget_period": "day"}
@@ -58,11 +58,7 @@ def ahead_held(server: RedisServer, prefix: str) -> int:
 
 
 def ahead_metric(gateway: GatewayServer, outcome: str) -> float:
-    text = httpx.get(gateway.url + "/metrics", timeout=10).text
-    for line in text.splitlines():
-        if line.startswith(f'gateway_admissions_ahead_total{{outcome="{outcome}"}} '):
-            return float(line.split()[-1])
-    return 0.0
+    return metric(gateway.url, "gateway_admissions_ahead_total", outcome=outcome)
 
 
 def remaining(response: Any, kind: str) -> int:
@@ -362,24 +358,21 @@ def test_a_reservation_whose_reply_was_lost_frees_its_slot_and_hold(
         prefix = gateway.settings.store_prefix
         key = make_key(gateway, make_team(gateway), **BIG)
         slow = {**BODY, "simulator": {"words": 8, "chunk_delay_ms": 100}}
-        errors = ahead_store_errors(gateway)
+        errors = metric(gateway.url, "gateway_store_errors_total")
         with held_stream(gateway, key["key"], slow) as response:
             assert response.status_code == 200
             os.kill(pid, signal.SIGSTOP)
             try:
                 assert b"[DONE]" in response.read()
                 wait_until(
-                    lambda: ahead_store_errors(gateway) >= errors + 2, 10, "settlement and reservation timed out"
+                    lambda: metric(gateway.url, "gateway_store_errors_total") >= errors + 2,
+                    10,
+                    "settlement and reservation timed out",
                 )
             finally:
                 os.kill(pid, signal.SIGCONT)
         wait_until(lambda: ahead_held(own_redis, prefix) == 0, 10, "the lost reservation's slot and hold freed")
         wait_until(lambda: all(m == [] for m in lease_members(own_redis, prefix).values()), 10, "nothing held")
-
-
-def ahead_store_errors(gateway: GatewayServer) -> float:
-    text = httpx.get(gateway.url + "/metrics", timeout=10).text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("gateway_store_errors_total "))
 
 
 @pytest.mark.anyio
