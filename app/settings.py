@@ -137,6 +137,13 @@ class LimitsSettings(_Section):
     admit_ahead: bool = Field(
         True, description="reserve a principal's next request ahead, so it is admitted without a store round trip"
     )
+    ahead_spares: int = Field(
+        2,
+        ge=1,
+        le=4,
+        description="reservations a principal keeps ahead: with 2, a request arriving before the last one's "
+        "settlement is answered still finds one made",
+    )
     ahead_idle_s: float = Field(2.0, gt=0, description="a reservation ahead unused this long is given back")
     ahead_max_share: float = Field(
         0.01,

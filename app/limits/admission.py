@@ -2,14 +2,16 @@
 round trip, settled to real use when the request ends, and told to the client in OpenAI's
 headers.
 
-Admission ahead (`limits.admit_ahead`, on by default): when a principal's request ends, the
-next one's worth (tokens and cost a quarter higher) is reserved in the same write as the
-settlement, so the principal's next request is admitted without waiting for the store. What one
-process holds ahead on a limit, over all principals, stays within `limits.ahead_max_share` (1%)
-of it, and a reservation is made only while every limit has room for it and one more. Unused,
-it is given back whole: after `limits.ahead_idle_s`, at shutdown, or before a request it does not
-fit is judged. Limits are never overshot: what is reserved ahead is held in the store like any
-request's reservation.
+Admission ahead (`limits.admit_ahead`, on by default): when a principal's request ends, its
+reservations ahead are topped up to `limits.ahead_spares` (2), each that request's worth (tokens
+and cost a quarter higher per spare), in the same write as the settlement, so the principal's
+next request is admitted without waiting for the store; with two, also a request that arrives
+before the last one's settlement is answered. What one process holds ahead on a limit, over all
+principals, stays within `limits.ahead_max_share` (1%) of it, and a reservation is made only
+while every limit has room for it and one more. A request takes the oldest one it fits. Unused,
+one is given back whole: after `limits.ahead_idle_s`, at shutdown, or when a request does not
+fit it (first, if that request fits none). Limits are never overshot: what is reserved ahead is
+held in the store like any request's reservation.
 
 Store outages follow an explicit policy per concern (`limits.on_store_error`): rate limits
 open by default, budgets closed. An outage is logged once when it starts and once when it
@@ -47,7 +49,7 @@ PROBE_INTERVAL_S = 1.0
 SWEEP_INTERVAL_S = 60.0  # limit state that says nothing any more goes (one replica does it)
 MAX_PENDING_SETTLEMENTS = 100_000
 AHEAD_HEADROOM = 2  # a reservation ahead is made only while every limit has room for it and one more
-AHEAD_MARGIN = 4  # ... with its tokens and cost a quarter above the last request's (conversations grow)
+AHEAD_MARGIN = 4  # ... with its tokens and cost a quarter above the last request's per spare (conversations grow)
 
 
 @dataclass(slots=True)
@@ -135,11 +137,11 @@ class Plan:
 
 @dataclass(slots=True)
 class _Ahead:
-    """A principal's reservation made ahead, or on its way."""
+    """A principal's reservations made ahead (oldest first), and those on their way."""
 
-    spare: Reservation | None = None
-    reserving: asyncio.Future[None] | None = None
-    claimed: bool = False  # a request already waits for the one on its way
+    spares: deque[Reservation] = field(default_factory=deque)
+    reserving: set[asyncio.Future[None]] = field(default_factory=set)
+    waiting: int = 0  # requests waiting for one on its way: at most one each
 
 
 @dataclass
@@ -213,17 +215,19 @@ class Admission:
             return None
         ahead = None
         if plan is not None and self._ahead:
-            spare = await self._take_spare(plan.owner)
             ahead = checks
+            spare, unfit = await self._take_spare(plan.owner, checks)
             if spare is not None:
-                if _fits(spare.checks, checks):
-                    spare.owner, spare.ahead = plan.owner, checks
-                    if self._on_ahead:
-                        self._on_ahead("taken")
-                    return spare
+                spare.owner, spare.ahead = plan.owner, checks
+                if self._on_ahead:
+                    self._on_ahead("taken")
+                if unfit:
+                    self._queue([item for old in unfit for item in self._given_back(old)])
+                return spare
+            if unfit:
                 # Made for a smaller request, under other limits or in an earlier budget period:
-                # given back before this request is judged, so that its room counts.
-                await self._give_back_first(spare)
+                # given back before this request is judged, so that their room counts.
+                await self._give_back_first(unfit)
         # The holder's name in the store: the request id (which a client may choose, and reuse)
         # made unique by this process, so two requests never share one slot or one budget hold.
         member = f"{request_id}:{self._members_prefix}{next(self._members):x}"
@@ -241,42 +245,58 @@ class Admission:
         return reservation
 
     # -- admission ahead -----------------------------------------------------------------------
-    async def _take_spare(self, owner: str) -> Reservation | None:
+    async def _take_spare(self, owner: str, checks: list[Check]) -> tuple[Reservation | None, list[Reservation]]:
+        """The principal's oldest reservation ahead that `checks` fit, and those before it that
+        they do not fit (to give back)."""
         state = self._aheads.get(owner)
         if state is None:
-            return None
-        if state.spare is None and state.reserving is not None and not state.claimed:
-            state.claimed = True  # one request waits for the reservation on its way; the rest do not
-            await asyncio.shield(state.reserving)  # never raises: _reserve_spare keeps its errors
-        spare = state.spare
-        if spare is None:
-            return None
-        state.spare = None
-        if state.reserving is None and self._aheads.get(owner) is state:
+            return None, []
+        if not state.spares and len(state.reserving) > state.waiting:
+            state.waiting += 1  # one request waits for each reservation on its way; the rest do not
+            try:
+                # never raises: _reserve_spare keeps its errors
+                await asyncio.wait(list(state.reserving), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                state.waiting -= 1
+        unfit: list[Reservation] = []
+        taken = None
+        while state.spares:
+            spare = state.spares.popleft()
+            self._unhold(spare.checks)  # a request's reservation now, or given back: no longer held ahead
+            if _fits(spare.checks, checks):
+                taken = spare
+                break
+            unfit.append(spare)
+        self._forget_if_empty(owner, state)
+        return taken, unfit
+
+    def _forget_if_empty(self, owner: str, state: _Ahead) -> None:
+        if not state.spares and not state.reserving and self._aheads.get(owner) is state:
             del self._aheads[owner]
-        self._unhold(spare.checks)  # a request's reservation now, no longer one held ahead
-        return spare
 
     def _reserve_ahead(self, owner: str, checks: list[Check]) -> None:
         if not self._ahead or self._down_since is not None:
             return
         state = self._aheads.get(owner)
-        if state is not None and (state.spare is not None or state.reserving is not None):
+        wanted = self.settings.ahead_spares - (len(state.spares) + len(state.reserving) if state else 0)
+        if wanted <= 0:
             return
-        checks = [_with_margin(c) for c in checks]
+        checks = [_with_margin(c, self.settings.ahead_spares) for c in checks]
         # What this process holds ahead on a limit, over all keys, stays within its share: many
         # keys of a team must not fill the team's limit with reservations nobody may use.
         share, held = self.settings.ahead_max_share, self._held_ahead
-        for check in checks:
-            if held.get(check.name, 0) + check.amount > check.limit * share:
-                return
-        for check in checks:
-            held[check.name] = held.get(check.name, 0) + check.amount
-        if state is None:
-            state = self._aheads[owner] = _Ahead()
-        state.claimed = False
-        state.reserving = task = asyncio.ensure_future(self._reserve_spare(owner, state, checks))
-        self._keep(task)
+        for _ in range(wanted):
+            for check in checks:
+                if held.get(check.name, 0) + check.amount > check.limit * share:
+                    return
+            for check in checks:
+                held[check.name] = held.get(check.name, 0) + check.amount
+            if state is None:
+                state = self._aheads[owner] = _Ahead()
+            task = asyncio.ensure_future(self._reserve_spare(owner, state, checks))
+            state.reserving.add(task)
+            task.add_done_callback(state.reserving.discard)
+            self._keep(task)
 
     async def _reserve_spare(self, owner: str, state: _Ahead, checks: list[Check]) -> None:
         member = f"ahead:{self._members_prefix}{next(self._members):x}"
@@ -288,18 +308,16 @@ class Admission:
         except Exception:  # a request may wait on this task: it must not raise
             log.exception("reservation ahead failed")
         finally:  # cancelled (at shutdown) too
-            state.reserving = None
             if verdict is None:
                 # Its reply may be lost after the store made it: free the slots and holds it may
                 # have (unknown members are ignored); tokens taken, if any, come back by refill.
                 self._queue([Settlement(c, member, 0) for c in checks if c.kind in ("concurrency", "budget")])
             if verdict is None or not verdict.ok:
                 self._unhold(checks)
-                if state.spare is None and self._aheads.get(owner) is state:
-                    del self._aheads[owner]
         if verdict is None or not verdict.ok:
             return
-        spare = state.spare = Reservation(member, checks, verdict, made=time.monotonic())
+        spare = Reservation(member, checks, verdict, made=time.monotonic())
+        state.spares.append(spare)
         if spare.leases:
             self._active[member] = spare
 
@@ -331,11 +349,11 @@ class Admission:
         """Give back a reservation never used (with the next settlements)."""
         self._queue(self._given_back(spare))
 
-    async def _give_back_first(self, spare: Reservation) -> None:
-        """Give back a reservation never used ahead of the next command to the store: its batch
+    async def _give_back_first(self, spares: list[Reservation]) -> None:
+        """Give back reservations never used ahead of the next command to the store: their batch
         is sent in this loop turn (on Redis, commands of one connection run in the order sent;
         the memory store applies it at once)."""
-        items = self._given_back(spare)
+        items = [item for spare in spares for item in self._given_back(spare)]
         if items:
             self._keep(asyncio.ensure_future(self._settle_batch(items)))
             await asyncio.sleep(0)  # its first step sends it
@@ -346,14 +364,12 @@ class Admission:
         cutoff = time.monotonic() - idle_s
         released = 0
         for owner, state in list(self._aheads.items()):
-            spare = state.spare
-            if spare is not None and spare.made <= cutoff:
-                state.spare = None
+            while state.spares and state.spares[0].made <= cutoff:  # oldest first
+                spare = state.spares.popleft()
                 self._unhold(spare.checks)
                 self.release(spare)
                 released += 1
-            if state.spare is None and state.reserving is None:
-                del self._aheads[owner]
+            self._forget_if_empty(owner, state)
         return released
 
     async def release_spares(self) -> None:
@@ -555,12 +571,13 @@ def _fits(spare: list[Check], checks: list[Check]) -> bool:
     return True
 
 
-def _with_margin(check: Check) -> Check:
-    """A check reserved ahead: tokens and cost a quarter above the request's, so a conversation
-    whose prompt grows by less than that between requests still finds its reservation fitting."""
+def _with_margin(check: Check, steps: int) -> Check:
+    """A check reserved ahead: tokens and cost a quarter above the request's for each request
+    made before it is taken (`steps`, the spares kept), so a conversation whose prompt grows by
+    less than a quarter between requests still finds its reservation fitting."""
     if check.kind not in ("tokens", "budget") or not check.amount:
         return check
-    amount = check.amount + -(-check.amount // AHEAD_MARGIN)
+    amount = check.amount + -(-check.amount * steps // AHEAD_MARGIN)
     return Check(check.scope, check.scope_id, check.kind, check.limit, amount, check.period, check.ttl_s, check.name)
 
 
