@@ -140,8 +140,15 @@ class _Ahead:
     """A principal's reservations made ahead (oldest first), and those on their way."""
 
     spares: deque[Reservation] = field(default_factory=deque)
-    reserving: set[asyncio.Future[None]] = field(default_factory=set)
+    reserving: int = 0  # on their way
     waiting: int = 0  # requests waiting for one on its way: at most one each
+    landed: asyncio.Future[None] | None = None  # what they wait on: done when one lands (made or not)
+
+    def one_landed(self, _: object = None) -> None:
+        self.reserving -= 1
+        landed, self.landed = self.landed, None
+        if landed is not None and not landed.done():
+            landed.set_result(None)
 
 
 @dataclass
@@ -251,11 +258,12 @@ class Admission:
         state = self._aheads.get(owner)
         if state is None:
             return None, []
-        if not state.spares and len(state.reserving) > state.waiting:
+        if not state.spares and state.reserving > state.waiting:
             state.waiting += 1  # one request waits for each reservation on its way; the rest do not
+            if state.landed is None:
+                state.landed = asyncio.get_running_loop().create_future()
             try:
-                # never raises: _reserve_spare keeps its errors
-                await asyncio.wait(list(state.reserving), return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.shield(state.landed)  # never fails: _reserve_spare keeps its errors
             finally:
                 state.waiting -= 1
         unfit: list[Reservation] = []
@@ -271,14 +279,14 @@ class Admission:
         return taken, unfit
 
     def _forget_if_empty(self, owner: str, state: _Ahead) -> None:
-        if not state.spares and not state.reserving and self._aheads.get(owner) is state:
+        if not state.spares and state.reserving <= 0 and self._aheads.get(owner) is state:
             del self._aheads[owner]
 
     def _reserve_ahead(self, owner: str, checks: list[Check]) -> None:
         if not self._ahead or self._down_since is not None:
             return
         state = self._aheads.get(owner)
-        wanted = self.settings.ahead_spares - (len(state.spares) + len(state.reserving) if state else 0)
+        wanted = self.settings.ahead_spares - (len(state.spares) + state.reserving if state else 0)
         if wanted <= 0:
             return
         checks = [_with_margin(c, self.settings.ahead_spares) for c in checks]
@@ -294,8 +302,8 @@ class Admission:
             if state is None:
                 state = self._aheads[owner] = _Ahead()
             task = asyncio.ensure_future(self._reserve_spare(owner, state, checks))
-            state.reserving.add(task)
-            task.add_done_callback(state.reserving.discard)
+            state.reserving += 1
+            task.add_done_callback(state.one_landed)  # also when cancelled before it ran
             self._keep(task)
 
     async def _reserve_spare(self, owner: str, state: _Ahead, checks: list[Check]) -> None:
