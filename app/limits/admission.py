@@ -301,12 +301,12 @@ class Admission:
                 held[check.name] = held.get(check.name, 0) + check.amount
             if state is None:
                 state = self._aheads[owner] = _Ahead()
-            task = asyncio.ensure_future(self._reserve_spare(owner, state, checks))
+            task = asyncio.ensure_future(self._reserve_spare(state, checks))
             state.reserving += 1
             task.add_done_callback(state.one_landed)  # also when cancelled before it ran
             self._keep(task)
 
-    async def _reserve_spare(self, owner: str, state: _Ahead, checks: list[Check]) -> None:
+    async def _reserve_spare(self, state: _Ahead, checks: list[Check]) -> None:
         member = f"ahead:{self._members_prefix}{next(self._members):x}"
         verdict: Verdict | None = None
         try:
