@@ -144,7 +144,9 @@ class LimitsSettings(_Section):
         description="reservations a principal keeps ahead: with 2, a request arriving before the last one's "
         "settlement is answered still finds one made",
     )
-    ahead_idle_s: float = Field(2.0, gt=0, description="a reservation ahead unused this long is given back")
+    ahead_idle_s: float = Field(
+        2.0, gt=0, description="a key's reservations ahead are given back once it has sent no request for this long"
+    )
     ahead_max_share: float = Field(
         0.01,
         gt=0,

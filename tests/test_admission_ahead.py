@@ -7,6 +7,7 @@ and a reservation made before a store outage admits its request during it."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -24,6 +25,7 @@ from app.limits.checks import Check, Settlement, budget_period
 from app.settings import LimitsSettings
 from app.simulator import SimulatorThread
 from app.store.base import Store
+from app.store.memory import MemoryStore
 from tests.redis_server import RedisServer
 from tests.support import ADMIN_KEY, GatewayServer, gateway_settings, wait_until
 from tests.test_admission_details import (
@@ -185,7 +187,8 @@ def test_what_was_reserved_ahead_is_given_back_when_idle_and_at_shutdown(
     limits = {"ahead_max_share": 0.5, "ahead_idle_s": 0.2}
     with redis_gateway(simulator, own_redis, limits=limits) as gateway:
         prefix = gateway.settings.store_prefix
-        key = make_key(gateway, make_team(gateway), rpm=6, tpm=120, max_concurrency=10, budget_usd=5)
+        tpm = 240  # room for the reservations ahead (two, each needing room for one more) after two requests
+        key = make_key(gateway, make_team(gateway), rpm=6, tpm=tpm, max_concurrency=10, budget_usd=5)
         first = chat(gateway, key["key"], BODY)
         assert first.status_code == 200 and remaining(first, "requests") == 5
         used = first.json()["usage"]
@@ -200,10 +203,10 @@ def test_what_was_reserved_ahead_is_given_back_when_idle_and_at_shutdown(
         )
         second = chat(gateway, key["key"], BODY)
         # 6 a minute refill one every 10 s: the reservations' requests came back, so 6 - 1 - 1 remain
-        # (2 had they not); their tokens too: at least 120 - the first's use - this one's estimate.
+        # (2 had they not); their tokens too: at least tpm - the first's use - this one's estimate.
         assert remaining(second, "requests") == 4
-        estimate = 120 - remaining(first, "tokens")  # the first's estimate (the bucket was full)
-        assert remaining(second, "tokens") >= 120 - used["total_tokens"] - estimate
+        estimate = tpm - remaining(first, "tokens")  # the first's estimate (the bucket was full)
+        assert remaining(second, "tokens") >= tpm - used["total_tokens"] - estimate
         wait_until(lambda: ahead_held(own_redis, prefix) == HELD, 10, "reserved ahead again")
     assert all(members == [] for members in lease_members(own_redis, prefix).values()), "held past shutdown"
 
@@ -328,14 +331,15 @@ def test_what_one_process_holds_ahead_on_a_shared_limit_stays_within_its_share(
 
 @pytest.mark.anyio
 async def test_a_reservation_too_small_is_given_back_before_the_request_is_judged(store: Store) -> None:
-    """9,000 tokens left, 1,000 of them held ahead, and a request for 8,500: it fits once the
-    reservation is given back, so that must happen first."""
+    """9,000 tokens left, ~3,100 of them held ahead (two reservations of the last request's 1,000
+    tokens and their margin), and a request for 8,500: it fits once they are given back, so that
+    must happen first."""
     admission = Admission(store, LimitsSettings(ahead_max_share=0.5))
     plan = Plan([("key", "o" + uuid.uuid4().hex[:8], LimitValues(tpm=10_000))])
     first = await admission.admit("r1", plan.checks(Demand(tokens=1000)), plan)
     assert first is not None
     admission.settle(first, 1000, Decimal(0))  # used what it reserved
-    await admission.flush()  # and the next request's 1,000 are reserved ahead: 8,000 left
+    await admission.flush()  # and the next requests are reserved ahead: ~5,900 left
     second = await admission.admit("r2", plan.checks(Demand(tokens=8500)), plan)
     assert second is not None and second.verdict is not None and second.verdict.ok
     assert second.verdict.states[0][0] in (500, 501)  # 10,000 - 1,000 - 8,500 (+ a moment's refill)
@@ -349,7 +353,7 @@ async def test_a_reservation_ahead_never_takes_a_limits_last_room(store: Store) 
     team = ("team", "t" + uuid.uuid4().hex[:8], LimitValues(rpm=4))
     a = Plan([("key", "a", LimitValues()), team])
     b = Plan([("key", "b", LimitValues()), team])
-    for _ in range(3):  # 4 -> 3 -> reserved ahead 2 -> taken, reserved ahead 1 -> taken, none (1 left)
+    for _ in range(3):  # 4 -> 3, two reserved ahead -> 1; taken, none more (room for one); taken
         reservation = await admission.admit("a", a.checks(Demand()), a)
         assert reservation is not None
         admission.settle(reservation, 0, Decimal(0))
@@ -417,3 +421,142 @@ async def test_a_reservation_outlives_the_plan_it_was_made_for(store: Store) -> 
     await admission.flush()
     second = await admission.admit("r2", new.checks(Demand()), new)
     assert second is not None and second.member.startswith("ahead:")
+
+
+# -- two spares: waiting, taking, idleness --------------------------------------------------------
+class SlowAheadStore(MemoryStore):
+    """The memory store, with its answers to reservations ahead arriving when the test lets them
+    (as from a Redis far away): requests can then come while reservations are on their way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates: list[asyncio.Event] = []
+        self.judged: list[str] = []  # members of requests admitted by the store itself
+
+    async def admit(self, checks: list[Check], member: str, lease_ms: int, headroom: int = 1) -> Any:
+        if member.startswith("ahead:"):
+            gate = asyncio.Event()
+            self.gates.append(gate)
+            await gate.wait()
+        else:
+            self.judged.append(member)
+        return await super().admit(checks, member, lease_ms, headroom)
+
+
+async def turns(n: int = 5) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+@pytest.mark.anyio
+async def test_requests_arriving_while_both_reservations_are_on_their_way_each_take_one() -> None:
+    """Two requests wait for the two reservations on their way: the first to land does not send
+    the second request to the store; each takes one, and a waiting request that is cancelled
+    leaves nothing behind."""
+    store = SlowAheadStore()
+    admission = Admission(store, LimitsSettings(ahead_max_share=0.5))
+    plan = Plan([("key", "w" + uuid.uuid4().hex[:8], LimitValues(rpm=1000, max_concurrency=1000))])
+    first = await admission.admit("r0", plan.checks(Demand()), plan)
+    assert first is not None
+    admission.settle(first, 0, Decimal(0))
+    await turns()
+    assert len(store.gates) == SPARES == 2
+    a = asyncio.ensure_future(admission.admit("a", plan.checks(Demand()), plan))
+    b = asyncio.ensure_future(admission.admit("b", plan.checks(Demand()), plan))
+    c = asyncio.ensure_future(admission.admit("c", plan.checks(Demand()), plan))  # one too many: the store
+    await turns()
+    assert c.done() and store.judged == [first.member, c.result().member]
+    store.gates[0].set()
+    taken_a = await a
+    await turns(10)
+    assert not b.done() and len(store.judged) == 2  # still waiting for the second, not at the store
+    store.gates[1].set()
+    taken_b = await b
+    assert taken_a is not None and taken_a.member.startswith("ahead:")
+    assert taken_b is not None and taken_b.member.startswith("ahead:") and taken_b.member != taken_a.member
+    # A waiting request cancelled: the reservation it waited for stays for the next one.
+    for reservation in (taken_a, taken_b):
+        admission.settle(reservation, 0, Decimal(0))
+    await turns()
+    waiting = asyncio.ensure_future(admission.admit("d", plan.checks(Demand()), plan))
+    await turns()
+    waiting.cancel()
+    await turns()
+    for gate in store.gates[2:]:
+        gate.set()
+    await turns(10)
+    after = await admission.admit("e", plan.checks(Demand()), plan)
+    assert after is not None and after.member.startswith("ahead:")
+    admission.settle(after, 0, Decimal(0))
+    for gate in store.gates:
+        gate.set()
+    await admission.release_spares()
+    await admission.flush()
+    slots = next(c for c in plan.checks(Demand()) if c.kind == "concurrency")
+    verdict = await store.admit([slots], "probe", 60_000)
+    assert verdict.ok and verdict.states[0][0] == 1000 - 1 - 1  # c's slot (never settled here) and the probe
+
+
+@pytest.mark.anyio
+async def test_a_request_takes_the_spare_it_fits_and_gives_back_the_older_one(store: Store) -> None:
+    """Spares made for a small and then a larger request: a larger request skips the small one
+    (given back with the next settlements) and takes the larger; spend and slots stay exact."""
+    outcomes: Counter[str] = Counter()
+    admission = Admission(store, LimitsSettings(ahead_max_share=0.5), on_ahead=lambda o: outcomes.update([o]))
+    values = LimitValues(tpm=1_000_000, max_concurrency=100)
+    plan = Plan([("key", "f" + uuid.uuid4().hex[:8], values)])
+    small, large = Demand(tokens=100), Demand(tokens=1000)
+    first = await admission.admit("r1", plan.checks(small), plan)  # its end: two spares of ~156 tokens
+    assert first is not None
+    admission.settle(first, 100, Decimal(0))
+    await admission.flush()
+    second = await admission.admit("r2", plan.checks(small), plan)  # takes one; its end tops up: 1 small
+    assert second is not None and second.member.startswith("ahead:")
+    admission.settle(second, 100, Decimal(0))
+    await admission.flush()
+    big = await admission.admit("r3", plan.checks(large), plan)  # fits neither: both given back first
+    assert big is not None and not big.member.startswith("ahead:")
+    assert outcomes == {"taken": 1, "released": 2}
+    admission.settle(big, 1000, Decimal(0))  # its end: two spares of ~1,563 tokens
+    await admission.flush()
+    third = await admission.admit("r4", plan.checks(small), plan)  # takes a large one; tops up: 1 small
+    assert third is not None and third.member.startswith("ahead:")
+    admission.settle(third, 100, Decimal(0))
+    await admission.flush()
+    # Now a large spare, then a small one: a large request takes the large (oldest) one; a small
+    # request next takes the small one.
+    fourth = await admission.admit("r5", plan.checks(large), plan)
+    assert fourth is not None and fourth.member.startswith("ahead:")
+    assert outcomes == {"taken": 3, "released": 2}
+    admission.settle(fourth, 1000, Decimal(0))
+    await admission.flush()
+    await admission.release_spares()
+    await admission.flush()
+    checks = plan.checks(Demand(tokens=1))
+    verdict = await store.admit(checks, "probe", 60_000)
+    kinds = [c.kind for c in checks]
+    assert verdict.ok and verdict.states[kinds.index("concurrency")][0] == 100 - 1  # every slot back
+
+
+@pytest.mark.anyio
+async def test_a_key_that_keeps_sending_keeps_its_reservations(store: Store) -> None:
+    """Idleness is the key's, not a reservation's age: a key sending a request more often than
+    `ahead_idle_s` finds every one of its requests reserved, none given back; once it stops,
+    all are given back."""
+    outcomes: Counter[str] = Counter()
+    settings = LimitsSettings(ahead_max_share=0.5, ahead_idle_s=0.3)
+    admission = Admission(store, settings, on_ahead=lambda o: outcomes.update([o]))
+    plan = Plan([("key", "i" + uuid.uuid4().hex[:8], LimitValues(rpm=1000, max_concurrency=1000))])
+    for i in range(8):
+        reservation = await admission.admit(f"r{i}", plan.checks(Demand()), plan)
+        assert reservation is not None
+        admission.settle(reservation, 0, Decimal(0))
+        await admission.flush()
+        await asyncio.sleep(0.2)  # the key's pace: the oldest spare is two requests (0.4 s) old when taken
+        assert admission.release_idle() == 0
+    assert outcomes == {"taken": 7}
+    await asyncio.sleep(0.35)
+    assert admission.release_idle() == SPARES
+    await admission.flush()
+    slots = next(c for c in plan.checks(Demand()) if c.kind == "concurrency")
+    assert (await store.admit([slots], "probe", 60_000)).states[0][0] == 1000 - 1  # every slot back

@@ -4,14 +4,15 @@ headers.
 
 Admission ahead (`limits.admit_ahead`, on by default): when a principal's request ends, its
 reservations ahead are topped up to `limits.ahead_spares` (2), each that request's worth (tokens
-and cost a quarter higher per spare), in the same write as the settlement, so the principal's
-next request is admitted without waiting for the store; with two, also a request that arrives
-before the last one's settlement is answered. What one process holds ahead on a limit, over all
-principals, stays within `limits.ahead_max_share` (1%) of it, and a reservation is made only
-while every limit has room for it and one more. A request takes the oldest one it fits. Unused,
-one is given back whole: after `limits.ahead_idle_s`, at shutdown, or when a request does not
-fit it (first, if that request fits none). Limits are never overshot: what is reserved ahead is
-held in the store like any request's reservation.
+and cost a quarter higher per spare, compounded), in the same write as the settlement, so the
+principal's next request is admitted without waiting for the store; with two, also a request
+that arrives before the last one's settlement is answered. What one process holds ahead on a
+limit, over all principals, stays within `limits.ahead_max_share` (1%) of it, and a reservation
+is made only while every limit has room for it and one more. A request takes the oldest one it
+fits. Unused, one is given back whole: once its principal has sent no request for
+`limits.ahead_idle_s`, at shutdown, or when a request does not fit it (first, if that request
+fits none). Limits are never overshot: what is reserved ahead is held in the store like any
+request's reservation.
 
 Store outages follow an explicit policy per concern (`limits.on_store_error`): rate limits
 open by default, budgets closed. An outage is logged once when it starts and once when it
@@ -31,6 +32,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
+from functools import partial
 from typing import Any
 
 from app.auth.keys import Principal
@@ -61,7 +63,6 @@ class Reservation:
     verdict: Verdict | None  # None: admitted without the store (an outage, with an open policy)
     settled: bool = False
     tokens: int = 0  # what it was settled at
-    made: float = 0.0  # a reservation ahead: when it was made (monotonic)
     owner: str = ""  # admission ahead: whose next request to reserve when this one ends ...
     ahead: list[Check] | None = None  # ... and with what amounts
 
@@ -140,12 +141,12 @@ class _Ahead:
     """A principal's reservations made ahead (oldest first), and those on their way."""
 
     spares: deque[Reservation] = field(default_factory=deque)
-    reserving: int = 0  # on their way
+    on_way: set[str] = field(default_factory=set)  # members of the reservations on their way
     waiting: int = 0  # requests waiting for one on its way: at most one each
     landed: asyncio.Future[None] | None = None  # what they wait on: done when one lands (made or not)
+    used: float = 0.0  # when the principal last asked for one or topped them up (monotonic)
 
-    def one_landed(self, _: object = None) -> None:
-        self.reserving -= 1
+    def wake(self) -> None:
         landed, self.landed = self.landed, None
         if landed is not None and not landed.done():
             landed.set_result(None)
@@ -258,7 +259,8 @@ class Admission:
         state = self._aheads.get(owner)
         if state is None:
             return None, []
-        if not state.spares and state.reserving > state.waiting:
+        state.used = time.monotonic()
+        while not state.spares and len(state.on_way) > state.waiting:
             state.waiting += 1  # one request waits for each reservation on its way; the rest do not
             if state.landed is None:
                 state.landed = asyncio.get_running_loop().create_future()
@@ -279,14 +281,14 @@ class Admission:
         return taken, unfit
 
     def _forget_if_empty(self, owner: str, state: _Ahead) -> None:
-        if not state.spares and state.reserving <= 0 and self._aheads.get(owner) is state:
+        if not state.spares and not state.on_way and self._aheads.get(owner) is state:
             del self._aheads[owner]
 
     def _reserve_ahead(self, owner: str, checks: list[Check]) -> None:
         if not self._ahead or self._down_since is not None:
             return
         state = self._aheads.get(owner)
-        wanted = self.settings.ahead_spares - (len(state.spares) + state.reserving if state else 0)
+        wanted = self.settings.ahead_spares - (len(state.spares) + len(state.on_way) if state else 0)
         if wanted <= 0:
             return
         checks = [_with_margin(c, self.settings.ahead_spares) for c in checks]
@@ -301,13 +303,14 @@ class Admission:
                 held[check.name] = held.get(check.name, 0) + check.amount
             if state is None:
                 state = self._aheads[owner] = _Ahead()
-            task = asyncio.ensure_future(self._reserve_spare(state, checks))
-            state.reserving += 1
-            task.add_done_callback(state.one_landed)  # also when cancelled before it ran
+            state.used = time.monotonic()
+            member = f"ahead:{self._members_prefix}{next(self._members):x}"
+            state.on_way.add(member)
+            task = asyncio.ensure_future(self._reserve_spare(owner, state, member, checks))
+            task.add_done_callback(partial(self._never_ran, owner, state, member, checks))
             self._keep(task)
 
-    async def _reserve_spare(self, state: _Ahead, checks: list[Check]) -> None:
-        member = f"ahead:{self._members_prefix}{next(self._members):x}"
+    async def _reserve_spare(self, owner: str, state: _Ahead, member: str, checks: list[Check]) -> None:
         verdict: Verdict | None = None
         try:
             verdict = await self.store.admit(checks, member, self.lease_ms, AHEAD_HEADROOM)
@@ -322,12 +325,23 @@ class Admission:
                 self._queue([Settlement(c, member, 0) for c in checks if c.kind in ("concurrency", "budget")])
             if verdict is None or not verdict.ok:
                 self._unhold(checks)
-        if verdict is None or not verdict.ok:
-            return
-        spare = Reservation(member, checks, verdict, made=time.monotonic())
-        state.spares.append(spare)
-        if spare.leases:
-            self._active[member] = spare
+            else:
+                spare = Reservation(member, checks, verdict)
+                state.spares.append(spare)
+                if spare.leases:
+                    self._active[member] = spare
+            self._landed(owner, state, member)
+
+    def _landed(self, owner: str, state: _Ahead, member: str) -> None:
+        state.on_way.discard(member)
+        state.wake()
+        self._forget_if_empty(owner, state)
+
+    def _never_ran(self, owner: str, state: _Ahead, member: str, checks: list[Check], _: object) -> None:
+        """A reservation's task cancelled before it started (its `finally` never ran)."""
+        if member in state.on_way:
+            self._unhold(checks)
+            self._landed(owner, state, member)
 
     def _unhold(self, checks: list[Check]) -> None:
         held = self._held_ahead
@@ -367,12 +381,13 @@ class Admission:
             await asyncio.sleep(0)  # its first step sends it
 
     def release_idle(self, idle_s: float | None = None) -> int:
-        """Release the reservations ahead unused for `idle_s` (all of them with 0); returns how many."""
+        """Release the reservations ahead of principals that sent no request for `idle_s` (all of
+        them with 0); returns how many."""
         idle_s = self.settings.ahead_idle_s if idle_s is None else idle_s
         cutoff = time.monotonic() - idle_s
         released = 0
         for owner, state in list(self._aheads.items()):
-            while state.spares and state.spares[0].made <= cutoff:  # oldest first
+            while state.spares and state.used <= cutoff:
                 spare = state.spares.popleft()
                 self._unhold(spare.checks)
                 self.release(spare)
@@ -580,12 +595,14 @@ def _fits(spare: list[Check], checks: list[Check]) -> bool:
 
 
 def _with_margin(check: Check, steps: int) -> Check:
-    """A check reserved ahead: tokens and cost a quarter above the request's for each request
-    made before it is taken (`steps`, the spares kept), so a conversation whose prompt grows by
-    less than a quarter between requests still finds its reservation fitting."""
+    """A check reserved ahead: tokens and cost a quarter above the request's, compounded over the
+    requests made before it is taken (`steps`, the spares kept), so a conversation whose prompt
+    grows by less than a quarter from one request to the next still finds its reservation fitting."""
     if check.kind not in ("tokens", "budget") or not check.amount:
         return check
-    amount = check.amount + -(-check.amount * steps // AHEAD_MARGIN)
+    amount = check.amount
+    for _ in range(steps):
+        amount += -(-amount // AHEAD_MARGIN)
     return Check(check.scope, check.scope_id, check.kind, check.limit, amount, check.period, check.ttl_s, check.name)
 
 
