@@ -238,7 +238,7 @@ def test_a_larger_request_than_the_reservation_is_admitted_and_spend_stays_exact
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("spares", [1, 2])
+@pytest.mark.parametrize("spares", [1, 2, 4])
 async def test_accounting_is_exact_with_reservations_ahead(store: Store, spares: int) -> None:
     """Admission's own path on both stores: requests of varied sizes, some taking a reservation
     ahead, some too large for it; in the end every slot and hold is back and spend is exact."""
