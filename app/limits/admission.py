@@ -51,7 +51,7 @@ PROBE_INTERVAL_S = 1.0
 SWEEP_INTERVAL_S = 60.0  # limit state that says nothing any more goes (one replica does it)
 MAX_PENDING_SETTLEMENTS = 100_000
 AHEAD_HEADROOM = 2  # a reservation ahead is made only while every limit has room for it and one more
-AHEAD_MARGIN = 4  # ... with its tokens and cost a quarter above the last request's per spare (conversations grow)
+AHEAD_MARGIN = 4  # ... tokens and cost a quarter above the last request's, compounded per spare (conversations grow)
 
 
 @dataclass(slots=True)
