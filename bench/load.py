@@ -117,14 +117,14 @@ async def _aiohttp_load(
         len(latencies),
         round(elapsed, 2),
         len(latencies) / elapsed,
-        _percentile(latencies, 50) * 1000,
-        _percentile(latencies, 99) * 1000,
+        percentile(latencies, 50) * 1000,
+        percentile(latencies, 99) * 1000,
         errors,
         "aiohttp",
     )
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     return values[min(len(values) - 1, int(len(values) * q / 100))]
@@ -148,7 +148,7 @@ async def first_byte_ms(url: str, body: dict[str, Any], headers: dict[str, str],
     times.sort()
     return {
         "p50_ms": statistics.median(times) * 1000,
-        "p99_ms": _percentile(times, 99) * 1000,
+        "p99_ms": percentile(times, 99) * 1000,
         "times_ms": [t * 1000 for t in times],
     }
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import httpx
 
-from bench.load import WRK, first_byte_ms, hold_streams, run_load
+from bench.load import WRK, first_byte_ms, hold_streams, percentile, run_load
 
 ROOT = Path(__file__).resolve().parent.parent
 GATEWAY = str(Path(sys.executable).with_name("gateway"))
@@ -260,7 +260,7 @@ def measure(stack: Stack, quick: bool) -> dict[str, Any]:
         pooled = sorted(t for run in runs for t in run.pop("times_ms"))
         results["targets"][name]["first_byte"] = {
             "p50_ms": statistics.median(run["p50_ms"] for run in runs),  # the median round
-            "p99_ms": pooled[min(len(pooled) - 1, int(len(pooled) * 0.99))],
+            "p99_ms": percentile(pooled, 99),
             "p50_all": [round(run["p50_ms"], 3) for run in runs],
             "samples": len(pooled),
         }

@@ -387,11 +387,12 @@ class Admission:
         cutoff = time.monotonic() - idle_s
         released = 0
         for owner, state in list(self._aheads.items()):
-            while state.spares and state.used <= cutoff:
-                spare = state.spares.popleft()
-                self._unhold(spare.checks)
-                self.release(spare)
-                released += 1
+            if state.used <= cutoff:
+                for spare in state.spares:
+                    self._unhold(spare.checks)
+                    self.release(spare)
+                released += len(state.spares)
+                state.spares.clear()
             self._forget_if_empty(owner, state)
         return released
 
