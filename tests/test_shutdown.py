@@ -95,6 +95,10 @@ def test_sigterm_during_twenty_open_streams(simulator: SimulatorThread, tmp_path
                 return False
             except httpx.ConnectError:
                 return True
+            except (httpx.ReadError, httpx.RemoteProtocolError):
+                # the connection was made just before the listener closed, and the drain closed
+                # it before reading its request (or the kernel reset it from the backlog): not served
+                return True
 
         async def scenario() -> tuple[list[tuple[str, str]], list[tuple[int, dict[str, Any], float]], float, float]:
             opened, counter = asyncio.Event(), [0]
