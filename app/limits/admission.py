@@ -187,6 +187,9 @@ class Admission:
         self._held_ahead: dict[str, int] = {}  # check name -> amount this process holds ahead
         self._tasks: set[asyncio.Future[None]] = set()  # referenced: the loop holds tasks weakly
         self._wanted: list[tuple[str, list[Check]]] = []  # reservations ahead to send with settlements
+        # Called before a decision goes to the store: the gateway meters requests that ended and
+        # wait to be metered (Gateway.finish), so their settlements are written first.
+        self.before_store_decision: Callable[[], None] | None = None
 
     # -- which limits apply ------------------------------------------------------------------
     def plan(self, principal: Principal, shared_key: bool) -> Plan:
@@ -236,6 +239,13 @@ class Admission:
                 # Made for a smaller request, under other limits or in an earlier budget period:
                 # given back before this request is judged, so that their room counts.
                 await self._give_back_first(unfit)
+        if self.before_store_decision is not None:
+            self.before_store_decision()  # requests that ended and wait to be metered, settled now
+        if self._outbox and self._down_since is None:
+            # Settlements queued and not yet written (a sequential client's last request, say) go
+            # first: this decision must count the room they give back.
+            items, self._outbox = self._outbox, []
+            await self._settle_batch(items)
         # The holder's name in the store: the request id (which a client may choose, and reuse)
         # made unique by this process, so two requests never share one slot or one budget hold.
         member = f"{request_id}:{self._members_prefix}{next(self._members):x}"
