@@ -256,32 +256,37 @@ class Gateway:
             self.forwarder.budget.in_flight -= 1
             if self.metrics.count_in_flight:
                 self.metrics.in_flight.dec()
-        if call.stream:  # measured: deferring a stream's metering did not help the next first byte
+        if call.stream or self.forwarder.budget.in_flight:
+            # Under load, or a stream (measured: deferring it did not help the next first byte),
+            # metered now: requests ending together share one settlement write.
             self.meter.record(call)
             return
-        # Metered later, not now: a client sending its next request the moment this one's answer
-        # arrives would wait behind the metering (its record, ledger entry, metrics, settlement
-        # and the store write). When the next request is the only one open and not a stream, it
-        # runs while that request waits on OpenRouter; in any case before an admission that asks
-        # the store, after METERING_DELAY_S at the latest, and at once when METERING_BATCH
-        # requests wait (under load: fewer, larger settlement batches).
+        # The gateway is otherwise idle: metered later, not now. A client sending its next
+        # request the moment this answer arrives would wait behind the metering (the record,
+        # ledger entry, metrics, settlement and store write). It runs while that next request
+        # (the only one open, not a stream) waits on OpenRouter; in any case before an admission
+        # that asks the store, after METERING_DELAY_S at the latest, and at once when
+        # METERING_BATCH requests wait.
         self._finished.append(call)
         if len(self._finished) >= METERING_BATCH:
             self.meter_finished()
         elif self._metering_timer is None:
             self._metering_timer = asyncio.get_running_loop().call_later(METERING_DELAY_S, self.meter_finished)
 
-    def meter_finished(self) -> None:
-        """Meter every request that has ended (see `finish`)."""
+    def meter_finished(self) -> bool:
+        """Meter every request that has ended and waits (see `finish`); whether there was one."""
         if self._metering_timer is not None:
             self._metering_timer.cancel()
             self._metering_timer = None
+        if not self._finished:
+            return False
         calls, self._finished = self._finished, []
         for call in calls:
             try:
                 self.meter.record(call)
             except Exception:  # one bad record must not cost the others theirs
                 log.exception("metering request %s failed", call.request_id)
+        return True
 
     def begin_drain(self, grace_s: float) -> None:
         """SIGTERM: report not ready at once; what is still open after `grace_s` gets ended."""

@@ -233,6 +233,24 @@ def test_a_sequential_client_gets_its_concurrency_slot_back_at_once(keyed: Gatew
     assert statuses == [200] * 40
 
 
+def test_a_sequential_client_pausing_briefly_gets_its_concurrency_slot_back(keyed: GatewayServer) -> None:
+    """An idle gateway meters a finished request within METERING_DELAY_S (2 ms) or before the next
+    admission that asks the store. A client pausing about that long sends its next request just
+    as that metering runs, its settlement queued and not yet written: the admission must still
+    count the slot as free. The pauses are the client's think time, not synchronisation."""
+    from app.gateway import METERING_DELAY_S
+
+    key = new_key(keyed, max_concurrency=1)["key"]
+    pauses = [METERING_DELAY_S * f for f in (0.0, 0.5, 0.9, 1.0, 1.1, 1.5)]
+    statuses = []
+    with httpx.Client(base_url=keyed.url, headers={"Authorization": f"Bearer {key}"}, timeout=20) as http:
+        for i in range(60):
+            time.sleep(pauses[i % len(pauses)])
+            body = {"model": MODEL, "messages": HELLO, "max_tokens": 5}
+            statuses.append(http.post("/v1/chat/completions", json=body).status_code)
+    assert statuses == [200] * 60
+
+
 def test_a_sequential_client_gets_its_concurrency_slot_back_at_once_on_redis(
     simulator: SimulatorThread, redis_server: RedisServer
 ) -> None:
