@@ -35,8 +35,6 @@ from app.usage.metrics import Metrics
 
 log = logging.getLogger("gateway.request")
 SHUTTING_DOWN = "The server is shutting down; retry the request."
-METERING_DELAY_S = 0.002  # the latest a finished request is metered (see Gateway.finish)
-METERING_BATCH = 64  # ... or when this many are waiting
 
 # Client headers that steer OpenRouter and are safe to pass on.
 PASSED_REQUEST_HEADERS = (
@@ -88,15 +86,12 @@ class Gateway:
         self.meter = Meter(
             catalog, self.ledger, metrics, admission, self._generation, tuple(settings.reconcile_delays_s)
         )
-        admission.before_store_decision = self.meter_finished  # their settlements count in its decision
         self.meter.log_requests, self.meter.log_bodies = settings.log_requests, settings.log_bodies
         self.draining = False  # SIGTERM came: not ready
         self.stopped = False  # the drain's grace period is over: open work ends now
         self.streams: set[Any] = set()  # open SSE responses, ended by the drain at its deadline
         self.waiting: set[asyncio.Task[Any]] = set()  # requests waiting on OpenRouter, likewise
         self._stop_open_work: asyncio.TimerHandle | None = None
-        self._finished: list[ProxyCall] = []  # ended, metered at the next quiet moment (`finish`)
-        self._metering_timer: asyncio.TimerHandle | None = None
         admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
         self.admin_key_hash = hash_key(admin_key).encode() if admin_key else None
         self._shared_auth = client.auth_header()
@@ -229,11 +224,6 @@ class Gateway:
         task = asyncio.current_task()
         assert task is not None
         self.waiting.add(task)
-        if self._finished and not call.stream and self.forwarder.budget.in_flight == 1:
-            # The only request open: meter what ended while it waits on OpenRouter, two loop
-            # turns on, once aiohttp has written it.
-            loop = asyncio.get_running_loop()
-            loop.call_soon(loop.call_soon, self.meter_finished)
         try:
             return await self.forwarder.send(call, self._models(call), body_for, headers)
         except asyncio.CancelledError:
@@ -256,37 +246,7 @@ class Gateway:
             self.forwarder.budget.in_flight -= 1
             if self.metrics.count_in_flight:
                 self.metrics.in_flight.dec()
-        if call.stream or self.forwarder.budget.in_flight:
-            # Under load, or a stream (measured: deferring it did not help the next first byte),
-            # metered now: requests ending together share one settlement write.
-            self.meter.record(call)
-            return
-        # The gateway is otherwise idle: metered later, not now. A client sending its next
-        # request the moment this answer arrives would wait behind the metering (the record,
-        # ledger entry, metrics, settlement and store write). It runs while that next request
-        # (the only one open, not a stream) waits on OpenRouter; in any case before an admission
-        # that asks the store, after METERING_DELAY_S at the latest, and at once when
-        # METERING_BATCH requests wait.
-        self._finished.append(call)
-        if len(self._finished) >= METERING_BATCH:
-            self.meter_finished()
-        elif self._metering_timer is None:
-            self._metering_timer = asyncio.get_running_loop().call_later(METERING_DELAY_S, self.meter_finished)
-
-    def meter_finished(self) -> bool:
-        """Meter every request that has ended and waits (see `finish`); whether there was one."""
-        if self._metering_timer is not None:
-            self._metering_timer.cancel()
-            self._metering_timer = None
-        if not self._finished:
-            return False
-        calls, self._finished = self._finished, []
-        for call in calls:
-            try:
-                self.meter.record(call)
-            except Exception:  # one bad record must not cost the others theirs
-                log.exception("metering request %s failed", call.request_id)
-        return True
+        self.meter.record(call)
 
     def begin_drain(self, grace_s: float) -> None:
         """SIGTERM: report not ready at once; what is still open after `grace_s` gets ended."""
@@ -312,7 +272,6 @@ class Gateway:
 
     async def drain(self) -> None:
         """At shutdown: settle, reconcile (what can be), and write everything still queued."""
-        self.meter_finished()
         await self.admission.release_spares()  # first: reconciling cut streams may take half a minute
         await self.meter.drain()
         await self.admission.flush()

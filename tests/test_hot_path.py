@@ -233,24 +233,6 @@ def test_a_sequential_client_gets_its_concurrency_slot_back_at_once(keyed: Gatew
     assert statuses == [200] * 40
 
 
-def test_a_sequential_client_pausing_briefly_gets_its_concurrency_slot_back(keyed: GatewayServer) -> None:
-    """An idle gateway meters a finished request within METERING_DELAY_S (2 ms) or before the next
-    admission that asks the store. A client pausing about that long sends its next request just
-    as that metering runs, its settlement queued and not yet written: the admission must still
-    count the slot as free. The pauses are the client's think time, not synchronisation."""
-    from app.gateway import METERING_DELAY_S
-
-    key = new_key(keyed, max_concurrency=1)["key"]
-    pauses = [METERING_DELAY_S * f for f in (0.0, 0.5, 0.9, 1.0, 1.1, 1.5)]
-    statuses = []
-    with httpx.Client(base_url=keyed.url, headers={"Authorization": f"Bearer {key}"}, timeout=20) as http:
-        for i in range(60):
-            time.sleep(pauses[i % len(pauses)])
-            body = {"model": MODEL, "messages": HELLO, "max_tokens": 5}
-            statuses.append(http.post("/v1/chat/completions", json=body).status_code)
-    assert statuses == [200] * 60
-
-
 def test_a_sequential_client_gets_its_concurrency_slot_back_at_once_on_redis(
     simulator: SimulatorThread, redis_server: RedisServer
 ) -> None:
@@ -270,6 +252,40 @@ def test_a_sequential_client_gets_its_concurrency_slot_back_at_once_on_redis(
         with GatewayServer(settings) as gateway:
             assert plain.script_exists(*shas) == [True, True, True]  # loaded at start, before any request
             test_a_sequential_client_gets_its_concurrency_slot_back_at_once(gateway)
+
+
+def test_a_sequential_client_alternating_between_replicas_gets_its_slot_back(
+    simulator: SimulatorThread, redis_server: RedisServer
+) -> None:
+    """Two replicas on one Redis; a client at max_concurrency 1 sends each request, one after
+    another, to the other replica, whose admission must find the slot free. A replica writes a
+    request's settlement one loop turn after its response; a replica that pauses just then (a
+    GC pass, another write) can rarely be later than the client's next request to the other
+    replica, which then still counts the slot as held: one 429 in one of six runs of 60 was seen
+    here. What this guards against is a settlement put off on purpose: a version that let an idle
+    replica wait 2 ms before settling had 30 of 60 refused."""
+    prefix = "t" + uuid.uuid4().hex[:10]
+
+    def replica() -> GatewayServer:
+        return GatewayServer(
+            gateway_settings(simulator.base_url, admin_key=ADMIN_KEY, store=redis_server.url, store_prefix=prefix)
+        )
+
+    with replica() as first, replica() as second:
+        key = new_key(first, max_concurrency=1)["key"]
+        headers = {"Authorization": f"Bearer {key}"}
+        body = {"model": MODEL, "messages": HELLO, "max_tokens": 5}
+        with (
+            httpx.Client(headers=headers, timeout=20) as to_first,
+            httpx.Client(headers=headers, timeout=20) as to_second,
+        ):
+            pairs = ((to_first, first), (to_second, second))
+            statuses = [
+                pairs[i % 2][0].post(pairs[i % 2][1].url + "/v1/chat/completions", json=body).status_code
+                for i in range(60)
+            ]
+    assert set(statuses) <= {200, 429}
+    assert statuses.count(429) <= 2, statuses
 
 
 # -- 8. reservations are the server's own, whatever request id the client sends ---------------------

@@ -187,10 +187,6 @@ class Admission:
         self._held_ahead: dict[str, int] = {}  # check name -> amount this process holds ahead
         self._tasks: set[asyncio.Future[None]] = set()  # referenced: the loop holds tasks weakly
         self._wanted: list[tuple[str, list[Check]]] = []  # reservations ahead to send with settlements
-        # Called before a decision goes to the store: the gateway meters requests that ended and
-        # wait to be metered (Gateway.finish), so their settlements are written first; true if
-        # there were any.
-        self.before_store_decision: Callable[[], bool] | None = None
 
     # -- which limits apply ------------------------------------------------------------------
     def plan(self, principal: Principal, shared_key: bool) -> Plan:
@@ -240,21 +236,10 @@ class Admission:
                 # Made for a smaller request, under other limits or in an earlier budget period:
                 # given back before this request is judged, so that their room counts.
                 await self._give_back_first(unfit)
-        # Requests that ended and waited to be metered (a sequential client's last one, say):
-        # settled now, and their settlements written before this decision, which must count
-        # the room they give back.
-        if self.before_store_decision is not None and self.before_store_decision():
-            await self._write_outbox_first()
-        unwritten = bool(self._outbox)  # settlements of requests just ended, not yet written
         # The holder's name in the store: the request id (which a client may choose, and reuse)
         # made unique by this process, so two requests never share one slot or one budget hold.
         member = f"{request_id}:{self._members_prefix}{next(self._members):x}"
         verdict = await self._decide(member, checks)
-        if unwritten and verdict is not None and not verdict.ok:
-            # Refused while settlements waited to be written: decided again once they are (a
-            # refusal reserves nothing, so asking twice is safe; admitting early never errs).
-            await self._write_outbox_first()
-            verdict = await self._decide(member, checks)
         if verdict is None:
             return Reservation(member, checks, None)  # admitted blind; its spend is still settled
         if not verdict.ok:
@@ -266,15 +251,6 @@ class Admission:
         if ahead is not None and plan is not None:
             reservation.owner, reservation.ahead = plan.owner, ahead
         return reservation
-
-    async def _write_outbox_first(self) -> None:
-        """Write the queued settlements before what the caller sends next. Written, not answered:
-        the store writes a command when called, and one connection keeps the order, so the
-        batch's task needs one loop turn ahead of the caller's command, not a round trip."""
-        if self._outbox and self._down_since is None:
-            items, self._outbox = self._outbox, []
-            self._keep(asyncio.ensure_future(self._settle_batch(items)))
-            await asyncio.sleep(0)
 
     # -- admission ahead -----------------------------------------------------------------------
     async def _take_spare(self, owner: str, checks: list[Check]) -> tuple[Reservation | None, list[Reservation]]:
