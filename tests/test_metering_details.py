@@ -5,6 +5,7 @@ usage API's UTC days and date windows."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -449,6 +450,26 @@ def record(n: int) -> UsageRecord:
         cost_usd=Decimal("0.000123456789") * (n + 1),
         cost_source="upstream",
     )
+
+
+@pytest.mark.anyio
+async def test_two_flushes_at_once_write_every_batch_exactly_once(redis_server: RedisServer) -> None:
+    """The background flusher and the shutdown drain can flush at the same moment. Each takes the
+    first batch waiting; the one that finishes second must not take another batch off the queue
+    unwritten (it did: IndexError at a drain, or a batch lost)."""
+    store = RedisStore(redis_server.url, prefix="f" + uuid.uuid4().hex[:8])
+    ledger = Ledger(store, batch_size=2)
+    try:
+        for n in range(7):
+            ledger.add(record(n))
+        await asyncio.gather(ledger.flush(), ledger.flush(), ledger.flush())
+        assert ledger.buffered == 0
+        today = datetime.now(UTC).date()
+        _, total = await ledger.query(today - timedelta(days=1), today + timedelta(days=1), ["model"])
+        assert total["requests"] == 7
+        assert total["prompt_tokens"] == sum(record(n).prompt_tokens for n in range(7))
+    finally:
+        await store.close()
 
 
 @pytest.mark.anyio

@@ -39,6 +39,7 @@ async def proxy(
         await gateway.admit(call, payload)
         outcome = await gateway.forward(call, body, payload, headers)
         if isinstance(outcome, bytes):
+            await gateway.admission.free_slots(call.reservation)  # before the answer: see there
             return JSONBytes(outcome, response_headers(call, None), partial(gateway.finish, call))
         relayed = response_headers(call, outcome.headers)
         return SSEResponse(outcome, StreamRelay(call.include_usage), call, relayed, gateway.finish, gateway.streams)

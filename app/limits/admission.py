@@ -476,6 +476,22 @@ class Admission:
         )
 
     # -- settle --------------------------------------------------------------------------------
+    async def free_slots(self, reservation: Reservation | None) -> None:
+        """A request's concurrency slots, freed just before its answer is sent, ahead of its
+        settlement (which then finds them gone: freeing twice is a no-op in both stores). The
+        client may send its next request to another replica the moment the answer arrives; that
+        replica must find the slot free. Written first, not answered first: waiting for the reply
+        would put the store back on every such request's wait (and an outage's timeout on it),
+        which admission ahead takes off it; Redis serves its connections in no set order, so in
+        rare cases the other replica's admission is still served first."""
+        if reservation is None or reservation.settled or self._down_since is not None:
+            return
+        member = reservation.member
+        items = [Settlement(c, member, 0) for c in reservation.checks if c.kind == "concurrency"]
+        if items:
+            self._keep(asyncio.ensure_future(self._settle_batch(items)))
+            await asyncio.sleep(0)  # its task writes it in this turn, before the caller's answer
+
     def settle(self, reservation: Reservation, tokens: int, cost: Decimal) -> None:
         """Replace the estimates by what the request used (0 if it failed before upstream).
 

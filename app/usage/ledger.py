@@ -112,7 +112,9 @@ class Ledger:
         return LedgerBatch(secrets.token_hex(12), [(d, g, m, v) for (d, g, m), v in sums.items()], names)
 
     async def flush(self) -> None:
-        """Write everything queued; on a store error keep it for the next flush."""
+        """Write everything queued; on a store error keep it for the next flush. Flushes may
+        overlap (the background flusher and the drain): both may write the first batch (the
+        store applies a batch once), and only the one whose batch is still first removes it."""
         while True:
             if not self._batches:
                 batch = self._batch()
@@ -127,7 +129,8 @@ class Ledger:
                     log.warning("ledger store unreachable (%s); buffering records until it returns", exc)
                     self._down = True
                 return
-            self._batches.popleft()
+            if self._batches and self._batches[0] is batch:
+                self._batches.popleft()
             if self._down:
                 log.warning("ledger store reachable again; buffered records written")
                 self._down = False
