@@ -375,7 +375,12 @@ class Admission:
         """Give back reservations never used ahead of the next command to the store: their batch
         is sent in this loop turn (on Redis, commands of one connection run in the order sent;
         the memory store applies it at once)."""
-        items = [item for spare in spares for item in self._given_back(spare)]
+        await self._settle_first([item for spare in spares for item in self._given_back(spare)])
+
+    async def _settle_first(self, items: list[Settlement]) -> None:
+        """Send `items` as a batch of their own in this loop turn, ahead of the caller's next
+        command to the store or answer to the client (on Redis, commands of one connection run
+        in the order sent; the memory store applies them at once). Not awaited beyond that."""
         if items:
             self._keep(asyncio.ensure_future(self._settle_batch(items)))
             await asyncio.sleep(0)  # its first step sends it
@@ -487,10 +492,7 @@ class Admission:
         if reservation is None or reservation.settled or self._down_since is not None:
             return
         member = reservation.member
-        items = [Settlement(c, member, 0) for c in reservation.checks if c.kind == "concurrency"]
-        if items:
-            self._keep(asyncio.ensure_future(self._settle_batch(items)))
-            await asyncio.sleep(0)  # its task writes it in this turn, before the caller's answer
+        await self._settle_first([Settlement(c, member, 0) for c in reservation.checks if c.kind == "concurrency"])
 
     def settle(self, reservation: Reservation, tokens: int, cost: Decimal) -> None:
         """Replace the estimates by what the request used (0 if it failed before upstream).
