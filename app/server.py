@@ -1,18 +1,24 @@
 """Serving the gateway on uvicorn: one process (plus the admin listener, if it has its own
 address) or several workers on one socket. The drain on SIGTERM is the app's (main.py); uvicorn
-stops accepting connections and waits for requests up to the grace period plus a little."""
+stops accepting connections and waits for requests up to the grace period plus a little.
+
+uvicorn's httptools protocol is used as is, except that a busy server's writes to its clients
+leave together at the end of each event-loop turn (`WriteBatch`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 from types import FrameType
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+log = logging.getLogger("gateway")
 EXTRA_WAIT_S = 5.0  # beyond the grace period, for streams to send their last event
 
 
@@ -46,10 +52,99 @@ class WorkerConfig(uvicorn.Config):
         _quiet_signals_after_exit()
 
 
+class WriteBatch:
+    """One listener's writes to its clients, held while it is busy and sent together when the
+    event-loop turn ends.
+
+    A write to a client that sleeps in its poll costs the writer a wake-up of another process,
+    across cores: measured on 2-core VMs, the first write of a response took ~5x the CPU of the
+    second (~25 us at 64 concurrent requests, the most expensive line of a request). Written
+    one by one as requests finish, the responses of one loop turn wake the client again and again;
+    written together, the first wakes it and the rest find it awake. Bench A/B at 64 concurrent
+    requests: +7% requests/s, -21 us of CPU per request; streams +8%. With one request open (or
+    none) nothing is held: a lone request's answer, and a lone stream's events, leave at once."""
+
+    def __init__(self, requests: set[Any]) -> None:
+        self.requests = requests  # uvicorn's running requests (their tasks) on this listener
+        self.held: list[HeldTransport] = []  # connections with writes held this turn
+
+    def flush(self) -> None:
+        held, self.held = self.held, []
+        for transport in held:
+            try:
+                transport.flush()
+            except Exception:  # one broken connection must not strand the others' responses
+                log.exception("writing a held response failed")
+
+
+class HeldTransport:
+    """A client connection's transport whose writes go through the listener's `WriteBatch`; in
+    order, since a connection holding writes holds every later one until the flush."""
+
+    __slots__ = ("_batch", "_held", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, batch: WriteBatch) -> None:
+        self._transport = transport
+        self._batch = batch
+        self._held: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if self._held:
+            self._held.append(data)
+            return
+        batch = self._batch
+        if not batch.held:
+            if len(batch.requests) <= 1:
+                self._transport.write(data)  # alone: nobody to share the wake-up with
+                return
+            asyncio.get_running_loop().call_soon(batch.flush)
+        batch.held.append(self)
+        self._held.append(data)
+
+    def writelines(self, chunks: Iterable[bytes]) -> None:
+        self.write(b"".join(chunks))
+
+    def flush(self) -> None:
+        held = self._held
+        if held:
+            self._held = []
+            if not self._transport.is_closing():
+                self._transport.write(held[0] if len(held) == 1 else b"".join(held))
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def __getattr__(self, name: str) -> Any:  # the rest of asyncio.Transport, as it is
+        return getattr(self._transport, name)
+
+
+class BatchingHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, its writes going through the listener's `WriteBatch`."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        batch: WriteBatch | None = getattr(self.server_state, "write_batch", None)
+        if batch is None:
+            batch = self.server_state.write_batch = WriteBatch(self.tasks)  # type: ignore[attr-defined]
+        super().connection_made(HeldTransport(transport, batch))  # type: ignore[arg-type]
+
+
 def options(settings: Any) -> dict[str, Any]:
     return {
         "loop": "uvloop",
-        "http": "httptools",
+        "http": BatchingHttpToolsProtocol,
         "log_level": settings.log_level,
         "access_log": False,
         "proxy_headers": False,  # the client's address is used nowhere; skip uvicorn's middleware for it

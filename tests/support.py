@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import uvicorn
 
 from app.main import create_app
+from app.server import BatchingHttpToolsProtocol
 from app.settings import Settings
 
 CLIENT_KEY = "sk-gw-test-client-key-0123456789abcdef"
@@ -31,7 +32,7 @@ class GatewayServer:
             log_level="warning",
             access_log=False,
             loop="asyncio",
-            http="httptools",
+            http=BatchingHttpToolsProtocol,  # the product's protocol: every test's responses go through it
             lifespan="on",
         )
         self.server = uvicorn.Server(config)

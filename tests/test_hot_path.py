@@ -338,6 +338,7 @@ def test_served_on_uvloop_and_httptools_with_no_base_http_middleware(simulator: 
     would wrap every request in a task and a stream); the edge, with the inference fast lane,
     is the first thing every request meets."""
     from starlette.middleware.base import BaseHTTPMiddleware
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     from app.api.edge import EdgeMiddleware
     from app.main import create_app
@@ -345,7 +346,7 @@ def test_served_on_uvloop_and_httptools_with_no_base_http_middleware(simulator: 
 
     settings = gateway_settings(simulator.base_url, cors_origins=["https://app.example"])
     chosen = options(settings)
-    assert chosen["loop"] == "uvloop" and chosen["http"] == "httptools"
+    assert chosen["loop"] == "uvloop" and issubclass(chosen["http"], HttpToolsProtocol)
     app = create_app(settings)
     assert not any(issubclass(m.cls, BaseHTTPMiddleware) for m in app.user_middleware if isinstance(m.cls, type))
     layer = app.front  # CORS (when configured), then the edge, then FastAPI
@@ -373,3 +374,139 @@ def test_upstream_is_one_aiohttp_session_and_serving_never_imports_httpx(gateway
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+# -- 11. a busy listener's writes leave together ------------------------------------------------------
+class RecordingTransport(asyncio.Transport):
+    """An asyncio transport that records what it is asked to send, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert not self.closed, "written after close"
+        self.sent.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_write_buffer_size(self) -> int:
+        return 7
+
+
+async def _next_turn() -> None:
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
+@pytest.mark.anyio
+async def test_a_lone_request_writes_at_once_and_busy_ones_at_the_end_of_the_turn() -> None:
+    from app.server import HeldTransport, WriteBatch
+
+    requests: set[Any] = {"one"}
+    batch = WriteBatch(requests)
+    a, b = RecordingTransport(), RecordingTransport()
+    first, second = HeldTransport(a, batch), HeldTransport(b, batch)
+
+    first.write(b"HTTP/1.1 200 OK\r\n\r\n")  # one request open: straight to the socket
+    assert a.sent == [b"HTTP/1.1 200 OK\r\n\r\n"] and not batch.held
+
+    requests.add("two")  # busy: held until the loop turn ends, each connection's bytes in order
+    first.write(b"head-a ")
+    second.write(b"head-b ")
+    first.writelines([b"body", b"-a"])
+    second.write(b"body-b")
+    assert a.sent == [b"HTTP/1.1 200 OK\r\n\r\n"] and b.sent == []
+    await _next_turn()
+    assert a.sent == [b"HTTP/1.1 200 OK\r\n\r\n", b"head-a body-a"]
+    assert b.sent == [b"head-b body-b"]  # one system call per connection
+    assert not batch.held
+
+    requests.discard("two")  # alone again, but a connection holding writes keeps them in order
+    requests.add("three")
+    first.write(b"x")
+    requests.discard("three")
+    first.write(b"y")
+    await _next_turn()
+    assert a.sent[-1] == b"xy"
+    assert first.get_write_buffer_size() == 7  # the rest of the transport, passed through
+
+
+@pytest.mark.anyio
+async def test_held_writes_go_out_before_close_and_never_to_a_closed_socket() -> None:
+    from app.server import HeldTransport, WriteBatch
+
+    batch = WriteBatch({"one", "two"})
+    a, b = RecordingTransport(), RecordingTransport()
+    first, second = HeldTransport(a, batch), HeldTransport(b, batch)
+    first.write(b"last words")
+    first.close()  # uvicorn closes after a response on a connection that is not kept alive
+    assert a.sent == [b"last words"] and a.closed
+    second.write(b"never sent")
+    b.close()  # the client went away before the turn ended
+    await _next_turn()
+    assert b.sent == [] and first.is_closing()
+
+
+@pytest.mark.anyio
+async def test_one_failing_connection_does_not_strand_the_others(caplog: pytest.LogCaptureFixture) -> None:
+    from app.server import HeldTransport, WriteBatch
+
+    class Broken(RecordingTransport):
+        def write(self, data: bytes | bytearray | memoryview) -> None:
+            raise RuntimeError("unable to perform operation on a closed transport")
+
+    batch = WriteBatch({"one", "two"})
+    ok = RecordingTransport()
+    HeldTransport(Broken(), batch).write(b"lost")
+    HeldTransport(ok, batch).write(b"delivered")
+    await _next_turn()
+    assert ok.sent == [b"delivered"]
+    assert "writing a held response failed" in caplog.text
+
+
+def test_many_concurrent_requests_each_get_their_whole_answer(gateway: GatewayServer) -> None:
+    """Under load the gateway's answers leave in batches; each client still gets exactly its own
+    complete response (bodies, ids and lengths match), streams included."""
+
+    async def run() -> None:
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+            headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
+
+            async def one(i: int) -> None:
+                rid = f"req-batch-{i}"
+                body = {"model": MODEL, "messages": [{"role": "user", "content": f"number {i}"}]}
+                if i % 3 == 1:  # answered by the gateway itself: many of these finish in one loop turn
+                    response = await client.post(
+                        "/v1/chat/completions",
+                        json=body,
+                        headers={"Authorization": f"Bearer sk-gw-not-a-key-{i}", "x-request-id": rid},
+                    )
+                    assert response.status_code == 401 and response.headers["x-request-id"] == rid
+                    assert response.json()["error"]["code"] == "invalid_api_key"
+                    return
+                if i % 3 == 0:
+                    body["stream"] = True
+                    async with client.stream(
+                        "POST", "/v1/chat/completions", json=body, headers={**headers, "x-request-id": rid}
+                    ) as response:
+                        text = (await response.aread()).decode()
+                    assert response.status_code == 200 and response.headers["x-request-id"] == rid
+                    assert f"number {i}" in text.replace('"', "") or "data:" in text
+                    assert text.rstrip().endswith("data: [DONE]")
+                    return
+                response = await client.post(
+                    "/v1/chat/completions", json=body, headers={**headers, "x-request-id": rid}
+                )
+                assert response.status_code == 200 and response.headers["x-request-id"] == rid
+                assert int(response.headers["content-length"]) == len(response.content)
+                assert f"You said: number {i}" in response.json()["choices"][0]["message"]["content"]
+
+            await asyncio.gather(*(one(i) for i in range(240)))
+
+    asyncio.run(run())
