@@ -398,7 +398,7 @@ class RedisStore:
                 args += [name, delta]
         for key_id, name in batch.key_names.items():
             args += [key_id, name]
-        await self._call("ledger_apply", keys, args)
+        await self._fast("ledger_apply", keys, args)  # the lean client: redis-py costs ~1.5% of c=64 CPU here
 
     async def ledger_read(self, days: list[str]) -> tuple[dict[str, dict[str, int]], dict[str, str]]:
         async with self.redis.pipeline(transaction=False) as pipe:

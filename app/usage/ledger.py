@@ -83,13 +83,14 @@ class Ledger:
         self._enqueue(new, 1, 0)
 
     def _enqueue(self, record: UsageRecord, sign: int, requests: int) -> None:
-        if self.buffered >= self._max_buffered:
+        queued = len(self._queue)
+        if queued >= self._max_buffered or (self._batches and self.buffered >= self._max_buffered):
             self.dropped += 1
             if self._on_drop:
                 self._on_drop(1)
             return
         self._queue.append((record, sign, requests))
-        if len(self._queue) >= self._batch_size:
+        if queued + 1 >= self._batch_size:
             self._wake.set()
 
     @property
