@@ -67,56 +67,87 @@ class WriteBatch:
     def __init__(self, requests: set[Any]) -> None:
         self.requests = requests  # uvicorn's running requests (their tasks) on this listener
         self.held: list[HeldTransport] = []  # connections with writes held this turn
+        self.most = 0  # the most connections one flush has written to (for the tests)
 
     def flush(self) -> None:
         held, self.held = self.held, []
+        if len(held) > self.most:
+            self.most = len(held)
         for transport in held:
             try:
                 transport.flush()
             except Exception:  # one broken connection must not strand the others' responses
-                log.exception("writing a held response failed")
+                log.exception("writing a held response failed; closing its connection")
+                transport.abort()
 
 
 class HeldTransport:
     """A client connection's transport whose writes go through the listener's `WriteBatch`; in
-    order, since a connection holding writes holds every later one until the flush."""
+    order, since a connection holding writes holds every later one until the flush. At most
+    `HELD_LIMIT` bytes are held: a bigger response (or a client that is not keeping up, whose
+    socket buffer is not empty) is written at once, so uvicorn's flow control sees it as before."""
 
-    __slots__ = ("_batch", "_held", "_transport")
+    __slots__ = ("_batch", "_held", "_held_bytes", "_transport")
+    HELD_LIMIT = 65536
 
     def __init__(self, transport: asyncio.Transport, batch: WriteBatch) -> None:
         self._transport = transport
         self._batch = batch
         self._held: list[bytes] = []
+        self._held_bytes = 0
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if type(data) is not bytes:
+            if not isinstance(data, (bytearray, memoryview)):
+                raise TypeError(f"data argument must be a bytes-like object, not {type(data).__name__!r}")
+            data = bytes(data)  # held past the caller's return: a copy, as the socket would have taken
         if self._held:
             self._held.append(data)
+            self._held_bytes += len(data)
+            if self._held_bytes > self.HELD_LIMIT:
+                self.flush()
             return
         batch = self._batch
+        if len(batch.requests) <= 1 or len(data) > self.HELD_LIMIT or self._transport.get_write_buffer_size():
+            self._transport.write(data)  # alone (nobody to share the wake-up with), big, or backed up
+            return
         if not batch.held:
-            if len(batch.requests) <= 1:
-                self._transport.write(data)  # alone: nobody to share the wake-up with
-                return
             asyncio.get_running_loop().call_soon(batch.flush)
         batch.held.append(self)
         self._held.append(data)
+        self._held_bytes = len(data)
 
-    def writelines(self, chunks: Iterable[bytes]) -> None:
+    def writelines(self, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
         self.write(b"".join(chunks))
 
     def flush(self) -> None:
         held = self._held
         if held:
             self._held = []
+            self._held_bytes = 0
             if not self._transport.is_closing():
                 self._transport.write(held[0] if len(held) == 1 else b"".join(held))
 
-    def close(self) -> None:
+    def write_eof(self) -> None:
         self.flush()
-        self._transport.close()
+        self._transport.write_eof()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._transport.close()
+
+    def abort(self) -> None:
+        self._held = []
+        self._held_bytes = 0
+        self._transport.abort()
 
     def is_closing(self) -> bool:
         return self._transport.is_closing()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + self._held_bytes
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self._transport.get_extra_info(name, default)
