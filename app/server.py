@@ -71,14 +71,10 @@ class WriteBatch:
 
     def flush(self) -> None:
         held, self.held = self.held, []
-        if len(held) > self.most:
-            self.most = len(held)
+        if len(held) > self.most:  # (a connection that flushed itself on the limit may be listed twice)
+            self.most = max(self.most, len({id(transport) for transport in held}))
         for transport in held:
-            try:
-                transport.flush()
-            except Exception:  # one broken connection must not strand the others' responses
-                log.exception("writing a held response failed; closing its connection")
-                transport.abort()
+            transport.flush_or_abort()
 
 
 class HeldTransport:
@@ -97,7 +93,7 @@ class HeldTransport:
         self._held_bytes = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if type(data) is not bytes:
+        if type(data) is not bytes and not isinstance(data, bytes):
             if not isinstance(data, (bytearray, memoryview)):
                 raise TypeError(f"data argument must be a bytes-like object, not {type(data).__name__!r}")
             data = bytes(data)  # held past the caller's return: a copy, as the socket would have taken
@@ -132,10 +128,21 @@ class HeldTransport:
         self.flush()
         self._transport.write_eof()
 
-    def close(self) -> None:
+    def flush_or_abort(self) -> bool:
+        """Write what is held; if that fails, abort the connection (its bytes are gone, its
+        client must not wait for them). Never raises: one broken connection must not strand the
+        others' responses, nor stop a shutdown closing the rest."""
         try:
             self.flush()
-        finally:
+            return True
+        except Exception:
+            log.exception("writing a held response failed; closing its connection")
+            with contextlib.suppress(Exception):
+                self.abort()
+            return False
+
+    def close(self) -> None:
+        if self.flush_or_abort():
             self._transport.close()
 
     def abort(self) -> None:

@@ -490,12 +490,14 @@ async def test_ledger_buffer_is_bounded_counted_and_flushed_once() -> None:
         assert ledger.buffered == 5
         ledger.add(record(99))  # still full while it waits
         assert ledger.dropped == 4
+        ledger.correct(record(1), record(2))  # both halves or neither: never a lone retraction
+        assert ledger.dropped == 6 and ledger.buffered == 5
 
         def dropped_metric() -> float:
             family = text_string_to_metric_families(metrics.exposition().decode())
             return sum(s.value for f in family for s in f.samples if s.name == "gateway_ledger_dropped_records_total")
 
-        assert dropped_metric() == 4
+        assert dropped_metric() == 6
 
         redis_server = RedisServer()
         redis_server.port = port  # the address the store has been failing to reach
@@ -513,7 +515,7 @@ async def test_ledger_buffer_is_bounded_counted_and_flushed_once() -> None:
         assert total["cached_tokens"] == 10
         assert abs(Decimal(repr(total["cost_usd"])) - sum(r.cost_usd for r in kept)) < Decimal("1e-15")
         assert [row["model"] for row in data] == [f"vendor/model-{n}" for n in range(5)]
-        assert ledger.dropped == 4 and dropped_metric() == 4
+        assert ledger.dropped == 6 and dropped_metric() == 6  # the four adds and the correction above
     finally:
         await store.close()
         if redis_server is not None:

@@ -12,7 +12,7 @@ import asyncio
 import ssl
 from collections import deque
 from typing import Any, cast
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import hiredis
 
@@ -83,7 +83,8 @@ class RespClient:
         self._password = unquote(parsed.password) if parsed.password else None
         self._username = unquote(parsed.username) if parsed.username else None
         path = parsed.path.strip("/") if parsed.scheme != "unix" else ""
-        self._db = int(path) if path.isdigit() else 0
+        query_db = parse_qs(parsed.query).get("db", [""])[0]  # redis-py reads `?db=N` too
+        self._db = int(query_db) if query_db.isdigit() else int(path) if path.isdigit() else 0
         self._timeout = timeout_s
         self._live: _Connection | None = None  # set once AUTH/SELECT are done
         self._connecting: asyncio.Future[_Connection] | None = None
@@ -99,7 +100,7 @@ class RespClient:
         waiter: asyncio.Future[Any] = loop.create_future()
         connection.waiters.append(waiter)
         connection.send(command)  # in order with every other command on this connection
-        timer = loop.call_later(self._timeout, _expire, waiter)
+        timer = loop.call_later(self._timeout, _expire, waiter, connection)
         try:
             reply = await waiter
         finally:
@@ -148,6 +149,12 @@ class RespClient:
             self._live.transport.close()
 
 
-def _expire(waiter: asyncio.Future[Any]) -> None:
+def _expire(waiter: asyncio.Future[Any], connection: _Connection) -> None:
     if not waiter.done():
         waiter.set_exception(StoreError("redis: no answer in time"))
+        # Redis answers a connection in order: the commands after this one are as late. A
+        # connection that went dead without a reset (a failover, a dropped NAT entry) would
+        # otherwise be kept until TCP gives up; the next command connects afresh.
+        if connection.transport is not None and not connection.lost:
+            connection.lost = True  # no command goes on it from now; its waiters fail as it closes
+            connection.transport.close()

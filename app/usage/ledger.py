@@ -78,20 +78,27 @@ class Ledger:
         self._enqueue(record, 1, 1)
 
     def correct(self, old: UsageRecord, new: UsageRecord) -> None:
-        """Replace a record's figures by better ones (an estimate by OpenRouter's own)."""
+        """Replace a record's figures by better ones (an estimate by OpenRouter's own): both
+        halves or neither, never the retraction without its replacement."""
+        if self.buffered + 2 > self._max_buffered:
+            self._drop(2)
+            return
         self._enqueue(old, -1, 0)
         self._enqueue(new, 1, 0)
 
     def _enqueue(self, record: UsageRecord, sign: int, requests: int) -> None:
         queued = len(self._queue)
         if queued >= self._max_buffered or (self._batches and self.buffered >= self._max_buffered):
-            self.dropped += 1
-            if self._on_drop:
-                self._on_drop(1)
+            self._drop(1)
             return
         self._queue.append((record, sign, requests))
         if queued + 1 >= self._batch_size:
             self._wake.set()
+
+    def _drop(self, records: int) -> None:
+        self.dropped += records
+        if self._on_drop:
+            self._on_drop(records)
 
     @property
     def buffered(self) -> int:
