@@ -520,3 +520,20 @@ async def test_ledger_buffer_is_bounded_counted_and_flushed_once() -> None:
         await store.close()
         if redis_server is not None:
             redis_server.cleanup()
+
+
+def test_a_correction_is_buffered_whole_or_not_at_all() -> None:
+    """A correction is a retraction and its replacement: with room for only one of them, neither
+    is buffered (a lone retraction would undercount the usage until the next flush, forever)."""
+    from app.store.memory import MemoryStore
+
+    ledger = Ledger(MemoryStore(), max_buffered=3)
+    ledger.add(record(1))
+    ledger.add(record(2))
+    ledger.correct(record(1), record(3))  # one place left: both dropped, counted
+    assert ledger.dropped == 2 and ledger.buffered == 2
+    ledger = Ledger(MemoryStore(), max_buffered=4)
+    ledger.add(record(1))
+    ledger.add(record(2))
+    ledger.correct(record(1), record(3))  # room for both
+    assert ledger.dropped == 0 and ledger.buffered == 4
