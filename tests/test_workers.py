@@ -58,12 +58,19 @@ def test_two_workers_count_every_request_once(simulator: SimulatorThread, tmp_pa
                 )
                 return [r.status_code for r in responses]
 
-        assert asyncio.run(send(60)) == [200] * 60
-        pids = {p.name.split("_")[-1] for p in metrics_dir.glob("*.db")}
+        # Which worker accepts a new connection is the kernel's choice: one worker can take a
+        # whole burst (seen once in CI), so bursts are sent until both have served some.
+        sent = 0
+        for _ in range(10):
+            assert asyncio.run(send(30)) == [200] * 30
+            sent += 30
+            pids = {p.name.split("_")[-1] for p in metrics_dir.glob("*.db")}
+            if len(pids) >= 2:
+                break
         assert len(pids) >= 2, "both workers served requests"
         for _ in range(6):  # whichever worker answers the scrape, the totals are the same
             text = httpx.get(gateway.url + "/metrics").text
-            assert total_requests(text) == 60
+            assert total_requests(text) == sent
         promtool = require_tool("promtool", "prometheus")
         check = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=60)
         assert check.returncode == 0 and not check.stdout.strip(), check
