@@ -93,7 +93,7 @@ class HeldTransport:
         self._held_bytes = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if type(data) is not bytes and not isinstance(data, bytes):
+        if not isinstance(data, bytes):
             if not isinstance(data, (bytearray, memoryview)):
                 raise TypeError(f"data argument must be a bytes-like object, not {type(data).__name__!r}")
             data = bytes(data)  # held past the caller's return: a copy, as the socket would have taken

@@ -80,20 +80,26 @@ class Ledger:
     def correct(self, old: UsageRecord, new: UsageRecord) -> None:
         """Replace a record's figures by better ones (an estimate by OpenRouter's own): both
         halves or neither, never the retraction without its replacement."""
-        if self.buffered + 2 > self._max_buffered:
+        if not self._has_room(2):
             self._drop(2)
             return
         self._enqueue(old, -1, 0)
         self._enqueue(new, 1, 0)
 
     def _enqueue(self, record: UsageRecord, sign: int, requests: int) -> None:
-        queued = len(self._queue)
-        if queued >= self._max_buffered or (self._batches and self.buffered >= self._max_buffered):
+        if not self._has_room(1):
             self._drop(1)
             return
         self._queue.append((record, sign, requests))
-        if queued + 1 >= self._batch_size:
+        if len(self._queue) >= self._batch_size:
             self._wake.set()
+
+    def _has_room(self, records: int) -> bool:
+        """Whether `records` more fit the bound; queued batches are counted only when there are
+        any (the store is down or a flush is under way), so a request pays a `len` here."""
+        if self._batches:
+            return self.buffered + records <= self._max_buffered
+        return len(self._queue) + records <= self._max_buffered
 
     def _drop(self, records: int) -> None:
         self.dropped += records
