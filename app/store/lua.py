@@ -23,53 +23,56 @@ share one window.
 KIND_CODE = {"requests": "r", "tokens": "t", "concurrency": "c", "budget": "b"}
 
 _PRELUDE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local call, tonumber, floor, ceil = redis.call, tonumber, math.floor, math.ceil
+local find, sub, match, format = string.find, string.sub, string.match, string.format
+local t = call('TIME')
+local now = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
 
 -- a token bucket: "level:stamp", refilled at cap per window, never above cap
 local function level_at(state, cap, window)
   if not state then return cap end
-  local sep = string.find(state, ':', 1, true)
-  local stamp = tonumber(string.sub(state, sep + 1))
+  local sep = find(state, ':', 1, true)
+  local stamp = tonumber(sub(state, sep + 1))
   if now - stamp >= 2 * window then return cap end  -- idle that long: full, whatever it owed
-  local level = tonumber(string.sub(state, 1, sep - 1)) + (now - stamp) * cap / window
+  local level = tonumber(sub(state, 1, sep - 1)) + (now - stamp) * cap / window
   if level > cap then return cap end
   return level
 end
 
+local stamp = format(':%d', now)  -- formatted once: formatting numbers is most of a script's time
 local function bucket(level)
-  return string.format('%.6f:%d', level, now)
+  return format('%.6f', level) .. stamp
 end
 
 -- a lease field: held (budgets; 0 for concurrency), n, bound
 local function leases_of(state, budget)
   if not state then return 0, 0, 0 end
   if budget then
-    local held, n, bound = string.match(state, '^(%-?%d+):(%d+):(%d+)$')
+    local held, n, bound = match(state, '^(%-?%d+):(%d+):(%d+)$')
     return tonumber(held), tonumber(n), tonumber(bound)
   end
-  local n, bound = string.match(state, '^(%d+):(%d+)$')
+  local n, bound = match(state, '^(%d+):(%d+)$')
   return 0, tonumber(n), tonumber(bound)
 end
 
 local function lease_field(held, n, bound, budget)
   if n <= 0 then return false end  -- nothing held: the field goes
-  if budget then return string.format('%d:%d:%d', held, n, bound) end
-  return string.format('%d:%d', n, bound)
+  if budget then return format('%d:%d:%d', held, n, bound) end
+  return format('%d:%d', n, bound)
 end
 
 -- drop expired leases and count what is left from the zset itself
 local function recount(zset, budget)
-  redis.call('ZREMRANGEBYSCORE', zset, '-inf', now)
+  call('ZREMRANGEBYSCORE', zset, '-inf', now)
   if budget then
-    local rest = redis.call('ZRANGE', zset, 0, -1, 'WITHSCORES')
+    local rest = call('ZRANGE', zset, 0, -1, 'WITHSCORES')
     local held = 0
-    for j = 1, #rest, 2 do held = held + (tonumber(string.match(rest[j], '|(%-?%d+)$')) or 0) end
+    for j = 1, #rest, 2 do held = held + (tonumber(match(rest[j], '|(%-?%d+)$')) or 0) end
     return held, #rest / 2, tonumber(rest[2]) or 0
   end
-  local first = redis.call('ZRANGE', zset, 0, 0, 'WITHSCORES')
+  local first = call('ZRANGE', zset, 0, 0, 'WITHSCORES')
   if #first == 0 then return 0, 0, 0 end
-  return 0, redis.call('ZCARD', zset), tonumber(first[2])
+  return 0, call('ZCARD', zset), tonumber(first[2])
 end
 
 -- a lease field's counts, recounted from its zset once a lease may have expired (true then)
@@ -82,161 +85,143 @@ local function current(state, zset, budget)
   return held, n, bound, false
 end
 
--- field/value pairs to write; false: delete the field
-local function write(hash, changes)
+-- field/value pairs as a flat list (false: delete the field)
+local function write(hash, pairs_)
   local set, gone = {}, {}
-  for f, v in pairs(changes) do
-    if v then set[#set + 1] = f; set[#set + 1] = v else gone[#gone + 1] = f end
+  for j = 1, #pairs_, 2 do
+    local v = pairs_[j + 1]
+    if v then set[#set + 1] = pairs_[j]; set[#set + 1] = v else gone[#gone + 1] = pairs_[j] end
   end
-  if #set > 0 then redis.call('HSET', hash, unpack(set)) end
-  if #gone > 0 then redis.call('HDEL', hash, unpack(gone)) end
+  if #set > 0 then call('HSET', hash, unpack(set)) end
+  if #gone > 0 then call('HDEL', hash, unpack(gone)) end
 end
 """
 
-# KEYS: the limits hash, then per check: concurrency its leases; budget its leases and spend
-# ARGV: member, lease_ms, window_ms, n, headroom, then per check: kind, name, limit, amount.
+# KEYS: the limits hash, each budget's spend (in the checks' order), then per concurrency or
+# budget check its leases. ARGV: member, lease_ms, window_ms, n, headroom, budgets (how many),
+# then the n checks' names (one HMGET unpacks them), then per check: kind, limit, amount.
 # headroom: how many requests of these amounts must fit for this one to be admitted (1; 2 when a
 # request's worth is reserved ahead, so a reservation ahead never takes a limit's last room).
+# One pass: each check is judged and its new state computed; leases are added only once all pass.
 ADMIT = (
     _PRELUDE
     + """
 local member, lease, window, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local headroom = tonumber(ARGV[5])
-local checks, fields, spends = {}, {}, {}
-local k = 2
-for i = 1, n do
-  local a = 5 + (i - 1) * 4
-  local c = {kind = ARGV[a + 1], name = ARGV[a + 2], limit = tonumber(ARGV[a + 3]), amount = tonumber(ARGV[a + 4]),
-             raw = ARGV[a + 4]}
-  if c.kind == 'c' then
-    c.zset = KEYS[k]; k = k + 1
-  elseif c.kind == 'b' then
-    c.zset = KEYS[k]; spends[#spends + 1] = KEYS[k + 1]; c.s = #spends; k = k + 2
-  end
-  checks[i] = c
-  fields[i] = c.name
-end
-
--- every limit's state in one read, and every budget's spend in another
-local values = redis.call('HMGET', KEYS[1], unpack(fields))
+local headroom, budgets = tonumber(ARGV[5]), tonumber(ARGV[6])
+local values = call('HMGET', KEYS[1], unpack(ARGV, 7, 6 + n))
 local spent = {}
-if #spends > 0 then spent = redis.call('MGET', unpack(spends)) end
+if budgets > 0 then spent = call('MGET', unpack(KEYS, 2, 1 + budgets)) end
 
-local changes = {}
-for i, c in ipairs(checks) do
-  if c.kind == 'r' or c.kind == 't' then
-    c.level = level_at(values[i], c.limit, window)
-    if c.level < c.amount * headroom then
-      write(KEYS[1], changes)
-      local used = c.limit - math.floor(c.level)
-      if c.amount > c.limit then return {0, i, -1, used} end
-      return {0, i, math.ceil((c.amount - c.level) * window / c.limit), used}
-    end
-  else
-    local budget = c.kind == 'b'
-    local recounted
-    c.held, c.n, c.bound, recounted = current(values[i], c.zset, budget)
-    if recounted then changes[c.name] = lease_field(c.held, c.n, c.bound, budget) end  -- kept even if refused
-    if budget then
-      c.used = c.held + tonumber(spent[c.s] or '0')
-      if c.used + c.amount * headroom > c.limit then write(KEYS[1], changes); return {0, i, -1, c.used} end
-    elseif c.n + headroom > c.limit then
-      write(KEYS[1], changes)
-      return {0, i, 1000, c.n}
-    end
-  end
-end
-
-local out = {1}
+local set, out, leases, kept = {}, {1}, {}, {}
 local expiry = now + lease
-for _, c in ipairs(checks) do
-  local remaining, reset = 0, 0
-  if c.kind == 'r' or c.kind == 't' then
-    local level = c.level - c.amount
-    changes[c.name] = bucket(level)
-    remaining = math.floor(level)
-    if c.limit > 0 then reset = math.ceil((c.limit - level) * window / c.limit) end
-  else
-    local budget = c.kind == 'b'
-    local bound = c.bound
-    if bound == 0 or expiry < bound then bound = expiry end
-    if budget then
-      redis.call('ZADD', c.zset, expiry, member .. '|' .. c.raw)
-      changes[c.name] = lease_field(c.held + c.amount, c.n + 1, bound, true)
-      remaining = c.limit - c.used - c.amount
-    else
-      redis.call('ZADD', c.zset, expiry, member)
-      changes[c.name] = lease_field(0, c.n + 1, bound, false)
-      remaining = c.limit - c.n - 1
+local z, s, a = 2 + budgets, 1, 6 + n
+for i = 1, n do
+  local kind, name, limit, raw = ARGV[a + 1], ARGV[6 + i], tonumber(ARGV[a + 2]), ARGV[a + 3]
+  local amount = tonumber(raw)
+  a = a + 3
+  if kind == 'r' or kind == 't' then
+    local level = level_at(values[i], limit, window)
+    if level < amount * headroom then
+      write(KEYS[1], kept)
+      local used = limit - floor(level)
+      if amount > limit then return {0, i, -1, used} end
+      return {0, i, ceil((amount - level) * window / limit), used}
     end
+    level = level - amount
+    set[#set + 1] = name
+    set[#set + 1] = bucket(level)
+    out[#out + 1] = floor(level)
+    if limit > 0 then out[#out + 1] = ceil((limit - level) * window / limit) else out[#out + 1] = 0 end
+  else
+    local budget = kind == 'b'
+    local zset = KEYS[z]
+    z = z + 1
+    local held, count, bound, recounted = current(values[i], zset, budget)
+    if recounted then kept[#kept + 1] = name; kept[#kept + 1] = lease_field(held, count, bound, budget) end
+    if bound == 0 or expiry < bound then bound = expiry end
+    leases[#leases + 1] = zset
+    set[#set + 1] = name
+    if budget then
+      local used = held + tonumber(spent[s] or '0')
+      s = s + 1
+      if used + amount * headroom > limit then write(KEYS[1], kept); return {0, i, -1, used} end
+      leases[#leases + 1] = member .. '|' .. raw
+      set[#set + 1] = lease_field(held + amount, count + 1, bound, true)
+      out[#out + 1] = limit - used - amount
+    else
+      if count + headroom > limit then write(KEYS[1], kept); return {0, i, 1000, count} end
+      leases[#leases + 1] = member
+      set[#set + 1] = lease_field(0, count + 1, bound, false)
+      out[#out + 1] = limit - count - 1
+    end
+    out[#out + 1] = 0
   end
-  out[#out + 1] = remaining
-  out[#out + 1] = reset
 end
-write(KEYS[1], changes)
+
+for j = 1, #leases, 2 do call('ZADD', leases[j], expiry, leases[j + 1]) end
+call('HSET', KEYS[1], unpack(set))
 return out
 """
 )
 
 # KEYS: the limits hash, the batch's marker, then per settlement: concurrency its leases; budget
-# its leases and spend. ARGV: window_ms, n, then per settlement: kind, name, member, value, limit,
-# amount, ttl_s. A batch is applied at most once (its marker), however often it is sent: a reply
-# lost to a timeout after Redis ran the script must not count the spend twice when retried. The
-# marker lives two minutes (a retry comes within a second or two unless Redis is gone; a key per
-# batch for days would cost gigabytes at thousands of requests a second).
+# its leases and spend. ARGV: window_ms, n, the n settlements' names (one HMGET unpacks them),
+# then per settlement: kind, member, value, limit, amount, ttl_s. A batch is applied at most once
+# (its marker), however often it is sent: a reply lost to a timeout after Redis ran the script
+# must not count the spend twice when retried. The marker lives two minutes (a retry comes within
+# a second or two unless Redis is gone; a key per batch for days would cost gigabytes at
+# thousands of requests a second).
 SETTLE = (
     _PRELUDE
     + """
-if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', 120) then return 0 end
+if not call('SET', KEYS[2], '1', 'NX', 'EX', 120) then return 0 end
 local window, n = tonumber(ARGV[1]), tonumber(ARGV[2])
-local items, fields = {}, {}
-local k = 3
+local values = call('HMGET', KEYS[1], unpack(ARGV, 3, 2 + n))
+local state, changed = {}, {}  -- by field: a batch may settle several requests of one limit
+local k, a = 3, 2 + n
 for i = 1, n do
-  local a = 2 + (i - 1) * 7
-  local s = {kind = ARGV[a + 1], name = ARGV[a + 2], member = ARGV[a + 3], value = tonumber(ARGV[a + 4]),
-             limit = tonumber(ARGV[a + 5]), amount = ARGV[a + 6], ttl = tonumber(ARGV[a + 7])}
-  if s.kind == 'c' then
-    s.zset = KEYS[k]; k = k + 1
-  elseif s.kind == 'b' then
-    s.zset = KEYS[k]; s.spend = KEYS[k + 1]; k = k + 2
-  end
-  items[i] = s
-  fields[i] = s.name
-end
-local values = redis.call('HMGET', KEYS[1], unpack(fields))
-local state, changes = {}, {}  -- by field: a batch may settle several requests of one limit
-for i, s in ipairs(items) do
-  if state[s.name] == nil then state[s.name] = values[i] end
-end
-
-for _, s in ipairs(items) do
-  if s.kind == 't' or s.kind == 'r' then  -- tokens given back ('r': a reservation ahead, unused)
-    local v = state[s.name]
-    if s.value ~= 0 and v then
-      local level = level_at(v, s.limit, window) + s.value
-      if level > s.limit then level = s.limit end
-      state[s.name] = bucket(level)
-      changes[s.name] = state[s.name]
+  local name, kind, value = ARGV[2 + i], ARGV[a + 1], tonumber(ARGV[a + 3])
+  local v = state[name]
+  if v == nil then v = values[i] end
+  if kind == 't' or kind == 'r' then  -- tokens given back ('r': a reservation ahead, unused)
+    if value ~= 0 and v then
+      local limit = tonumber(ARGV[a + 4])
+      local level = level_at(v, limit, window) + value
+      if level > limit then level = limit end
+      v = bucket(level)
+      if changed[name] == nil then changed[#changed + 1] = name; changed[name] = true end
     end
-  elseif s.kind == 'c' or s.kind == 'b' then
-    local budget = s.kind == 'b'
-    local member = s.member
-    if budget then member = member .. '|' .. s.amount end
-    if redis.call('ZREM', s.zset, member) == 1 then
-      local held, count, bound = leases_of(state[s.name], budget)
+  elseif kind == 'c' or kind == 'b' then
+    local budget = kind == 'b'
+    local member = ARGV[a + 2]
+    if budget then member = member .. '|' .. ARGV[a + 5] end
+    if call('ZREM', KEYS[k], member) == 1 then
+      local held, count, bound = leases_of(v, budget)
       count = count - 1
-      if budget then held = held - tonumber(s.amount) end
+      if budget then held = held - tonumber(ARGV[a + 5]) end
       if count <= 0 then held, count, bound = 0, 0, 0 end
-      state[s.name] = lease_field(held, count, bound, budget) or nil
-      changes[s.name] = state[s.name] or false
+      v = lease_field(held, count, bound, budget)
+      if changed[name] == nil then changed[#changed + 1] = name; changed[name] = true end
     end
     if budget then
-      local total = redis.call('INCRBY', s.spend, s.value)
-      if s.ttl > 0 and total == s.value then redis.call('EXPIRE', s.spend, s.ttl) end
+      local total = call('INCRBY', KEYS[k + 1], value)
+      local ttl = tonumber(ARGV[a + 6])
+      if ttl > 0 and total == value then call('EXPIRE', KEYS[k + 1], ttl) end
+      k = k + 2
+    else
+      k = k + 1
     end
   end
+  state[name] = v
+  a = a + 6
 end
-write(KEYS[1], changes)
+local set = {}
+for j = 1, #changed do
+  local name = changed[j]
+  set[#set + 1] = name
+  set[#set + 1] = state[name]
+end
+write(KEYS[1], set)
 return n
 """
 )
@@ -258,7 +243,7 @@ SWEEP = (
     _PRELUDE
     + """
 local window = tonumber(ARGV[1])
-local changes = {}
+local changes = {}  -- field, value (false: delete) pairs
 for i = 2, #ARGV do
   local name = ARGV[i]
   local v = redis.call('HGET', KEYS[1], name)
@@ -266,12 +251,12 @@ for i = 2, #ARGV do
     local kind = string.sub(name, 1, 1)
     if kind == 'r' or kind == 't' then
       local stamp = tonumber(string.match(v, ':(%d+)$'))
-      if not stamp or now - stamp >= 2 * window then changes[name] = false end
+      if not stamp or now - stamp >= 2 * window then changes[#changes + 1] = name; changes[#changes + 1] = false end
     elseif kind == 'c' or kind == 'b' then
       local budget = kind == 'b'
       local held, count, bound = current(v, KEYS[i], budget)
       local after = lease_field(held, count, bound, budget)
-      if after ~= v then changes[name] = after end
+      if after ~= v then changes[#changes + 1] = name; changes[#changes + 1] = after end
     end
   end
 end

@@ -110,8 +110,8 @@ class RedisStore:
         self._listener_task: asyncio.Task[None] | None = None
         self._closed = False
         self._resp = resp.RespClient(url, timeout_s)
-        self._admit_encodings: dict[tuple[Any, ...], tuple[int, bytes, list[bytes]]] = {}
-        self._settle_encodings: dict[str, tuple[list[bytes], bytes]] = {}
+        self._admit_encodings: dict[tuple[Any, ...], tuple[int, bytes, bytes, list[bytes]]] = {}
+        self._settle_encodings: dict[str, tuple[list[bytes], bytes, bytes]] = {}
 
     def _team(self, name: str) -> str:
         return f"{self._tag}:team:{name}"
@@ -289,19 +289,23 @@ class RedisStore:
         return Verdict(True, states=list(zip(values[0::2], values[1::2], strict=True)))
 
     def _admit_command(self, checks: Sequence[Check], member: str, lease_ms: int, headroom: int = 1) -> bytes:
-        """EVALSHA admit, with everything but the member and the amounts encoded once per plan."""
+        """EVALSHA admit (layout in `lua`), with everything but the member and the amounts encoded
+        once per plan."""
         signature = tuple((c.name, c.limit) for c in checks)
         cached = self._admit_encodings.get(signature)
         if cached is None:
-            keys = [self._limits_key, *(key for check in checks for key in self._limit_keys(check))]
+            spends = [self._spend(c) for c in checks if c.kind == "budget"]
+            leases = [self._leases(c.name) for c in checks if c.kind in ("concurrency", "budget")]
+            keys = [self._limits_key, *spends, *leases]
             sha: str = self._scripts["admit"].sha
             head = b"".join([resp.bulk(b"EVALSHA"), resp.bulk(sha), resp.bulk(len(keys)), *map(resp.bulk, keys)])
-            parts = [resp.bulk(lua.KIND_CODE[c.kind]) + resp.bulk(c.name) + resp.bulk(c.limit) for c in checks]
-            cached = (3 + len(keys) + 5 + 4 * len(checks), head, parts)
+            names = b"".join(resp.bulk(c.name) for c in checks)
+            parts = [resp.bulk(lua.KIND_CODE[c.kind]) + resp.bulk(c.limit) for c in checks]
+            cached = (3 + len(keys) + 6 + 4 * len(checks), head, resp.bulk(len(spends)) + names, parts)
             if len(self._admit_encodings) > 10_000:
                 self._admit_encodings.clear()
             self._admit_encodings[signature] = cached
-        count, head, parts = cached
+        count, head, names, parts = cached
         out = [
             b"*%d\r\n" % count,
             head,
@@ -310,6 +314,7 @@ class RedisStore:
             resp.bulk(WINDOW_MS),
             resp.bulk(len(checks)),
             resp.bulk(headroom),
+            names,
         ]
         for check, static in zip(checks, parts, strict=True):
             out += (static, resp.bulk(check.amount))
@@ -329,31 +334,35 @@ class RedisStore:
         if not items:
             return
         keys: list[bytes] = [resp.bulk(self._limits_key), resp.bulk(f"{self._tag}:settled:{marker}")]
-        args: list[bytes] = [resp.bulk(WINDOW_MS), resp.bulk(len(items))]
+        names: list[bytes] = []
+        args: list[bytes] = []
         for item in items:
             check = item.check
-            check_keys, static = self._settle_parts(check)
+            check_keys, name, kind = self._settle_parts(check)
             keys += check_keys
+            names.append(name)
             args += (
-                static,
+                kind,
                 resp.bulk(item.member),
                 resp.bulk(item.value),
                 resp.bulk(check.limit) + resp.bulk(check.amount) + resp.bulk(check.ttl_s),
             )
         sha: str = self._scripts["settle"].sha
         head = b"*%d\r\n" % (3 + len(keys) + 2 + 7 * len(items))
-        command = b"".join([head, resp.bulk(b"EVALSHA"), resp.bulk(sha), resp.bulk(len(keys)), *keys, *args])
+        script = [head, resp.bulk(b"EVALSHA"), resp.bulk(sha), resp.bulk(len(keys))]
+        command = b"".join([*script, *keys, resp.bulk(WINDOW_MS), resp.bulk(len(items)), *names, *args])
         await self._fast_command(command, "settle")
 
-    def _settle_parts(self, check: Check) -> tuple[list[bytes], bytes]:
-        """A check's keys, its kind and its name, encoded once."""
+    def _settle_parts(self, check: Check) -> tuple[list[bytes], bytes, bytes]:
+        """A check's keys, its name and its kind, encoded once."""
         parts = self._settle_encodings.get(check.name)
         if parts is None:
             if len(self._settle_encodings) > 10_000:
                 self._settle_encodings.clear()
             parts = self._settle_encodings[check.name] = (
                 [resp.bulk(key) for key in self._limit_keys(check)],
-                resp.bulk(lua.KIND_CODE[check.kind]) + resp.bulk(check.name),
+                resp.bulk(check.name),
+                resp.bulk(lua.KIND_CODE[check.kind]),
             )
         return parts
 
