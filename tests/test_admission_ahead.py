@@ -425,22 +425,27 @@ async def test_a_reservation_outlives_the_plan_it_was_made_for(store: Store) -> 
 
 # -- two spares: waiting, taking, idleness --------------------------------------------------------
 class SlowAheadStore(MemoryStore):
-    """The memory store, with its answers to reservations ahead arriving when the test lets them
-    (as from a Redis far away): requests can then come while reservations are on their way."""
+    """The memory store, with its answers to settlement batches that carry reservations ahead
+    arriving when the test lets them (as from a Redis far away): requests can then come while
+    reservations are on their way."""
 
     def __init__(self) -> None:
         super().__init__()
         self.gates: list[asyncio.Event] = []
+        self.reserved: list[int] = []  # how many reservations each gated batch carried
         self.judged: list[str] = []  # members of requests admitted by the store itself
 
     async def admit(self, checks: list[Check], member: str, lease_ms: int, headroom: int = 1) -> Any:
-        if member.startswith("ahead:"):
+        self.judged.append(member)
+        return await super().admit(checks, member, lease_ms, headroom)
+
+    async def settle(self, settlements: Any, batch: str = "", reserve: Any = ()) -> Any:
+        if reserve:
             gate = asyncio.Event()
             self.gates.append(gate)
+            self.reserved.append(len(reserve))
             await gate.wait()
-        else:
-            self.judged.append(member)
-        return await super().admit(checks, member, lease_ms, headroom)
+        return await super().settle(settlements, batch, reserve)
 
 
 async def turns(n: int = 5) -> None:
@@ -450,9 +455,9 @@ async def turns(n: int = 5) -> None:
 
 @pytest.mark.anyio
 async def test_requests_arriving_while_both_reservations_are_on_their_way_each_take_one() -> None:
-    """Two requests wait for the two reservations on their way: the first to land does not send
-    the second request to the store; each takes one, and a waiting request that is cancelled
-    leaves nothing behind."""
+    """Two requests wait for the two reservations on their way (made with one settlement batch):
+    when they land, each takes one and neither goes to the store; a third, one too many, goes to
+    the store at once; and a waiting request that is cancelled leaves nothing behind."""
     store = SlowAheadStore()
     admission = Admission(store, LimitsSettings(ahead_max_share=0.5))
     plan = Plan([("key", "w" + uuid.uuid4().hex[:8], LimitValues(rpm=1000, max_concurrency=1000))])
@@ -460,18 +465,16 @@ async def test_requests_arriving_while_both_reservations_are_on_their_way_each_t
     assert first is not None
     admission.settle(first, 0, Decimal(0))
     await turns()
-    assert len(store.gates) == SPARES == 2
+    assert store.reserved == [SPARES] == [2]  # both in the settlement's one round trip
     a = asyncio.ensure_future(admission.admit("a", plan.checks(Demand()), plan))
     b = asyncio.ensure_future(admission.admit("b", plan.checks(Demand()), plan))
     c = asyncio.ensure_future(admission.admit("c", plan.checks(Demand()), plan))  # one too many: the store
-    await turns()
-    assert c.done() and store.judged == [first.member, c.result().member]
-    store.gates[0].set()
-    taken_a = await a
     await turns(10)
-    assert not b.done() and len(store.judged) == 2  # still waiting for the second, not at the store
-    store.gates[1].set()
-    taken_b = await b
+    assert c.done() and store.judged == [first.member, c.result().member]
+    assert not a.done() and not b.done()  # waiting for the two on their way, not at the store
+    store.gates[0].set()
+    taken_a, taken_b = await a, await b
+    assert len(store.judged) == 2
     assert taken_a is not None and taken_a.member.startswith("ahead:")
     assert taken_b is not None and taken_b.member.startswith("ahead:") and taken_b.member != taken_a.member
     # A waiting request cancelled: the reservation it waited for stays for the next one.
@@ -482,7 +485,7 @@ async def test_requests_arriving_while_both_reservations_are_on_their_way_each_t
     await turns()
     waiting.cancel()
     await turns()
-    for gate in store.gates[2:]:
+    for gate in store.gates[1:]:  # the next batch, with the reservations d waited for
         gate.set()
     await turns(10)
     after = await admission.admit("e", plan.checks(Demand()), plan)

@@ -10,7 +10,7 @@ from decimal import Decimal
 import pytest
 
 from app.limits.admission import Admission
-from app.limits.checks import Check, Settlement, budget_period, format_duration
+from app.limits.checks import Check, Reserve, Settlement, budget_period, format_duration
 from app.settings import LimitsSettings
 from app.store.base import Store
 
@@ -221,3 +221,33 @@ def test_budget_periods_are_calendar_utc() -> None:
 )
 def test_durations_in_openai_style(ms: int, text: str) -> None:
     assert format_duration(ms) == text
+
+
+async def test_a_settlement_batch_makes_the_reservations_sent_with_it(store: Store) -> None:
+    """Reservations ahead sent with a settlement batch are judged after its settlements, in turn,
+    each seeing the ones before it, as separate admissions would be; a batch sent again is not
+    applied again, but the reservations sent with it are judged; a batch of reservations alone
+    works too."""
+    period, ttl = budget_period("day")
+    slots = Check("key", "k12", "concurrency", 2)
+    tokens = Check("key", "k12", "tokens", 100, 40)
+    budget = Check("key", "k12", "budget", 1000, 300, period, ttl)
+    checks = [slots, tokens, budget]
+    holder = member()
+    assert (await store.admit(checks, holder, LEASE_MS)).ok  # slots 1 of 2, 60 tokens left, 300 held
+    batch = [Settlement(slots, holder, 0), Settlement(tokens, holder, 40 - 10), Settlement(budget, holder, 100)]
+    ahead = [Reserve(checks, f"ahead-{i}", LEASE_MS, 1) for i in range(3)]
+    verdicts = await store.settle(batch, "batch-r", ahead)
+    # settled first: no slot used, 90 tokens, 100 spent; then a1 and a2 fit, a3 finds both slots taken
+    assert [v.ok for v in verdicts] == [True, True, False]
+    assert [v.states[0][0] for v in verdicts[:2]] == [1, 0]  # slots left
+    assert [v.states[1][0] for v in verdicts[:2]] in ([50, 10], [50, 11], [51, 11])  # tokens left (+ refill)
+    assert [v.states[2][0] for v in verdicts[:2]] == [1000 - 100 - 300, 1000 - 100 - 600]  # budget left
+    assert verdicts[2].failed == 0 and verdicts[2].used == 2
+    # Sent again (a lost reply): the settlements count once; a reservation sent with it is judged.
+    again = await store.settle(batch, "batch-r", [Reserve([tokens], "ahead-3", LEASE_MS, 1)])
+    assert len(again) == 1 and not again[0].ok  # 10 tokens left (not 40 more given back): 40 do not fit
+    assert await store.budget_spent(budget) == 100
+    alone = await store.settle([], "", [Reserve([tokens], "ahead-4", LEASE_MS, 1), Reserve([slots], "x", LEASE_MS)])
+    assert [v.ok for v in alone] == [False, False]
+    assert await store.settle([], "", []) == []

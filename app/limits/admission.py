@@ -4,7 +4,7 @@ headers.
 
 Admission ahead (`limits.admit_ahead`, on by default): when a principal's request ends, its
 reservations ahead are topped up to `limits.ahead_spares` (2), each that request's worth (tokens
-and cost a quarter higher per spare, compounded), in the same write as the settlement, so the
+and cost a quarter higher per spare, compounded), in the same script call as the settlement, so the
 principal's next request is admitted without waiting for the store; with two, also a request
 that arrives before the last one's settlement is answered. What one process holds ahead on a
 limit, over all principals, stays within `limits.ahead_max_share` (1%) of it, and a reservation
@@ -32,14 +32,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
-from functools import partial
 from typing import Any
 
 from app.auth.keys import Principal
 from app.auth.records import LimitValues
 from app.errors import BudgetExceededError, RateLimitError, StoreUnavailableError
 from app.limits import estimate
-from app.limits.checks import BUCKET_KINDS, NANO, Check, Settlement, Verdict, budget_period, format_duration
+from app.limits.checks import BUCKET_KINDS, NANO, Check, Reserve, Settlement, Verdict, budget_period, format_duration
 from app.settings import LimitsSettings
 from app.store.base import Store, StoreError
 
@@ -150,6 +149,16 @@ class _Ahead:
         landed, self.landed = self.landed, None
         if landed is not None and not landed.done():
             landed.set_result(None)
+
+
+@dataclass(slots=True)
+class _OnWay:
+    """A reservation ahead sent with a settlement batch, until its verdict lands."""
+
+    owner: str
+    state: _Ahead
+    member: str
+    checks: list[Check]
 
 
 @dataclass
@@ -265,7 +274,7 @@ class Admission:
             if state.landed is None:
                 state.landed = asyncio.get_running_loop().create_future()
             try:
-                await asyncio.shield(state.landed)  # never fails: _reserve_spare keeps its errors
+                await asyncio.shield(state.landed)  # never fails: _land sets it whatever the batch met
             finally:
                 state.waiting -= 1
         unfit: list[Reservation] = []
@@ -284,21 +293,23 @@ class Admission:
         if not state.spares and not state.on_way and self._aheads.get(owner) is state:
             del self._aheads[owner]
 
-    def _reserve_ahead(self, owner: str, checks: list[Check]) -> None:
+    def _reserve_ahead(self, owner: str, checks: list[Check]) -> list[_OnWay]:
+        """The reservations ahead to make for `owner` (sent with the next settlement batch)."""
         if not self._ahead or self._down_since is not None:
-            return
+            return []
         state = self._aheads.get(owner)
         wanted = self.settings.ahead_spares - (len(state.spares) + len(state.on_way) if state else 0)
         if wanted <= 0:
-            return
+            return []
         checks = [_with_margin(c, self.settings.ahead_spares) for c in checks]
         # What this process holds ahead on a limit, over all keys, stays within its share: many
         # keys of a team must not fill the team's limit with reservations nobody may use.
         share, held = self.settings.ahead_max_share, self._held_ahead
+        made: list[_OnWay] = []
         for _ in range(wanted):
             for check in checks:
                 if held.get(check.name, 0) + check.amount > check.limit * share:
-                    return
+                    return made
             for check in checks:
                 held[check.name] = held.get(check.name, 0) + check.amount
             if state is None:
@@ -306,42 +317,28 @@ class Admission:
             state.used = time.monotonic()
             member = f"ahead:{self._members_prefix}{next(self._members):x}"
             state.on_way.add(member)
-            task = asyncio.ensure_future(self._reserve_spare(owner, state, member, checks))
-            task.add_done_callback(partial(self._never_ran, owner, state, member, checks))
-            self._keep(task)
+            made.append(_OnWay(owner, state, member, checks))
+        return made
 
-    async def _reserve_spare(self, owner: str, state: _Ahead, member: str, checks: list[Check]) -> None:
-        verdict: Verdict | None = None
-        try:
-            verdict = await self.store.admit(checks, member, self.lease_ms, AHEAD_HEADROOM)
-        except StoreError as exc:
-            self._store_failed(exc)  # the policy applies from the next request without a spare
-        except Exception:  # a request may wait on this task: it must not raise
-            log.exception("reservation ahead failed")
-        finally:  # cancelled (at shutdown) too
-            if verdict is None:
-                # Its reply may be lost after the store made it: free the slots and holds it may
-                # have (unknown members are ignored); tokens taken, if any, come back by refill.
-                self._queue([Settlement(c, member, 0) for c in checks if c.kind in ("concurrency", "budget")])
-            if verdict is None or not verdict.ok:
-                self._unhold(checks)
-            else:
-                spare = Reservation(member, checks, verdict)
-                state.spares.append(spare)
-                if spare.leases:
-                    self._active[member] = spare
-            self._landed(owner, state, member)
+    def _land(self, way: _OnWay, verdict: Verdict | None) -> None:
+        """A reservation ahead made (or not: refused, or its batch failed) by the store."""
+        if verdict is None:
+            # Its reply may be lost after the store made it: free the slots and holds it may have
+            # (unknown members are ignored); tokens taken, if any, come back by refill.
+            self._queue([Settlement(c, way.member, 0) for c in way.checks if c.kind in ("concurrency", "budget")])
+        if verdict is None or not verdict.ok:
+            self._unhold(way.checks)
+        else:
+            spare = Reservation(way.member, way.checks, verdict)
+            way.state.spares.append(spare)
+            if spare.leases:
+                self._active[way.member] = spare
+        self._landed(way.owner, way.state, way.member)
 
     def _landed(self, owner: str, state: _Ahead, member: str) -> None:
         state.on_way.discard(member)
         state.wake()
         self._forget_if_empty(owner, state)
-
-    def _never_ran(self, owner: str, state: _Ahead, member: str, checks: list[Check], _: object) -> None:
-        """A reservation's task cancelled before it started (its `finally` never ran)."""
-        if member in state.on_way:
-            self._unhold(checks)
-            self._landed(owner, state, member)
 
     def _unhold(self, checks: list[Check]) -> None:
         held = self._held_ahead
@@ -404,6 +401,8 @@ class Admission:
     async def release_spares(self) -> None:
         """At shutdown: let reservations on their way land, then give every one back."""
         self._ahead = False
+        if self._sending is not None:
+            await asyncio.shield(self._sending)  # reservations on their way go with its batches
         if self._tasks:
             await asyncio.wait(list(self._tasks))
         self.release_idle(0)
@@ -504,7 +503,7 @@ class Admission:
         reservation.tokens = tokens
         self._active.pop(reservation.member, None)
         if reservation.ahead is not None and self._ahead:
-            # Reserved when a request ends, sent in the same write as its settlement: the store's
+            # Reserved when a request ends, made in the same script call as its settlement: the store's
             # work then overlaps the client's next request arriving.
             self._wanted.append((reservation.owner, reservation.ahead))
         cost_nano = int((cost * NANO).to_integral_value(ROUND_HALF_UP)) if cost else 0
@@ -540,26 +539,33 @@ class Admission:
             await asyncio.sleep(0)  # let every request ending in this loop turn join the batch
             while self._outbox or self._wanted:
                 wanted, self._wanted = self._wanted, []
-                for owner, checks in wanted:
-                    self._reserve_ahead(owner, checks)  # starts next turn, its command joins this write
+                ahead = [way for owner, checks in wanted for way in self._reserve_ahead(owner, checks)]
                 items, self._outbox = self._outbox, []
-                if not items:
+                if not items and not ahead:
                     break
-                await self._settle_batch(items)
+                await self._settle_batch(items, ahead)
         finally:
             self._sending = None
 
-    async def _settle_batch(self, items: list[Settlement]) -> None:
+    async def _settle_batch(self, items: list[Settlement], ahead: list[_OnWay] | None = None) -> None:
+        """Settle `items` and make the reservations `ahead` in one store round trip."""
         # Retried under this id if it fails: the store applies a batch once, however often sent.
         batch = f"{self._batches_prefix}{next(self._batches):x}"
+        verdicts: list[Verdict] = []
+        reserve = [Reserve(way.checks, way.member, self.lease_ms, AHEAD_HEADROOM) for way in ahead or ()]
         try:
-            await self.store.settle(items, batch)
+            verdicts = await self.store.settle(items, batch, reserve)
         except StoreError as exc:
-            self._store_failed(exc)
-            self._pending.append((batch, items))  # settled later: spend must not be lost
+            self._store_failed(exc)  # the policy applies from the next request without a spare
+            if items:
+                self._pending.append((batch, items))  # settled later (alone): spend must not be lost
         except asyncio.CancelledError:
-            self._pending.append((batch, items))  # sent or not: applied once when flushed
+            if items:
+                self._pending.append((batch, items))  # sent or not: applied once when flushed
             raise
+        finally:  # a request may wait on a reservation ahead: each lands, whatever happened
+            for i, way in enumerate(ahead or ()):
+                self._land(way, verdicts[i] if i < len(verdicts) else None)
 
     async def run(self) -> None:
         """Background duty: flush settlements held back, renew leases of running requests, sweep."""

@@ -43,6 +43,17 @@ class Verdict:
     states: list[tuple[int, int]] = field(default_factory=list)  # (remaining, reset_ms) per check
 
 
+@dataclass(frozen=True, slots=True)
+class Reserve:
+    """A reservation sent with a settlement batch (admission ahead): `checks` held for `member`,
+    admitted as `Store.admit` would."""
+
+    checks: list[Check]
+    member: str
+    lease_ms: int
+    headroom: int = 1
+
+
 @dataclass(slots=True)
 class Settlement:
     """The end of a request for one check: tokens given back to a TPM bucket (negative: taken),

@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Protocol
 
 from app.auth.records import KeyRecord, TeamRecord
-from app.limits.checks import Check, Settlement, Verdict
+from app.limits.checks import Check, Reserve, Settlement, Verdict
 
 ChangeListener = Callable[[str], Awaitable[None] | None]
 
@@ -70,10 +70,13 @@ class Store(Protocol):
         """Decide every check; reserve all of them only if all pass. With `headroom` n > 1, a check
         passes only if n requests of its amount would fit (one is still reserved)."""
 
-    async def settle(self, settlements: Sequence[Settlement], batch: str = "") -> None:
+    async def settle(
+        self, settlements: Sequence[Settlement], batch: str = "", reserve: Sequence[Reserve] = ()
+    ) -> list[Verdict]:
         """Replace estimates by actual use (tokens given back to a TPM bucket, or to an RPM bucket
         for a reservation never used); free concurrency slots and budget holds. A batch sent
-        again under the same non-empty `batch` id is not applied again."""
+        again under the same non-empty `batch` id is not applied again. Then, in the same round
+        trip, admit each of `reserve` in turn (admission ahead); returns their verdicts."""
 
     async def renew(self, leases: Sequence[tuple[Check, str]], lease_ms: int) -> None:
         """Extend the leases of requests still running."""

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from app.auth.records import KeyRecord, TeamRecord
-from app.limits.checks import Check, Settlement, Verdict
+from app.limits.checks import Check, Reserve, Settlement, Verdict
 from app.limits.windows import MemoryLimits
 from app.store.base import ChangeListener, LedgerBatch
 
@@ -104,14 +104,16 @@ class MemoryStore:
     async def admit(self, checks: Sequence[Check], member: str, lease_ms: int, headroom: int = 1) -> Verdict:
         return self._limits.admit(checks, member, lease_ms, headroom)
 
-    async def settle(self, settlements: Sequence[Settlement], batch: str = "") -> None:
-        if batch:
-            if batch in self._settled:
-                return
-            self._settled[batch] = None
-            if len(self._settled) > 100_000:
-                del self._settled[next(iter(self._settled))]  # the oldest: retries come soon
-        self._limits.settle(settlements)
+    async def settle(
+        self, settlements: Sequence[Settlement], batch: str = "", reserve: Sequence[Reserve] = ()
+    ) -> list[Verdict]:
+        if not batch or batch not in self._settled:
+            if batch:
+                self._settled[batch] = None
+                if len(self._settled) > 100_000:
+                    del self._settled[next(iter(self._settled))]  # the oldest: retries come soon
+            self._limits.settle(settlements)
+        return [self._limits.admit(r.checks, r.member, r.lease_ms, r.headroom) for r in reserve]
 
     async def renew(self, leases: Sequence[tuple[Check, str]], lease_ms: int) -> None:
         self._limits.renew(leases, lease_ms)

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from app.auth.records import KeyRecord, TeamRecord
-from app.limits.checks import WINDOW_MS, Check, Settlement, Verdict
+from app.limits.checks import WINDOW_MS, Check, Reserve, Settlement, Verdict
 from app.store import lua, resp
 from app.store.base import ChangeListener, LedgerBatch, StoreError
 
@@ -283,10 +283,7 @@ class RedisStore:
             result = await self._resp.call(command)
         except StoreError as exc:
             result = await self._without_script(exc, command, "admit")
-        if result[0] == 0:
-            return Verdict(False, int(result[1]) - 1, int(result[2]), int(result[3]))
-        values = [int(v) for v in result[1:]]
-        return Verdict(True, states=list(zip(values[0::2], values[1::2], strict=True)))
+        return _verdict(result)
 
     def _admit_command(self, checks: Sequence[Check], member: str, lease_ms: int, headroom: int = 1) -> bytes:
         """EVALSHA admit (layout in `lua`), with everything but the member and the amounts encoded
@@ -320,22 +317,27 @@ class RedisStore:
             out += (static, resp.bulk(check.amount))
         return b"".join(out)
 
-    async def settle(self, settlements: Sequence[Settlement], batch: str = "") -> None:
+    async def settle(
+        self, settlements: Sequence[Settlement], batch: str = "", reserve: Sequence[Reserve] = ()
+    ) -> list[Verdict]:
         """One script call per SETTLE_CHUNK settlements (Lua unpacks at most ~8,000 values, and the
-        script unpacks a name per settlement and a name and value per field it writes). Each chunk
-        is applied at most once, so a batch that failed half way is completed, not doubled, when
-        sent again under the same id."""
+        script unpacks a name per settlement and a name and value per field it writes), the
+        reservations with the first. Each chunk is applied at most once, so a batch that failed
+        half way is completed, not doubled, when sent again under the same id."""
         items = [s for s in settlements if s.check.kind != "requests" or s.value]  # RPM: only give-backs
         batch = batch or secrets.token_hex(12)
-        for start in range(0, len(items), SETTLE_CHUNK):
+        verdicts = await self._settle(items[:SETTLE_CHUNK], f"{batch}:0", reserve)
+        for start in range(SETTLE_CHUNK, len(items), SETTLE_CHUNK):
             await self._settle(items[start : start + SETTLE_CHUNK], f"{batch}:{start // SETTLE_CHUNK}")
+        return verdicts
 
-    async def _settle(self, items: Sequence[Settlement], marker: str) -> None:
-        if not items:
-            return
+    async def _settle(self, items: Sequence[Settlement], marker: str, reserve: Sequence[Reserve] = ()) -> list[Verdict]:
+        if not items and not reserve:
+            return []
         keys: list[bytes] = [resp.bulk(self._limits_key), resp.bulk(f"{self._tag}:settled:{marker}")]
         names: list[bytes] = []
-        args: list[bytes] = []
+        args: list[bytes] = []  # some entries hold several arguments: counted in argc
+        argc = 4 + 6 * len(items)
         for item in items:
             check = item.check
             check_keys, name, kind = self._settle_parts(check)
@@ -347,11 +349,22 @@ class RedisStore:
                 resp.bulk(item.value),
                 resp.bulk(check.limit) + resp.bulk(check.amount) + resp.bulk(check.ttl_s),
             )
+        for ahead in reserve:
+            checks = ahead.checks
+            spends = [self._spend(c) for c in checks if c.kind == "budget"]
+            leases = [self._leases(c.name) for c in checks if c.kind in ("concurrency", "budget")]
+            keys += map(resp.bulk, [*spends, *leases])
+            names += (resp.bulk(c.name) for c in checks)
+            args += (resp.bulk(ahead.member), resp.bulk(ahead.lease_ms), resp.bulk(ahead.headroom))
+            args += (resp.bulk(len(checks)), resp.bulk(len(spends)), resp.bulk(len(leases)))
+            args += (resp.bulk(lua.KIND_CODE[c.kind]) + resp.bulk(c.limit) + resp.bulk(c.amount) for c in checks)
+            argc += 6 + 3 * len(checks)
         sha: str = self._scripts["settle"].sha
-        head = b"*%d\r\n" % (3 + len(keys) + 2 + 7 * len(items))
+        head = b"*%d\r\n" % (3 + len(keys) + argc + len(names))
         script = [head, resp.bulk(b"EVALSHA"), resp.bulk(sha), resp.bulk(len(keys))]
-        command = b"".join([*script, *keys, resp.bulk(WINDOW_MS), resp.bulk(len(items)), *names, *args])
-        await self._fast_command(command, "settle")
+        counts = [resp.bulk(WINDOW_MS), resp.bulk(len(items)), resp.bulk(len(reserve)), resp.bulk(len(names))]
+        result = await self._fast_command(b"".join([*script, *keys, *counts, *names, *args]), "settle")
+        return [_verdict(reply) for reply in result[1:]]
 
     def _settle_parts(self, check: Check) -> tuple[list[bytes], bytes, bytes]:
         """A check's keys, its name and its kind, encoded once."""
@@ -464,3 +477,12 @@ class RedisStore:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(CLOSE_TIMEOUT_S):  # also when cancelled: a bounded wait
                         await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+def _verdict(result: list[Any]) -> Verdict:
+    """An admission's verdict from the script's reply: {1, remaining, reset, ...} or
+    {0, index (from 1), retry_ms, used}."""
+    if result[0] == 0:
+        return Verdict(False, int(result[1]) - 1, int(result[2]), int(result[3]))
+    values = [int(v) for v in result[1:]]
+    return Verdict(True, states=list(zip(values[0::2], values[1::2], strict=True)))
