@@ -660,3 +660,87 @@ def test_pipelined_requests_are_answered_in_order_while_the_server_is_busy(gatew
     ids = [line.split(b": ")[1].strip() for line in received.split(b"\r\n") if line.startswith(b"x-request-id")]
     assert ids == [b"pipe-0", b"pipe-1", b"pipe-2"]
     assert received.count(b"HTTP/1.1 401") == 3
+
+
+# -- 12. admissions of one loop turn: one script call -------------------------------------------------
+def evalsha_calls(port: int) -> int:
+    import redis
+
+    with redis.Redis(port=port) as plain:
+        stats = plain.info("commandstats").get("cmdstat_evalsha", {})
+        return int(stats.get("calls", 0))
+
+
+@pytest.mark.anyio
+async def test_admissions_of_one_turn_are_one_script_call_each_with_its_own_verdict(own_redis: RedisServer) -> None:
+    """Sixty requests of two keys reaching admission in the same loop turn (as at c=64) are judged
+    by one script call, in turn, each getting its own verdict, exact as one call each would be;
+    a lone admission is one call too."""
+    store = RedisStore(own_redis.url, prefix="t" + uuid.uuid4().hex[:10], timeout_s=2)
+    try:
+        await store.prepare()
+        rpm = Check("key", "a", "requests", 30)
+        slots = Check("key", "b", "concurrency", 3)
+        assert (await store.admit([Check("key", "warm", "requests", 5)], "warm", 1000)).ok  # connected
+        before = evalsha_calls(own_redis.port)
+        asks = [store.admit([rpm], f"a{i}", 60_000) for i in range(50)] + [
+            store.admit([slots], f"b{i}", 60_000) for i in range(10)
+        ]
+        verdicts = await asyncio.gather(*asks)
+        assert evalsha_calls(own_redis.port) - before == 1
+        assert sorted(v.states[0][0] for v in verdicts[:50] if v.ok) == list(range(30))  # each its own
+        assert [v.ok for v in verdicts[:50]] == [True] * 30 + [False] * 20  # judged in the order asked
+        assert all(v.failed == 0 and v.used == 30 for v in verdicts[30:50])
+        assert [v.ok for v in verdicts[50:]] == [True] * 3 + [False] * 7
+        assert (await store.admit([slots], "b-late", 60_000)).ok is False
+        assert evalsha_calls(own_redis.port) - before == 2
+    finally:
+        await store.close()
+
+
+@pytest.mark.anyio
+async def test_batched_admissions_survive_lost_scripts_a_gone_caller_and_a_silent_redis(
+    own_redis: RedisServer,
+) -> None:
+    """A batch that meets NOSCRIPT (Redis restarted or flushed) loads the script and is answered;
+    a caller that gave up does not stop the others' answers; with Redis silent, every caller of
+    the batch gets the store's error in time, and the store works again once Redis does."""
+    import signal
+
+    import redis
+
+    from app.store.base import StoreError
+
+    store = RedisStore(own_redis.url, prefix="t" + uuid.uuid4().hex[:10], timeout_s=0.5)
+    try:
+        await store.prepare()
+        rpm = Check("key", "n", "requests", 100)
+        assert (await store.admit([rpm], "warm", 60_000)).ok
+        with redis.Redis(port=own_redis.port) as plain:
+            plain.script_flush()
+        verdicts = await asyncio.gather(*(store.admit([rpm], f"m{i}", 60_000) for i in range(5)))
+        assert [v.ok for v in verdicts] == [True] * 5 and sorted(v.states[0][0] for v in verdicts) == list(
+            range(94, 99)
+        )
+
+        gone = asyncio.ensure_future(store.admit([rpm], "gone", 60_000))
+        stays = asyncio.ensure_future(store.admit([rpm], "stays", 60_000))
+        await asyncio.sleep(0)
+        gone.cancel()
+        assert (await stays).ok
+        assert gone.cancelled()
+
+        assert own_redis.process is not None
+        own_redis.process.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            outcomes = await asyncio.gather(
+                *(store.admit([rpm], f"s{i}", 60_000) for i in range(4)), return_exceptions=True
+            )
+            assert all(isinstance(o, StoreError) for o in outcomes), outcomes
+            assert time.monotonic() - started < 5
+        finally:
+            own_redis.process.send_signal(signal.SIGCONT)
+        assert (await store.admit([rpm], "after", 60_000)).ok
+    finally:
+        await store.close()

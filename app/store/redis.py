@@ -12,8 +12,10 @@ import logging
 import secrets
 from collections.abc import Sequence
 from datetime import datetime
+from functools import partial
 from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -112,6 +114,7 @@ class RedisStore:
         self._resp = resp.RespClient(url, timeout_s)
         self._admit_encodings: dict[tuple[Any, ...], tuple[int, bytes, bytes, list[bytes]]] = {}
         self._settle_encodings: dict[str, tuple[list[bytes], bytes, bytes]] = {}
+        self._admissions: list[_Asked] = []  # asked for in this loop turn: sent together at its end
 
     def _team(self, name: str) -> str:
         return f"{self._tag}:team:{name}"
@@ -278,12 +281,37 @@ class RedisStore:
         return []
 
     async def admit(self, checks: Sequence[Check], member: str, lease_ms: int, headroom: int = 1) -> Verdict:
-        command = self._admit_command(checks, member, lease_ms, headroom)
-        try:  # _fast_command, inlined: one coroutine less on every request
-            result = await self._resp.call(command)
-        except StoreError as exc:
-            result = await self._without_script(exc, command, "admit")
-        return _verdict(result)
+        """Admissions asked for in one loop turn go to Redis as one script call (at c=64 several
+        requests reach admission in a turn): the limits' fields are then read, parsed, formatted
+        and written once for all of them, each judged in turn. One alone goes as ADMIT."""
+        loop = asyncio.get_running_loop()
+        verdict: asyncio.Future[Verdict] = loop.create_future()
+        if not self._admissions:
+            loop.call_soon(self._send_admissions)
+        self._admissions.append((Reserve(list(checks), member, lease_ms, headroom), verdict))
+        return await verdict
+
+    def _send_admissions(self) -> None:
+        batch, self._admissions = self._admissions, []
+        if len(batch) == 1:
+            ask = batch[0][0]
+            command, name = self._admit_command(ask.checks, ask.member, ask.lease_ms, ask.headroom), "admit"
+        else:
+            command, name = self._settle_command([], "admissions", [ask for ask, _ in batch]), "settle"
+        reply = self._resp.submit(command)
+        if reply is None:  # no connection yet (or it is gone): the waiting way
+            task = asyncio.ensure_future(self._fast_command(command, name))
+            task.add_done_callback(partial(_answer, batch))
+        else:
+            reply.add_done_callback(partial(self._admitted, batch, command, name))
+
+    def _admitted(self, batch: list[_Asked], command: bytes, name: str, reply: asyncio.Future[Any]) -> None:
+        if not reply.cancelled() and reply.exception() is None and isinstance(reply.result(), hiredis.ReplyError):
+            # As `_fast_command`: Redis lost its scripts (a restart, SCRIPT FLUSH): load, send again.
+            retry = asyncio.ensure_future(self._without_script(StoreError(f"redis: {reply.result()}"), command, name))
+            retry.add_done_callback(partial(_answer, batch))
+            return
+        _answer(batch, reply)
 
     def _admit_command(self, checks: Sequence[Check], member: str, lease_ms: int, headroom: int = 1) -> bytes:
         """EVALSHA admit (layout in `lua`), with everything but the member and the amounts encoded
@@ -334,6 +362,11 @@ class RedisStore:
     async def _settle(self, items: Sequence[Settlement], marker: str, reserve: Sequence[Reserve] = ()) -> list[Verdict]:
         if not items and not reserve:
             return []
+        result = await self._fast_command(self._settle_command(items, marker, reserve), "settle")
+        return [_verdict(reply) for reply in result[1:]]
+
+    def _settle_command(self, items: Sequence[Settlement], marker: str, reserve: Sequence[Reserve]) -> bytes:
+        """EVALSHA settle (layout in `lua`)."""
         keys: list[bytes] = [resp.bulk(self._limits_key), resp.bulk(f"{self._tag}:settled:{marker}")]
         names: list[bytes] = []
         args: list[bytes] = []  # some entries hold several arguments: counted in argc
@@ -363,8 +396,7 @@ class RedisStore:
         head = b"*%d\r\n" % (3 + len(keys) + argc + len(names))
         script = [head, resp.bulk(b"EVALSHA"), resp.bulk(sha), resp.bulk(len(keys))]
         counts = [resp.bulk(WINDOW_MS), resp.bulk(len(items)), resp.bulk(len(reserve)), resp.bulk(len(names))]
-        result = await self._fast_command(b"".join([*script, *keys, *counts, *names, *args]), "settle")
-        return [_verdict(reply) for reply in result[1:]]
+        return b"".join([*script, *keys, *counts, *names, *args])
 
     def _settle_parts(self, check: Check) -> tuple[list[bytes], bytes, bytes]:
         """A check's keys, its name and its kind, encoded once."""
@@ -486,3 +518,27 @@ def _verdict(result: list[Any]) -> Verdict:
         return Verdict(False, int(result[1]) - 1, int(result[2]), int(result[3]))
     values = [int(v) for v in result[1:]]
     return Verdict(True, states=list(zip(values[0::2], values[1::2], strict=True)))
+
+
+_Asked = tuple[Reserve, "asyncio.Future[Verdict]"]
+
+
+def _answer(batch: list[_Asked], reply: asyncio.Future[Any]) -> None:
+    """Each admission of a batch gets its verdict, or the batch's error (a caller that gave up
+    is skipped)."""
+    error: BaseException | None = None
+    if reply.cancelled():
+        error = StoreError("redis: admission cancelled")
+    elif (exc := reply.exception()) is not None:
+        error = exc if isinstance(exc, StoreError) else StoreError(f"redis: {exc}")
+    elif isinstance(result := reply.result(), hiredis.ReplyError):
+        error = StoreError(f"redis: {result}")
+    if error is not None:
+        for _, verdict in batch:
+            if not verdict.done():
+                verdict.set_exception(error)
+        return
+    verdicts = [_verdict(result)] if len(batch) == 1 else [_verdict(one) for one in result[1:]]
+    for (_, verdict), answer in zip(batch, verdicts, strict=True):
+        if not verdict.done():
+            verdict.set_result(answer)

@@ -50,7 +50,7 @@ class _Connection(asyncio.Protocol):
 
     def _write(self) -> None:
         outgoing, self._outgoing = self._outgoing, []
-        if self.transport is not None and not self.lost:
+        if outgoing and self.transport is not None and not self.lost:  # empty: written early by `submit`
             self.transport.write(outgoing[0] if len(outgoing) == 1 else b"".join(outgoing))
 
     def data_received(self, data: bytes) -> None:
@@ -94,6 +94,22 @@ class RespClient:
         if connection is None or connection.lost:
             connection = await self._connection()
         return await self._call_on(connection, command)
+
+    def submit(self, command: bytes) -> asyncio.Future[Any] | None:
+        """For code that cannot wait (a loop callback): send `command` now, after every command
+        queued before it, and return the future of its raw reply (a hiredis.ReplyError is a
+        value); None when no connection is up (use `call`)."""
+        connection = self._live
+        if connection is None or connection.lost:
+            return None
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
+        connection.waiters.append(waiter)
+        connection.send(command)
+        connection._write()  # now: this turn's queued commands are already due
+        timer = loop.call_later(self._timeout, _expire, waiter, connection)
+        waiter.add_done_callback(lambda _: timer.cancel())
+        return waiter
 
     async def _call_on(self, connection: _Connection, command: bytes) -> Any:
         loop = asyncio.get_running_loop()
