@@ -114,6 +114,7 @@ class RedisStore:
         self._resp = resp.RespClient(url, timeout_s)
         self._admit_encodings: dict[tuple[Any, ...], tuple[int, bytes, bytes, list[bytes]]] = {}
         self._settle_encodings: dict[str, tuple[list[bytes], bytes, bytes]] = {}
+        self._reserve_encodings: dict[tuple[Any, ...], tuple[bytes, int, bytes, bytes, list[bytes]]] = {}
         self._admissions: list[_Asked] = []  # asked for in this loop turn: sent together at its end
 
     def _team(self, name: str) -> str:
@@ -366,15 +367,17 @@ class RedisStore:
         return [_verdict(reply) for reply in result[1:]]
 
     def _settle_command(self, items: Sequence[Settlement], marker: str, reserve: Sequence[Reserve]) -> bytes:
-        """EVALSHA settle (layout in `lua`)."""
+        """EVALSHA settle (layout in `lua`): what each settlement's check and each reservation's
+        plan contribute besides amounts and members is encoded once."""
         keys: list[bytes] = [resp.bulk(self._limits_key), resp.bulk(f"{self._tag}:settled:{marker}")]
         names: list[bytes] = []
-        args: list[bytes] = []  # some entries hold several arguments: counted in argc
-        argc = 4 + 6 * len(items)
+        args: list[bytes] = []
+        nkeys, nnames, argc = 2, len(items), 4 + 6 * len(items)  # entries of the lists may hold several
         for item in items:
             check = item.check
             check_keys, name, kind = self._settle_parts(check)
             keys += check_keys
+            nkeys += len(check_keys)
             names.append(name)
             args += (
                 kind,
@@ -384,19 +387,37 @@ class RedisStore:
             )
         for ahead in reserve:
             checks = ahead.checks
+            plan_keys, count, plan_names, plan_counts, statics = self._reserve_parts(checks)
+            keys.append(plan_keys)
+            names.append(plan_names)
+            args += (resp.bulk(ahead.member), resp.bulk(ahead.lease_ms), resp.bulk(ahead.headroom), plan_counts)
+            args += (static + resp.bulk(check.amount) for check, static in zip(checks, statics, strict=True))
+            nkeys, nnames, argc = nkeys + count, nnames + len(checks), argc + 6 + 3 * len(checks)
+        sha: str = self._scripts["settle"].sha
+        head = b"*%d\r\n" % (3 + nkeys + argc + nnames)
+        script = [head, resp.bulk(b"EVALSHA"), resp.bulk(sha), resp.bulk(nkeys)]
+        counts = [resp.bulk(WINDOW_MS), resp.bulk(len(items)), resp.bulk(len(reserve)), resp.bulk(nnames)]
+        return b"".join([*script, *keys, *counts, *names, *args])
+
+    def _reserve_parts(self, checks: Sequence[Check]) -> tuple[bytes, int, bytes, bytes, list[bytes]]:
+        """A reservation's keys (and how many), its checks' names, its counts (checks, budgets,
+        leases), and each check's kind and limit: encoded once per plan."""
+        signature = tuple((c.name, c.limit) for c in checks)
+        parts = self._reserve_encodings.get(signature)
+        if parts is None:
             spends = [self._spend(c) for c in checks if c.kind == "budget"]
             leases = [self._leases(c.name) for c in checks if c.kind in ("concurrency", "budget")]
-            keys += map(resp.bulk, [*spends, *leases])
-            names += (resp.bulk(c.name) for c in checks)
-            args += (resp.bulk(ahead.member), resp.bulk(ahead.lease_ms), resp.bulk(ahead.headroom))
-            args += (resp.bulk(len(checks)), resp.bulk(len(spends)), resp.bulk(len(leases)))
-            args += (resp.bulk(lua.KIND_CODE[c.kind]) + resp.bulk(c.limit) + resp.bulk(c.amount) for c in checks)
-            argc += 6 + 3 * len(checks)
-        sha: str = self._scripts["settle"].sha
-        head = b"*%d\r\n" % (3 + len(keys) + argc + len(names))
-        script = [head, resp.bulk(b"EVALSHA"), resp.bulk(sha), resp.bulk(len(keys))]
-        counts = [resp.bulk(WINDOW_MS), resp.bulk(len(items)), resp.bulk(len(reserve)), resp.bulk(len(names))]
-        return b"".join([*script, *keys, *counts, *names, *args])
+            parts = (
+                b"".join(map(resp.bulk, [*spends, *leases])),
+                len(spends) + len(leases),
+                b"".join(resp.bulk(c.name) for c in checks),
+                resp.bulk(len(checks)) + resp.bulk(len(spends)) + resp.bulk(len(leases)),
+                [resp.bulk(lua.KIND_CODE[c.kind]) + resp.bulk(c.limit) for c in checks],
+            )
+            if len(self._reserve_encodings) > 10_000:
+                self._reserve_encodings.clear()
+            self._reserve_encodings[signature] = parts
+        return parts
 
     def _settle_parts(self, check: Check) -> tuple[list[bytes], bytes, bytes]:
         """A check's keys, its name and its kind, encoded once."""
