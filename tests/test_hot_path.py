@@ -703,8 +703,9 @@ async def test_batched_admissions_survive_lost_scripts_a_gone_caller_and_a_silen
     own_redis: RedisServer,
 ) -> None:
     """A batch that meets NOSCRIPT (Redis restarted or flushed) loads the script and is answered;
-    a caller that gave up does not stop the others' answers; with Redis silent, every caller of
-    the batch gets the store's error in time, and the store works again once Redis does."""
+    a caller that gave up does not stop the others' answers, and what it was granted is given
+    back at once; with Redis silent, every caller of the batch gets the store's error in time,
+    and the store works again once Redis does."""
     import signal
 
     import redis
@@ -723,12 +724,18 @@ async def test_batched_admissions_survive_lost_scripts_a_gone_caller_and_a_silen
             range(94, 99)
         )
 
-        gone = asyncio.ensure_future(store.admit([rpm], "gone", 60_000))
-        stays = asyncio.ensure_future(store.admit([rpm], "stays", 60_000))
+        slots = Check("key", "n", "concurrency", 2)
+        gone = asyncio.ensure_future(store.admit([rpm, slots], "gone", 60_000))
+        stays = asyncio.ensure_future(store.admit([rpm, slots], "stays", 60_000))
         await asyncio.sleep(0)
         gone.cancel()
         assert (await stays).ok
         assert gone.cancelled()
+        # admitted in Redis after its caller left: released at once, not held for the lease (60 s)
+        deadline = time.monotonic() + 5
+        while not (probe := await store.admit([slots], "probe", 60_000)).ok and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # polling, with a deadline
+        assert probe.ok and probe.states[0][0] == 0  # stays's slot and the probe's: gone's came back
 
         assert own_redis.process is not None
         own_redis.process.send_signal(signal.SIGSTOP)
@@ -742,5 +749,34 @@ async def test_batched_admissions_survive_lost_scripts_a_gone_caller_and_a_silen
         finally:
             own_redis.process.send_signal(signal.SIGCONT)
         assert (await store.admit([rpm], "after", 60_000)).ok
+    finally:
+        await store.close()
+
+
+@pytest.mark.anyio
+async def test_large_batches_are_split_below_luas_unpack_limit(own_redis: RedisServer) -> None:
+    """At most 1,000 names per script call (Lua unpacks ~8,000 values at most): 300 admissions of
+    four checks in one turn go as two calls, and 999 settlements with three reservations ahead as
+    two (the reservations that do not fit go after); every verdict is the right one, in order."""
+    from app.limits.checks import Reserve
+
+    store = RedisStore(own_redis.url, prefix="t" + uuid.uuid4().hex[:10], timeout_s=5)
+    try:
+        await store.prepare()
+        checks = [Check("key", f"big{i}", "requests", 250) for i in range(4)]
+        assert (await store.admit([Check("key", "warm", "requests", 5)], "warm", 1000)).ok
+        before = evalsha_calls(own_redis.port)
+        verdicts = await asyncio.gather(*(store.admit(checks, f"m{i}", 60_000) for i in range(300)))
+        assert evalsha_calls(own_redis.port) - before == 2
+        assert [v.ok for v in verdicts] == [True] * 250 + [False] * 50  # in the order asked, across both calls
+        tokens = Check("key", "many", "tokens", 10**9, 10)
+        held = [f"h{i}" for i in range(999)]
+        for member in held:
+            assert (await store.admit([tokens], member, 60_000)).ok
+        before = evalsha_calls(own_redis.port)
+        ahead = [Reserve(checks, f"a{i}", 60_000) for i in range(3)]
+        answers = await store.settle([Settlement(tokens, m, 10) for m in held], "big", ahead)
+        assert evalsha_calls(own_redis.port) - before == 2  # 999 + 4 names, then 8
+        assert [v.ok for v in answers] == [False, False, False]  # the four limits are used up (250 of 250)
     finally:
         await store.close()

@@ -402,7 +402,7 @@ class Admission:
         """At shutdown: let reservations on their way land, then give every one back."""
         self._ahead = False
         if self._sending is not None:
-            await asyncio.shield(self._sending)  # reservations on their way go with its batches
+            await asyncio.wait({self._sending})  # reservations on their way go with its batches; never raises
         if self._tasks:
             await asyncio.wait(list(self._tasks))
         self.release_idle(0)
@@ -563,6 +563,10 @@ class Admission:
             if items:
                 self._pending.append((batch, items))  # sent or not: applied once when flushed
             raise
+        except Exception:  # a bug, not an outage: still, spend must not be lost
+            log.exception("settlement batch failed")
+            if items:
+                self._pending.append((batch, items))
         finally:  # a request may wait on a reservation ahead: each lands, whatever happened
             for i, way in enumerate(ahead or ()):
                 self._land(way, verdicts[i] if i < len(verdicts) else None)

@@ -10,7 +10,7 @@ import contextlib
 import inspect
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from functools import partial
 from typing import Any
@@ -116,6 +116,7 @@ class RedisStore:
         self._settle_encodings: dict[str, tuple[list[bytes], bytes, bytes]] = {}
         self._reserve_encodings: dict[tuple[Any, ...], tuple[bytes, int, bytes, bytes, list[bytes]]] = {}
         self._admissions: list[_Asked] = []  # asked for in this loop turn: sent together at its end
+        self._releasing: set[asyncio.Future[Any]] = set()  # abandoned admissions being released
 
     def _team(self, name: str) -> str:
         return f"{self._tag}:team:{name}"
@@ -293,7 +294,15 @@ class RedisStore:
         return await verdict
 
     def _send_admissions(self) -> None:
-        batch, self._admissions = self._admissions, []
+        asked, self._admissions = self._admissions, []
+        for batch in _by_names([ask for ask, _ in asked], SETTLE_CHUNK):
+            group, asked = asked[: len(batch)], asked[len(batch) :]
+            try:
+                self._send_batch(group)
+            except Exception as exc:  # a loop callback: its callers must hear of it, not wait forever
+                _fail(group, exc)
+
+    def _send_batch(self, batch: list[_Asked]) -> None:
         if len(batch) == 1:
             ask = batch[0][0]
             command, name = self._admit_command(ask.checks, ask.member, ask.lease_ms, ask.headroom), "admit"
@@ -302,7 +311,7 @@ class RedisStore:
         reply = self._resp.submit(command)
         if reply is None:  # no connection yet (or it is gone): the waiting way
             task = asyncio.ensure_future(self._fast_command(command, name))
-            task.add_done_callback(partial(_answer, batch))
+            task.add_done_callback(partial(self._answer, batch))
         else:
             reply.add_done_callback(partial(self._admitted, batch, command, name))
 
@@ -310,9 +319,35 @@ class RedisStore:
         if not reply.cancelled() and reply.exception() is None and isinstance(reply.result(), hiredis.ReplyError):
             # As `_fast_command`: Redis lost its scripts (a restart, SCRIPT FLUSH): load, send again.
             retry = asyncio.ensure_future(self._without_script(StoreError(f"redis: {reply.result()}"), command, name))
-            retry.add_done_callback(partial(_answer, batch))
+            retry.add_done_callback(partial(self._answer, batch))
             return
-        _answer(batch, reply)
+        self._answer(batch, reply)
+
+    def _answer(self, batch: list[_Asked], reply: asyncio.Future[Any]) -> None:
+        """Each admission of a batch gets its verdict, or the batch's error. An admission whose
+        caller gave up while it was on its way is released at once: nobody would settle it, and
+        its slots and holds would wait for their lease to expire."""
+        try:
+            if reply.cancelled():
+                raise StoreError("redis: admission cancelled")
+            result = reply.result()
+            if isinstance(result, hiredis.ReplyError):
+                raise StoreError(f"redis: {result}")
+            verdicts = [_verdict(result)] if len(batch) == 1 else [_verdict(one) for one in result[1:]]
+        except Exception as exc:
+            _fail(batch, exc)
+            return
+        gone: list[Settlement] = []
+        for (ask, waiter), verdict in zip(batch, verdicts, strict=True):
+            if not waiter.done():
+                waiter.set_result(verdict)
+            elif verdict.ok:
+                gone += (Settlement(c, ask.member, c.amount if c.kind == "tokens" else 0) for c in ask.checks)
+        if gone:
+            task = asyncio.ensure_future(self.settle(gone))
+            task.add_done_callback(_quietly)  # best effort: a lease still ends it if Redis is away
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
 
     def _admit_command(self, checks: Sequence[Check], member: str, lease_ms: int, headroom: int = 1) -> bytes:
         """EVALSHA admit (layout in `lua`), with everything but the member and the amounts encoded
@@ -349,15 +384,20 @@ class RedisStore:
     async def settle(
         self, settlements: Sequence[Settlement], batch: str = "", reserve: Sequence[Reserve] = ()
     ) -> list[Verdict]:
-        """One script call per SETTLE_CHUNK settlements (Lua unpacks at most ~8,000 values, and the
-        script unpacks a name per settlement and a name and value per field it writes), the
-        reservations with the first. Each chunk is applied at most once, so a batch that failed
-        half way is completed, not doubled, when sent again under the same id."""
+        """At most SETTLE_CHUNK names (a settlement's or a reserved check's) per script call: Lua
+        unpacks at most ~8,000 values, and the script unpacks every name, and a name and value per
+        field it writes. The reservations go with the first chunk while they fit, the rest after.
+        Each chunk is applied at most once, so a batch that failed half way is completed, not
+        doubled, when sent again under the same id."""
         items = [s for s in settlements if s.check.kind != "requests" or s.value]  # RPM: only give-backs
         batch = batch or secrets.token_hex(12)
-        verdicts = await self._settle(items[:SETTLE_CHUNK], f"{batch}:0", reserve)
+        first = items[:SETTLE_CHUNK]
+        groups = list(_by_names(reserve, SETTLE_CHUNK, len(first)))
+        verdicts = await self._settle(first, f"{batch}:0", groups.pop(0) if groups else ())
         for start in range(SETTLE_CHUNK, len(items), SETTLE_CHUNK):
             await self._settle(items[start : start + SETTLE_CHUNK], f"{batch}:{start // SETTLE_CHUNK}")
+        for group in groups:
+            verdicts += await self._settle([], "", group)
         return verdicts
 
     async def _settle(self, items: Sequence[Settlement], marker: str, reserve: Sequence[Reserve] = ()) -> list[Verdict]:
@@ -544,22 +584,27 @@ def _verdict(result: list[Any]) -> Verdict:
 _Asked = tuple[Reserve, "asyncio.Future[Verdict]"]
 
 
-def _answer(batch: list[_Asked], reply: asyncio.Future[Any]) -> None:
-    """Each admission of a batch gets its verdict, or the batch's error (a caller that gave up
-    is skipped)."""
-    error: BaseException | None = None
-    if reply.cancelled():
-        error = StoreError("redis: admission cancelled")
-    elif (exc := reply.exception()) is not None:
-        error = exc if isinstance(exc, StoreError) else StoreError(f"redis: {exc}")
-    elif isinstance(result := reply.result(), hiredis.ReplyError):
-        error = StoreError(f"redis: {result}")
-    if error is not None:
-        for _, verdict in batch:
-            if not verdict.done():
-                verdict.set_exception(error)
-        return
-    verdicts = [_verdict(result)] if len(batch) == 1 else [_verdict(one) for one in result[1:]]
-    for (_, verdict), answer in zip(batch, verdicts, strict=True):
-        if not verdict.done():
-            verdict.set_result(answer)
+def _fail(batch: list[_Asked], exc: BaseException) -> None:
+    error = exc if isinstance(exc, StoreError) else StoreError(f"redis: {exc}")
+    for _, waiter in batch:
+        if not waiter.done():
+            waiter.set_exception(error)
+
+
+def _quietly(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("releasing an abandoned admission failed: %s", task.exception())
+
+
+def _by_names(asks: Sequence[Reserve], limit: int, used: int = 0) -> Iterator[list[Reserve]]:
+    """`asks` in order, in groups of at most `limit` check names (the first group has `used` of
+    them taken already); one ask larger than `limit` goes alone."""
+    group: list[Reserve] = []
+    for ask in asks:
+        if group and used + len(ask.checks) > limit:
+            yield group
+            group, used = [], 0
+        group.append(ask)
+        used += len(ask.checks)
+    if group:
+        yield group
