@@ -371,14 +371,14 @@ class RedisStore:
             b"*%d\r\n" % count,
             head,
             resp.bulk(member),
-            resp.bulk(lease_ms),
-            resp.bulk(WINDOW_MS),
-            resp.bulk(len(checks)),
-            resp.bulk(headroom),
+            resp.bulk_int(lease_ms),
+            resp.bulk_int(WINDOW_MS),
+            resp.bulk_int(len(checks)),
+            resp.bulk_int(headroom),
             names,
         ]
         for check, static in zip(checks, parts, strict=True):
-            out += (static, resp.bulk(check.amount))
+            out += (static, resp.bulk_int(check.amount))
         return b"".join(out)
 
     async def settle(
@@ -413,30 +413,34 @@ class RedisStore:
         names: list[bytes] = []
         args: list[bytes] = []
         nkeys, nnames, argc = 2, len(items), 4 + 6 * len(items)  # entries of the lists may hold several
+        bulk_int = resp.bulk_int
+        member, member_bulk = "", b""  # a request's settlements come together: its member encoded once
         for item in items:
             check = item.check
             check_keys, name, kind = self._settle_parts(check)
             keys += check_keys
             nkeys += len(check_keys)
             names.append(name)
+            if item.member != member:
+                member, member_bulk = item.member, resp.bulk(item.member)
             args += (
                 kind,
-                resp.bulk(item.member),
-                resp.bulk(item.value),
-                resp.bulk(check.limit) + resp.bulk(check.amount) + resp.bulk(check.ttl_s),
+                member_bulk,
+                bulk_int(item.value),
+                bulk_int(check.limit) + bulk_int(check.amount) + bulk_int(check.ttl_s),
             )
         for ahead in reserve:
             checks = ahead.checks
             plan_keys, count, plan_names, plan_counts, statics = self._reserve_parts(checks)
             keys.append(plan_keys)
             names.append(plan_names)
-            args += (resp.bulk(ahead.member), resp.bulk(ahead.lease_ms), resp.bulk(ahead.headroom), plan_counts)
-            args += (static + resp.bulk(check.amount) for check, static in zip(checks, statics, strict=True))
+            args += (resp.bulk(ahead.member), bulk_int(ahead.lease_ms), bulk_int(ahead.headroom), plan_counts)
+            args += (static + bulk_int(check.amount) for check, static in zip(checks, statics, strict=True))
             nkeys, nnames, argc = nkeys + count, nnames + len(checks), argc + 6 + 3 * len(checks)
         sha: str = self._scripts["settle"].sha
         head = b"*%d\r\n" % (3 + nkeys + argc + nnames)
         script = [head, resp.bulk(b"EVALSHA"), resp.bulk(sha), resp.bulk(nkeys)]
-        counts = [resp.bulk(WINDOW_MS), resp.bulk(len(items)), resp.bulk(len(reserve)), resp.bulk(nnames)]
+        counts = [bulk_int(WINDOW_MS), bulk_int(len(items)), bulk_int(len(reserve)), bulk_int(nnames)]
         return b"".join([*script, *keys, *counts, *names, *args])
 
     def _reserve_parts(self, checks: Sequence[Check]) -> tuple[bytes, int, bytes, bytes, list[bytes]]:

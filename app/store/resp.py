@@ -30,6 +30,21 @@ def bulk(part: bytes | str | int) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
+_INTS: dict[int, bytes] = {}
+
+
+def bulk_int(number: int) -> bytes:
+    """One integer argument in RESP: the request path sends the same few amounts, limits and
+    leases again and again, so the encodings are kept (a few thousand at most)."""
+    encoded = _INTS.get(number)
+    if encoded is None:
+        if len(_INTS) >= 4096:
+            _INTS.clear()
+        data = b"%d" % number
+        encoded = _INTS[number] = b"$%d\r\n%s\r\n" % (len(data), data)
+    return encoded
+
+
 class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.reader = hiredis.Reader()
