@@ -9,6 +9,7 @@ are leases, settled to the real cost).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -48,7 +49,7 @@ class Reserve:
     """A reservation sent with a settlement batch (admission ahead): `checks` held for `member`,
     admitted as `Store.admit` would."""
 
-    checks: list[Check]
+    checks: Sequence[Check]
     member: str
     lease_ms: int
     headroom: int = 1

@@ -11,6 +11,7 @@ import inspect
 import logging
 import secrets
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from typing import Any
@@ -112,9 +113,8 @@ class RedisStore:
         self._listener_task: asyncio.Task[None] | None = None
         self._closed = False
         self._resp = resp.RespClient(url, timeout_s)
-        self._admit_encodings: dict[tuple[Any, ...], tuple[int, bytes, bytes, list[bytes]]] = {}
         self._settle_encodings: dict[str, tuple[list[bytes], bytes, bytes]] = {}
-        self._reserve_encodings: dict[tuple[Any, ...], tuple[bytes, int, bytes, bytes, list[bytes]]] = {}
+        self._plan_encodings: dict[tuple[Any, ...], _PlanParts] = {}
         self._admissions: list[_Asked] = []  # asked for in this loop turn: sent together at its end
         self._releasing: set[asyncio.Future[Any]] = set()  # abandoned admissions being released
 
@@ -290,7 +290,7 @@ class RedisStore:
         verdict: asyncio.Future[Verdict] = loop.create_future()
         if not self._admissions:
             loop.call_soon(self._send_admissions)
-        self._admissions.append((Reserve(list(checks), member, lease_ms, headroom), verdict))
+        self._admissions.append((Reserve(checks, member, lease_ms, headroom), verdict))
         return await verdict
 
     def _send_admissions(self) -> None:
@@ -305,7 +305,7 @@ class RedisStore:
     def _send_batch(self, batch: list[_Asked]) -> None:
         if len(batch) == 1:
             ask = batch[0][0]
-            command, name = self._admit_command(ask.checks, ask.member, ask.lease_ms, ask.headroom), "admit"
+            command, name = self._admit_command(ask), "admit"
         else:
             command, name = self._settle_command([], "admissions", [ask for ask, _ in batch]), "settle"
         reply = self._resp.submit(command)
@@ -349,36 +349,25 @@ class RedisStore:
             self._releasing.add(task)
             task.add_done_callback(self._releasing.discard)
 
-    def _admit_command(self, checks: Sequence[Check], member: str, lease_ms: int, headroom: int = 1) -> bytes:
-        """EVALSHA admit (layout in `lua`), with everything but the member and the amounts encoded
-        once per plan."""
-        signature = tuple((c.name, c.limit) for c in checks)
-        cached = self._admit_encodings.get(signature)
-        if cached is None:
-            spends = [self._spend(c) for c in checks if c.kind == "budget"]
-            leases = [self._leases(c.name) for c in checks if c.kind in ("concurrency", "budget")]
-            keys = [self._limits_key, *spends, *leases]
-            sha: str = self._scripts["admit"].sha
-            head = b"".join([resp.bulk(b"EVALSHA"), resp.bulk(sha), resp.bulk(len(keys)), *map(resp.bulk, keys)])
-            names = b"".join(resp.bulk(c.name) for c in checks)
-            parts = [resp.bulk(lua.KIND_CODE[c.kind]) + resp.bulk(c.limit) for c in checks]
-            cached = (3 + len(keys) + 6 + 4 * len(checks), head, resp.bulk(len(spends)) + names, parts)
-            if len(self._admit_encodings) > 10_000:
-                self._admit_encodings.clear()
-            self._admit_encodings[signature] = cached
-        count, head, names, parts = cached
+    def _admit_command(self, ask: Reserve) -> bytes:
+        """EVALSHA admit (layout in `lua`): the plan's part encoded once (`_plan_parts`)."""
+        plan, bulk_int = self._plan_parts(ask.checks), resp.bulk_int
         out = [
-            b"*%d\r\n" % count,
-            head,
-            resp.bulk(member),
-            resp.bulk_int(lease_ms),
-            resp.bulk_int(WINDOW_MS),
-            resp.bulk_int(len(checks)),
-            resp.bulk_int(headroom),
-            names,
+            b"*%d\r\n" % (3 + 1 + plan.nkeys + 6 + 4 * len(ask.checks)),
+            resp.bulk(b"EVALSHA"),
+            resp.bulk(self._scripts["admit"].sha),
+            bulk_int(1 + plan.nkeys),
+            resp.bulk(self._limits_key),
+            plan.keys,
+            resp.bulk(ask.member),
+            bulk_int(ask.lease_ms),
+            bulk_int(WINDOW_MS),
+            bulk_int(len(ask.checks)),
+            bulk_int(ask.headroom),
+            bulk_int(plan.budgets),
+            plan.names,
         ]
-        for check, static in zip(checks, parts, strict=True):
-            out += (static, resp.bulk_int(check.amount))
+        out += (static + bulk_int(check.amount) for check, static in zip(ask.checks, plan.statics, strict=True))
         return b"".join(out)
 
     async def settle(
@@ -430,37 +419,37 @@ class RedisStore:
                 bulk_int(check.limit) + bulk_int(check.amount) + bulk_int(check.ttl_s),
             )
         for ahead in reserve:
-            checks = ahead.checks
-            plan_keys, count, plan_names, plan_counts, statics = self._reserve_parts(checks)
-            keys.append(plan_keys)
-            names.append(plan_names)
-            args += (resp.bulk(ahead.member), bulk_int(ahead.lease_ms), bulk_int(ahead.headroom), plan_counts)
-            args += (static + bulk_int(check.amount) for check, static in zip(checks, statics, strict=True))
-            nkeys, nnames, argc = nkeys + count, nnames + len(checks), argc + 6 + 3 * len(checks)
+            checks, plan = ahead.checks, self._plan_parts(ahead.checks)
+            keys.append(plan.keys)
+            names.append(plan.names)
+            args += (resp.bulk(ahead.member), bulk_int(ahead.lease_ms), bulk_int(ahead.headroom))
+            args += (bulk_int(len(checks)), bulk_int(plan.budgets), bulk_int(plan.nkeys - plan.budgets))
+            args += (static + bulk_int(check.amount) for check, static in zip(checks, plan.statics, strict=True))
+            nkeys, nnames, argc = nkeys + plan.nkeys, nnames + len(checks), argc + 6 + 3 * len(checks)
         sha: str = self._scripts["settle"].sha
         head = b"*%d\r\n" % (3 + nkeys + argc + nnames)
         script = [head, resp.bulk(b"EVALSHA"), resp.bulk(sha), resp.bulk(nkeys)]
         counts = [bulk_int(WINDOW_MS), bulk_int(len(items)), bulk_int(len(reserve)), bulk_int(nnames)]
         return b"".join([*script, *keys, *counts, *names, *args])
 
-    def _reserve_parts(self, checks: Sequence[Check]) -> tuple[bytes, int, bytes, bytes, list[bytes]]:
-        """A reservation's keys (and how many), its checks' names, its counts (checks, budgets,
-        leases), and each check's kind and limit: encoded once per plan."""
+    def _plan_parts(self, checks: Sequence[Check]) -> _PlanParts:
+        """What an admission of these checks sends besides its member and amounts (the same for
+        ADMIT and for a reservation in SETTLE), encoded once per plan."""
         signature = tuple((c.name, c.limit) for c in checks)
-        parts = self._reserve_encodings.get(signature)
+        parts = self._plan_encodings.get(signature)
         if parts is None:
             spends = [self._spend(c) for c in checks if c.kind == "budget"]
             leases = [self._leases(c.name) for c in checks if c.kind in ("concurrency", "budget")]
-            parts = (
+            parts = _PlanParts(
                 b"".join(map(resp.bulk, [*spends, *leases])),
                 len(spends) + len(leases),
+                len(spends),
                 b"".join(resp.bulk(c.name) for c in checks),
-                resp.bulk(len(checks)) + resp.bulk(len(spends)) + resp.bulk(len(leases)),
                 [resp.bulk(lua.KIND_CODE[c.kind]) + resp.bulk(c.limit) for c in checks],
             )
-            if len(self._reserve_encodings) > 10_000:
-                self._reserve_encodings.clear()
-            self._reserve_encodings[signature] = parts
+            if len(self._plan_encodings) > 10_000:
+                self._plan_encodings.clear()
+            self._plan_encodings[signature] = parts
         return parts
 
     def _settle_parts(self, check: Check) -> tuple[list[bytes], bytes, bytes]:
@@ -586,6 +575,15 @@ def _verdict(result: list[Any]) -> Verdict:
 
 
 _Asked = tuple[Reserve, "asyncio.Future[Verdict]"]
+
+
+@dataclass(frozen=True, slots=True)
+class _PlanParts:
+    keys: bytes  # its budgets' spends, then its concurrency and budget leases
+    nkeys: int
+    budgets: int
+    names: bytes  # its checks' names
+    statics: list[bytes]  # per check: kind and limit
 
 
 def _fail(batch: list[_Asked], exc: BaseException) -> None:
