@@ -133,11 +133,16 @@ class Gateway:
         call.stream = payload.get("stream") is True
         call.include_usage = call.stream and normalize.wants_usage(payload)
         principal = call.principal
+        fallbacks = payload.get("models")
         if model is not None:
             if not principal.allows(model):
                 raise ModelNotAllowedError(f"This key may not use the model '{model}'.", param="model")
             await self.catalog.check_known(model)
-        fallbacks = payload.get("models")
+        elif any(principal.allowlists) and not (
+            isinstance(fallbacks, list) and fallbacks and all(isinstance(m, str) for m in fallbacks)
+        ):
+            # OpenRouter would pick the account's default model, which no allowlist can vouch for.
+            raise ModelNotAllowedError("This key may use only some models: name one in `model`.", param="model")
         if isinstance(fallbacks, list):
             for name in fallbacks:
                 target = self.catalog.resolve(name) if isinstance(name, str) else None

@@ -25,6 +25,7 @@ from tests.support import (
     TEAM_UPSTREAM_KEY,
     UPSTREAM_KEY,
     GatewayServer,
+    gateway_settings,
     wait_until,
 )
 from tests.support import request_id as new_request_id
@@ -152,6 +153,51 @@ def test_allowlist_applies_to_requests_and_model_listing(keyed: GatewayServer, a
             client.models.retrieve("deepseek/deepseek-v3.2")
     with sdk(keyed, make_key(admin, team)["key"]) as client:  # the team's list, inherited
         assert "deepseek/deepseek-v3.2" in {m.id for m in client.models.list()}
+
+
+def test_a_key_with_an_allowlist_must_name_its_model(simulator: SimulatorThread) -> None:
+    """Without `model` and without `models.default`, OpenRouter would serve the account's default
+    model, which no allowlist can vouch for: refused, unless `models` names the candidates (each
+    checked). Keys without an allowlist still reach OpenRouter's default."""
+    settings = gateway_settings(simulator.base_url, admin_key=ADMIN_KEY, models={"default": None})
+    with (
+        GatewayServer(settings) as server,
+        httpx.Client(
+            base_url=server.url + "/admin", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=20
+        ) as admin,
+    ):
+        for team, key_models in ((make_team(admin, models=["openai/*"]), None), (make_team(admin), ["openai/*"])):
+            key = make_key(admin, team, **({"models": key_models} if key_models else {}))
+            with httpx.Client(base_url=server.url, headers=bearer(key), timeout=20) as http:
+                for body in (
+                    {"messages": HELLO},
+                    {"model": None, "messages": HELLO},
+                    {"models": [], "messages": HELLO},
+                ):
+                    refused = http.post("/v1/chat/completions", json=body)
+                    assert refused.status_code == 403, refused.text
+                    assert refused.json()["error"]["code"] == "model_not_allowed"
+                    assert refused.json()["error"]["param"] == "model"
+                named = http.post("/v1/chat/completions", json={"models": ["openai/gpt-4o-mini"], "messages": HELLO})
+                assert named.status_code == 200, named.text
+                other_model = {"models": ["anthropic/claude-sonnet-4.5"], "messages": HELLO}
+                other = http.post("/v1/chat/completions", json=other_model)
+                assert other.status_code == 403 and other.json()["error"]["param"] == "models"
+        with httpx.Client(base_url=server.url, headers=bearer(make_key(admin, make_team(admin))), timeout=20) as http:
+            assert http.post("/v1/chat/completions", json={"messages": HELLO}).status_code == 200
+
+
+def test_a_request_without_model_is_judged_on_the_configured_default(keyed: GatewayServer, admin: httpx.Client) -> None:
+    allowed = make_key(admin, make_team(admin, models=["openai/*"]))  # the default, openai/gpt-4o-mini
+    refused = make_key(admin, make_team(admin, models=["deepseek/*"]))
+    with httpx.Client(base_url=keyed.url, timeout=20) as http:
+        assert http.post("/v1/chat/completions", json={"messages": HELLO}, headers=bearer(allowed)).status_code == 200
+        answer = http.post("/v1/chat/completions", json={"messages": HELLO}, headers=bearer(refused))
+        assert answer.status_code == 403 and "openai/gpt-4o-mini" in answer.json()["error"]["message"]
+
+
+def bearer(key: dict[str, Any]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key['key']}"}
 
 
 def test_rotation_keeps_id_and_honours_grace(keyed: GatewayServer, admin: httpx.Client) -> None:
