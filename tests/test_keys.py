@@ -337,6 +337,22 @@ def test_team_and_key_updates(admin: httpx.Client) -> None:
     assert admin.get(f"/teams/{team}").status_code == 404
 
 
+def test_changing_a_budget_amount_keeps_its_period(admin: httpx.Client) -> None:
+    """Only a budget set without any period gets the default month; a PATCH of the amount alone
+    (API or CLI) must not turn a daily or lifetime budget into a monthly one."""
+    team = make_team(admin, budget_usd=100, budget_period="total")
+    assert admin.patch(f"/teams/{team}", json={"budget_usd": 200}).json()["budget_period"] == "total"
+    assert admin.get(f"/teams/{team}").json()["budget_period"] == "total"
+    key = make_key(admin, team, budget_usd=10, budget_period="day")
+    patched = admin.patch(f"/keys/{key['id']}", json={"budget_usd": 30}).json()
+    assert (patched["budget_usd"], patched["budget_period"]) == (30, "day")
+    assert admin.get(f"/keys/{key['id']}").json()["budget_period"] == "day"
+    plain = make_key(admin, team)  # no budget yet: a new amount alone gets the default period
+    assert admin.patch(f"/keys/{plain['id']}", json={"budget_usd": 5}).json()["budget_period"] == "month"
+    explicit = admin.patch(f"/keys/{key['id']}", json={"budget_usd": 7, "budget_period": None}).json()
+    assert explicit["budget_period"] == "month"  # asked for no period with a budget: the default
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body", "field"),
     [

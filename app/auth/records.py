@@ -109,7 +109,10 @@ class LimitValues(BaseModel):
     @model_validator(mode="after")
     def _period_with_budget(self) -> LimitValues:
         if self.budget_usd is not None and self.budget_period is None:
+            sent = "budget_period" in self.model_fields_set
             self.budget_period = "month"
+            if not sent:  # a default, not a change: a PATCH of the amount keeps the stored period
+                self.model_fields_set.discard("budget_period")
         return self
 
 
