@@ -252,6 +252,42 @@ def test_usage_api_rejects_bad_queries(metered: GatewayServer) -> None:
         }
 
 
+def test_usage_api_edges(metered: GatewayServer) -> None:
+    """Days at either end of the calendar are a valid, empty report (not a 500); an empty filter
+    (`team=`, as a form or a script may send it) is no filter; a group named twice is one column."""
+    with admin(metered) as client:
+        for params in (
+            {"from": "9999-12-31", "to": "9999-12-31"},
+            {"to": "9999-12-31"},
+            {"from": "0001-01-01", "to": "0001-01-31"},
+        ):
+            response = client.get("/usage", params=params)
+            assert response.status_code == 200, (params, response.text)
+            assert response.json()["data"] == [] and response.json()["total"]["requests"] == 0
+        key = client.post("/keys", json={"name": "edges-" + uuid.uuid4().hex[:8], "team": team_of(client)}).json()
+        reply = httpx.post(
+            metered.url + "/v1/chat/completions",
+            json={"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": f"Bearer {key['key']}"},
+            timeout=30,
+        )
+        assert reply.status_code == 200
+        wait_until(lambda: client.get("/usage", params={"key": key["id"]}).json()["data"], 10, "the ledger")
+        plain = client.get("/usage", params={"group_by": "team,key,model,day"}).json()
+        assert (
+            plain["data"]
+            and client.get("/usage", params={"group_by": "team,key,model,day", "team": "", "key": ""}).json() == plain
+        )
+        csv_text = client.get("/usage", params={"group_by": "day,day"}, headers={"accept": "text/csv"}).text
+        assert csv_text.splitlines()[0].split(",")[:2] == ["day", "requests"]
+
+
+def team_of(client: httpx.Client) -> str:
+    name = "edges-" + uuid.uuid4().hex[:8]
+    assert client.post("/teams", json={"name": name}).status_code == 201
+    return name
+
+
 def test_promtool_accepts_the_metrics(metered: GatewayServer) -> None:
     promtool = require_tool("promtool", "prometheus")
     text = httpx.get(metered.url + "/metrics").content

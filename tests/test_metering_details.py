@@ -427,6 +427,32 @@ def test_histograms_have_llm_buckets_and_bounded_labels(inprocess: GatewayServer
     assert not [name for name in names if name in text]
 
 
+def test_requests_refused_for_their_body_are_metered_too(inprocess: GatewayServer) -> None:
+    """An authenticated request refused for its body (400, 413, 415) is a request of its key: it is
+    counted, timed and logged like any other, though nothing reached OpenRouter."""
+    url = inprocess.url
+    _, key = team_and_key(url)
+    headers = {"Authorization": f"Bearer {key['key']}", "content-type": "application/json"}
+    bad = [
+        (b"{not json", 400),
+        (b"[1, 2]", 400),
+        (b'{"messages": "hello"}', 400),
+        (b'{"model": "openai/gpt-4o-mini", "messages": [], "stream": "yes"}', 400),
+        (b"{}" + b" " * (17 * 1024 * 1024), 413),
+    ]
+    for body, status in bad:
+        response = httpx.post(url + "/v1/chat/completions", content=body, headers=headers, timeout=30)
+        assert response.status_code == status, response.text
+    wrong_type = httpx.post(url + "/v1/embeddings", content=b"x", headers={**headers, "content-type": "text/plain"})
+    assert wrong_type.status_code == 415
+    counted = {
+        status: metric(url, "gateway_requests_total", key=key["name"], status=status)
+        for status in ("400", "413", "415")
+    }
+    assert counted == {"400": 4, "413": 1, "415": 1}
+    assert metric(url, "gateway_requests_total", key=key["name"], endpoint="embeddings", status="415") == 1
+
+
 # -- the ledger's buffer, over a Redis that is down, then back -----------------------------------------
 def record(n: int) -> UsageRecord:
     return UsageRecord(

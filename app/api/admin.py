@@ -222,9 +222,10 @@ async def usage(
     key: Annotated[str | None, Query(description="a key's name or id")] = None,
 ) -> Any:
     today = datetime.now(UTC).date()
+    team, key = team or None, key or None  # an empty filter (`team=`) is no filter
     end = end or today
     start = start or end.replace(day=1)
-    groups = [g.strip() for g in group_by.split(",") if g.strip()]
+    groups = list(dict.fromkeys(g.strip() for g in group_by.split(",") if g.strip()))
     unknown = [g for g in groups if g not in USAGE_GROUPS]
     if unknown:
         raise InvalidRequestError(f"group_by: unknown {unknown}; use {', '.join(USAGE_GROUPS)}", param="group_by")

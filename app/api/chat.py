@@ -27,13 +27,13 @@ async def proxy(
 ) -> Response:
     """DESIGN §4: authenticate → parse → resolve → normalise → admit → forward → relay → meter."""
     principal = await gateway.authenticate(headers.get("authorization"))
-    raw = await read_json_body(headers, receive, gateway.settings.max_body_bytes)
-    payload = gateway.parse(raw, endpoint)
-    call = gateway.new_call(request_id, endpoint, principal)
-    if gateway.settings.log_bodies:
-        call.logged_body = raw[:BODY_LOG_LIMIT].decode("utf-8", "replace")
-        call.logged_stream = bytearray()
+    call = gateway.new_call(request_id, endpoint, principal)  # from here on, metered however it ends
     try:
+        raw = await read_json_body(headers, receive, gateway.settings.max_body_bytes)
+        if gateway.settings.log_bodies:
+            call.logged_body = raw[:BODY_LOG_LIMIT].decode("utf-8", "replace")
+            call.logged_stream = bytearray()
+        payload = gateway.parse(raw, endpoint)
         await gateway.resolve(call, payload)
         body = gateway.to_upstream(call, payload, raw)
         await gateway.admit(call, payload)

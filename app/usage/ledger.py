@@ -160,11 +160,7 @@ class Ledger:
     async def query(
         self, start: date, end: date, group_by: Iterable[str], team: str | None = None, key: str | None = None
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        days = []
-        moment = start
-        while moment <= end:
-            days.append(moment.strftime("%Y%m%d"))
-            moment += timedelta(days=1)
+        days = [(start + timedelta(days=n)).strftime("%Y%m%d") for n in range((end - start).days + 1)]
         stored, names = await self.store.ledger_read(days)
         groups = [g for g in GROUPS if g in group_by]
         rows: dict[tuple[Any, ...], dict[str, int]] = {}
