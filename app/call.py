@@ -26,6 +26,10 @@ CHAT = Endpoint("chat.completions", "/chat/completions", (("messages", list),), 
 COMPLETIONS = Endpoint("completions", "/completions", (("prompt", (str, list)),), "choices")
 EMBEDDINGS = Endpoint("embeddings", "/embeddings", (("input", (str, list)),), "data", streams=False)
 
+# The scope entry holding a request's ProxyCall while it is answered: the server marks the call
+# when the client hangs up before its answer is complete (server.py).
+ANSWERING = "gateway.call"
+
 
 @dataclass(slots=True)
 class ProxyCall:

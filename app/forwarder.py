@@ -70,8 +70,8 @@ class Forwarder:
                     raise
                 if model is not None:
                     self.breaker.failure(model)
-                if call.time_left() <= 0:
-                    break
+                if call.time_left() <= 0 or call.client_disconnected:
+                    break  # (a client gone: no fallback, nobody would get its answer)
                 continue
             if model is not None:
                 self.breaker.success(model)
@@ -100,17 +100,20 @@ class Forwarder:
                     )
                     if (
                         not is_retryable(error)
+                        or call.client_disconnected  # nobody would get the answer, but OpenRouter would bill it
                         or attempt + 1 >= self.retries.max_attempts
                         or wait >= call.time_left()
                         or not self.budget.try_acquire()
                     ):
                         raise
                     holding_budget = True
+                    attempt += 1
+                    await asyncio.sleep(wait)
+                    if call.client_disconnected:
+                        raise
                     if self.on_retry:
                         self.on_retry(_reason(error))
                     call.retries += 1
-                    attempt += 1
-                    await asyncio.sleep(wait)
         finally:
             if holding_budget:
                 self.budget.release()

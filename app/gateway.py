@@ -246,6 +246,8 @@ class Gateway:
             call.status, call.error_code = error.status, error.code
             if error.status == 429 and isinstance(error.metadata, dict):
                 self.metrics.rate_limited.labels(error.metadata.get("limit", ""), error.metadata.get("scope", "")).inc()
+        if call.client_disconnected:
+            call.status = 499  # what the client saw: nothing; its usage, if any, is metered all the same
         if call.in_flight:
             call.in_flight = False
             self.forwarder.budget.in_flight -= 1

@@ -12,9 +12,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.simulator import SimulatorThread
-from tests.support import CLIENT_KEY, GatewayServer, gateway_settings, request_id
+from tests.support import CLIENT_KEY, GatewayServer, gateway_settings, request_id, wait_until
 
 HELLO = [{"role": "user", "content": "Hello"}]
 
@@ -285,3 +286,52 @@ def test_open_circuit_goes_to_the_fallback(breaking: GatewayServer, simulator: S
     import json
 
     assert [json.loads(e["body"])["model"] for e in simulator.find(rid)] == ["openai/gpt-4o-mini"]
+
+
+# -- a client that hangs up ---------------------------------------------------------------------
+def metric(url: str, name: str, **labels: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def hang_up(url: str, body: dict[str, Any], rid: str, after_s: float) -> None:
+    """Send a request and leave after `after_s`, as a client timing out does."""
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}", "x-request-id": rid}
+    with httpx.Client(timeout=after_s) as http, pytest.raises(httpx.ReadTimeout):
+        http.post(url + "/v1/chat/completions", json=body, headers=headers)
+
+
+def test_a_client_gone_gets_no_further_tries(retrying: GatewayServer, simulator: SimulatorThread) -> None:
+    """Each try would be a generation OpenRouter bills; nobody is left to get its answer."""
+    rid, model = request_id(), "google/gemini-2.5-flash"  # 0.3 s to the first byte, 3 tries
+    gone_before = metric(retrying.url, "gateway_requests_total", model=model, status="499")
+    body = {"model": model, "messages": HELLO, **script({"ttfb_ms": 1500}, {"ttfb_ms": 1500}, {})}
+    hang_up(retrying.url, body, rid, after_s=0.1)
+    wait_until(
+        lambda: metric(retrying.url, "gateway_requests_total", model=model, status="499") == gone_before + 1,
+        10,
+        "the request metered as 499",
+    )
+    assert len(attempts(simulator, rid)) == 1
+
+
+def test_an_answer_nobody_waits_for_is_still_metered(retrying: GatewayServer, simulator: SimulatorThread) -> None:
+    """OpenRouter bills a non-streaming request whether or not the client stays (openrouter-api.md,
+    Cancellation), so the gateway lets the try finish and meters its exact usage, as a 499."""
+    rid, model = request_id(), "openai/gpt-4o-mini"
+    gone_before = metric(retrying.url, "gateway_requests_total", model=model, status="499")
+    cost_before = metric(retrying.url, "gateway_cost_usd_total", model=model)
+    hang_up(retrying.url, {"model": model, "messages": HELLO, **script({"ttfb_ms": 600})}, rid, after_s=0.15)
+    wait_until(
+        lambda: metric(retrying.url, "gateway_requests_total", model=model, status="499") == gone_before + 1,
+        10,
+        "the request metered as 499",
+    )
+    (served,) = attempts(simulator, rid)
+    assert served["cost"] > 0
+    assert metric(retrying.url, "gateway_cost_usd_total", model=model) - cost_before == pytest.approx(served["cost"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from functools import partial
 from typing import Any
 
@@ -13,7 +13,7 @@ from starlette.types import Receive
 
 from app.api.deps import GatewayDep, read_json_body, request_id
 from app.api.responses import JSONBytes, SSEResponse
-from app.call import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint
+from app.call import ANSWERING, CHAT, COMPLETIONS, EMBEDDINGS, Endpoint
 from app.errors import GatewayError
 from app.gateway import Gateway, response_headers
 from app.normalize.stream import StreamRelay
@@ -23,11 +23,18 @@ router = APIRouter(tags=["OpenAI"])
 
 
 async def proxy(
-    gateway: Gateway, endpoint: Endpoint, headers: Mapping[str, str], receive: Receive, request_id: str
+    gateway: Gateway,
+    endpoint: Endpoint,
+    headers: Mapping[str, str],
+    receive: Receive,
+    request_id: str,
+    scope: MutableMapping[str, Any] | None = None,
 ) -> Response:
     """DESIGN §4: authenticate → parse → resolve → normalise → admit → forward → relay → meter."""
     principal = await gateway.authenticate(headers.get("authorization"))
     call = gateway.new_call(request_id, endpoint, principal)  # from here on, metered however it ends
+    if scope is not None:
+        scope[ANSWERING] = call  # the server marks it if the client hangs up (no further tries)
     try:
         raw = await read_json_body(headers, receive, gateway.settings.max_body_bytes)
         if gateway.settings.log_bodies:

@@ -72,7 +72,7 @@ class EdgeMiddleware:
             gateway: Gateway = self.state.gateway
             headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in raw_headers}
             try:
-                response = await proxy(gateway, endpoint, headers, receive, rid)
+                response = await proxy(gateway, endpoint, headers, receive, rid, scope)
             except GatewayError as error:
                 response = error_response(error)
             except Exception:
