@@ -159,6 +159,31 @@ def test_concurrency_cap(keyed: GatewayServer, simulator: SimulatorThread) -> No
     assert [r.status_code for r in again] == [200, 200]
 
 
+def test_a_budget_refusal_says_when_the_request_itself_is_too_dear(keyed: GatewayServer) -> None:
+    """A request is held at its worst-case cost (the model's price for max_tokens, or the model's
+    output limit without it): one dearer than the budget is told so and how to fix it, not that
+    the budget is used up; and the refusal is counted under limit="budget"."""
+    key = new_key(keyed, budget_usd=0.001, budget_period="day")
+
+    def refused_by_budget() -> float:
+        text = httpx.get(keyed.url + "/metrics").text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("gateway_rate_limited_total{") and 'limit="budget"' in line and 'scope="key"' in line
+        )
+
+    before = refused_by_budget()
+    with sdk(keyed, key["key"]) as client:
+        with pytest.raises(openai.RateLimitError) as caught:
+            client.chat.completions.create(model="deepseek/deepseek-v3.2", messages=HELLO)  # no max_tokens
+        message = caught.value.body["message"]  # type: ignore[index]
+        assert "more than the whole key budget of $0.001 per period" in message and "lower max_tokens" in message
+        assert "used up" not in message
+        assert client.chat.completions.create(model="deepseek/deepseek-v3.2", messages=HELLO, max_tokens=20).choices
+    assert refused_by_budget() == before + 1
+
+
 def test_budget_is_enforced_and_sdk_does_not_retry_it(keyed: GatewayServer, simulator: SimulatorThread) -> None:
     key = new_key(keyed, budget_usd=0.0001, budget_period="day")
     marker = "budget-" + uuid.uuid4().hex

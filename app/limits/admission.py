@@ -446,11 +446,9 @@ class Admission:
     def _refusal(self, check: Check, verdict: Verdict) -> RateLimitError:
         self.counters.rejected[check.kind] = self.counters.rejected.get(check.kind, 0) + 1
         if check.kind == "budget":
-            spent = Decimal(verdict.used) / NANO
             return BudgetExceededError(
-                f"The {check.scope} budget of ${Decimal(check.limit) / NANO} for this period is used up "
-                f"(${spent:.6f} spent or held).",
-                metadata={"scope": check.scope, "period": check.period},
+                _budget_message(check, verdict.used),
+                metadata={"scope": check.scope, "period": check.period, "limit": "budget"},
             )
         never = verdict.retry_after_ms < 0
         headers: dict[str, str] = {}
@@ -611,6 +609,18 @@ class Admission:
     @property
     def pending_settlements(self) -> int:
         return len(self._pending)
+
+
+def _budget_message(check: Check, used: int) -> str:
+    """Why a budget refused a request: used up, or this request's worst-case cost (reserved before
+    it runs, from the model's price and max_tokens) larger than what is left of it."""
+    budget, spent = f"{check.scope} budget of ${Decimal(check.limit) / NANO}", f"${Decimal(used) / NANO:.6f}"
+    if used >= check.limit:
+        return f"The {budget} for this period is used up ({spent} spent or held)."
+    worst = f"This request may cost up to ${Decimal(check.amount) / NANO:.6f} (the model's price for max_tokens)"
+    if check.amount > check.limit:
+        return f"{worst}, more than the whole {budget} per period; lower max_tokens."
+    return f"{worst}, more than is left of the {budget} for this period ({spent} spent or held); lower max_tokens."
 
 
 def _fits(spare: list[Check], checks: list[Check]) -> bool:
