@@ -19,7 +19,7 @@ from app.auth.records import KEY_ID, KeyFields, KeyRecord, LimitValues, Name, Te
 
 DEFAULT_CONFIG_FILE = "config/gateway.yaml"
 _PLACEHOLDERS = re.compile(
-    r"^(|changeme|change-me|change_me|replace-?me|secret|password|xxx+|your[-_ ].*|<.*>|sk-or-v1-x+|\.\.\.)$",
+    r"^(|changeme|change-me|change_me|replace-?me|secret|password|xxx+|your[-_ ].*|<.*>|sk-or-v1-x+|.*(\.\.\.|…))$",
     re.IGNORECASE,
 )
 _CATEGORY = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")

@@ -76,7 +76,9 @@ def test_secrets_are_refused_in_the_file(tmp_path: Path) -> None:
     assert any(p.startswith("upstream.api_key:") for p in caught.value.problems)
 
 
-@pytest.mark.parametrize("value", ["changeme", "your-key-here", "<OPENROUTER_API_KEY>", "sk-or-v1-xxxxxxxx", ""])
+@pytest.mark.parametrize(
+    "value", ["changeme", "your-key-here", "<OPENROUTER_API_KEY>", "sk-or-v1-xxxxxxxx", "", "sk-or-v1-...", "sk-gw-…"]
+)
 def test_placeholder_secrets_are_refused(value: str) -> None:
     with pytest.raises(ConfigError, match=r"upstream\.api_key: .*placeholder"):
         load_settings(config_file=None, upstream={"api_key": value})
