@@ -113,3 +113,50 @@ def test_simulate_serves_openrouter(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def run_gateway(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full = {
+        **clean_env(),
+        "GATEWAY_ADMIN_KEY": "sk-admin-0123456789abcdef",
+        "OPENROUTER_API_KEY": "sk-or-v1-0123456789",
+    }
+    return subprocess.run(
+        [str(GATEWAY), *args], cwd=tmp_path, env={**full, **env}, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_an_unreachable_store_is_one_clear_line_not_a_traceback(tmp_path: Path) -> None:
+    """Keys, teams and limits live in the store: `check` reports it unreachable, and `serve`
+    refuses to start with the same line (a supervisor restarts it until Redis is back)."""
+    down = f"redis://:s3cret-pass@127.0.0.1:{free_port()}/0"
+    checked = run_gateway(tmp_path, "check", GATEWAY_STORE=down)
+    assert checked.returncode == 1
+    assert "problem: store: redis://127.0.0.1:" in checked.stderr and "does not answer" in checked.stderr
+    served = run_gateway(tmp_path, "serve", "--port", str(free_port()), GATEWAY_STORE=down)
+    assert served.returncode == 2 and "refusing to start" in served.stderr
+    for result in (checked, served):
+        assert "Traceback" not in result.stderr + result.stdout and "s3cret-pass" not in result.stderr
+
+
+def test_check_says_when_the_default_config_file_is_missing(tmp_path: Path) -> None:
+    result = run_gateway(tmp_path, "check")  # run where no config/gateway.yaml exists
+    assert result.returncode == 0, result.stderr
+    assert "config/gateway.yaml not found" in result.stdout
+
+
+def test_simulate_on_a_taken_port_is_one_clear_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run_gateway(tmp_path, "simulate", "--port", str(taken.getsockname()[1]))
+    assert result.returncode == 2 and "problem: cannot listen on 127.0.0.1:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_refuses_workers_before_printing_its_keys(tmp_path: Path) -> None:
+    result = run_gateway(tmp_path, "serve", "--demo", "--workers", "2", "--port", str(free_port()))
+    assert result.returncode == 2 and "--demo runs one process" in result.stderr
+    assert "sk-gw-" not in result.stdout

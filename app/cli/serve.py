@@ -66,6 +66,31 @@ def _problems(settings: Settings) -> list[str]:
     return problems
 
 
+def _store_problem(settings: Settings) -> str | None:
+    """Whether the store answers: keys, teams and limits live there, so a gateway cannot start
+    without it (one line, not a traceback from inside the server's start-up)."""
+    if settings.store == "memory":
+        return None
+    from urllib.parse import urlsplit
+
+    from app.store import open_store
+
+    async def ping() -> None:
+        store = open_store(settings)
+        try:
+            await asyncio.wait_for(store.ping(), settings.store_timeout_s + 1)
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(ping())
+    except Exception as exc:  # any failure to reach it is the problem reported
+        parts = urlsplit(settings.store)
+        shown = f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
+        return f"store: {shown} does not answer ({type(exc).__name__}: {exc or 'timed out'})"
+    return None
+
+
 def _check(args: argparse.Namespace) -> int:
     try:
         settings = _settings(args)
@@ -74,12 +99,17 @@ def _check(args: argparse.Namespace) -> int:
             print(f"problem: {problem}", file=sys.stderr)
         return 1
     problems = _problems(settings)
-    for problem in problems:
+    store = _store_problem(settings)
+    for problem in [*problems, *([store] if store else [])]:
         print(f"problem: {problem}", file=sys.stderr)
-    if problems:
+    if problems or store:
         return 1
+    source = settings.config_file or "no file"
+    if settings.config_file and not os.path.exists(settings.config_file):
+        source = f"no file: {settings.config_file} not found, defaults and environment only"
     print(
-        f"config OK ({settings.config_file or 'no file'}): upstream {settings.upstream.base_url}, "
+        f"config OK ({source}): upstream {settings.upstream.base_url}, "
+        f"store {settings.store.split('://', 1)[0]}, "
         f"{len(settings.models.aliases)} aliases, {len(settings.models.per_model)} per-model settings"
     )
     return 0
@@ -92,8 +122,12 @@ def _serve(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"problem: {problem}", file=sys.stderr)
         return 2
+    if args.demo and args.workers > 1:
+        print("problem: --demo runs one process; drop --workers", file=sys.stderr)
+        return 2
     if not args.demo:
         problems = _problems(settings)
+        problems += [p for p in [_store_problem(settings)] if p and not problems]
         if problems:
             for problem in problems:
                 print(f"problem: {problem}", file=sys.stderr)
@@ -116,9 +150,6 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers > 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         _fresh_metrics_dir()
     if args.workers > 1:
-        if args.demo:
-            print("problem: --demo runs one process; drop --workers", file=sys.stderr)
-            return 2
         if settings.admin_port is not None:
             print("problem: admin_port: a separate admin listener needs one process; drop --workers", file=sys.stderr)
             return 2
@@ -217,4 +248,7 @@ def _simulate(args: argparse.Namespace) -> int:
         uvloop.run(run())
     except KeyboardInterrupt:
         pass
+    except OSError as exc:  # the port taken, an address not ours
+        print(f"problem: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     return 0
