@@ -165,3 +165,12 @@ def test_compose_file_validates(tmp_path: Path) -> None:
 def test_stack_configs_point_at_every_replica(path: str) -> None:
     text = (ROOT / path).read_text()
     assert "gateway:8080" in text or ("names: [gateway]" in text and "port: 8080" in text)
+
+
+def test_the_published_port_does_not_serve_metrics() -> None:
+    """Metrics name keys and teams and show their spend; Prometheus scrapes each replica on the
+    compose network, so the load balancer's public port answers 404 for them."""
+    text = (ROOT / "config/nginx/nginx.conf").read_text()
+    block = text[text.index("location = /metrics") :]
+    assert block[: block.index("}")].split("#")[0].split("{")[1].split() == ["return", "404;"]
+    assert text.index("location = /metrics") < text.index("location / {")

@@ -168,6 +168,8 @@ def test_admin_api_on_its_own_port(fenced: tuple[GatewayProcess, int]) -> None:
     gateway, admin_port = fenced
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     clean(httpx.get(gateway.url + "/admin/teams", headers=admin), 404)
+    clean(httpx.get(gateway.url + "/metrics"), 404)  # names keys and teams, shows spend: admin address only
+    assert b"gateway_requests_total" in httpx.get(f"http://127.0.0.1:{admin_port}/metrics").content
     listing = httpx.get(f"http://127.0.0.1:{admin_port}/admin/teams", headers=admin)
     assert listing.status_code == 200 and listing.json()["object"] == "list"
     client = {"Authorization": f"Bearer {CLIENT_KEY}"}

@@ -87,6 +87,7 @@ class EdgeMiddleware:
             return InvalidRequestError(
                 "The request's headers are too many or too large.", status=431, code="request_header_fields_too_large"
             )
-        if not self.admin and scope["path"].startswith("/admin"):
-            return InvalidRequestError("The admin API is served on its own address.", status=404, code="unknown_url")
+        if not self.admin and (scope["path"].startswith("/admin") or scope["path"] == "/metrics"):
+            # metrics name keys and teams and show their spend: with the admin API, not beside the OpenAI routes
+            return InvalidRequestError("This is served on the admin address.", status=404, code="unknown_url")
         return None
