@@ -93,6 +93,20 @@ def test_retry_after_passed_on(client: openai.OpenAI) -> None:
     assert caught.value.response.headers["retry-after"] == "7"
 
 
+@pytest.mark.parametrize(
+    ("sent", "passed"), [("2.2", "3"), ("Wed, 21 Oct 2015 07:28:00 GMT", "0"), ("soon", None), ("-5", None)]
+)
+def test_retry_after_reaches_the_client_in_seconds_or_not_at_all(
+    client: openai.OpenAI, sent: str, passed: str | None
+) -> None:
+    """SDKs read whole seconds or an HTTP date; a value they cannot read is not passed on."""
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(
+            model=MODEL, messages=HELLO, extra_body={"simulator": {"status": 429, "retry_after": sent}}
+        )
+    assert caught.value.response.headers.get("retry-after") == passed
+
+
 def test_in_flight_402_is_told_apart(client: openai.OpenAI) -> None:
     with pytest.raises(openai.InternalServerError) as caught:
         client.chat.completions.create(

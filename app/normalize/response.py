@@ -6,6 +6,7 @@ on HTTP 200. Every one of them becomes a GatewayError with the status of DESIGN 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ from app.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+from app.upstream.retry import parse_retry_after
 
 _TYPE_BY_STATUS = {408: "timeout", 429: "requests"}
 _CODE_BY_STATUS = {
@@ -36,7 +38,6 @@ _DEFAULT_MESSAGE = {
     404: "OpenRouter found nothing for this request.",
     429: "Rate limited upstream.",
 }
-_PASSED_HEADERS = ("retry-after",)
 ERROR_FINISH_REASONS = frozenset({"error", "network_error"})
 
 
@@ -51,7 +52,10 @@ def _map(status: int, error: Any, headers: Mapping[str, str] | None) -> GatewayE
     error = error if isinstance(error, dict) else {"message": error if isinstance(error, str) else None}
     message = error.get("message") if isinstance(error.get("message"), str) else None
     metadata = _metadata(error)
-    passed = {name: headers[name] for name in _PASSED_HEADERS if headers and name in headers}
+    passed: dict[str, str] = {}
+    wait = parse_retry_after(headers.get("retry-after")) if headers else None
+    if wait is not None:  # passed on as whole seconds; one the client's SDK cannot read is dropped
+        passed["retry-after"] = str(math.ceil(wait))
     if "retry-after" not in passed and isinstance(metadata, dict):
         seconds = metadata.get("retry_after_seconds")
         if isinstance(seconds, (int, float)) and seconds >= 0:

@@ -33,16 +33,22 @@ def backoff_s(attempt: int, base_s: float, cap_s: float) -> float:
 
 def retry_after_s(error: GatewayError) -> float | None:
     """OpenRouter's `Retry-After` (seconds or an HTTP date), if it sent one."""
-    value = error.headers.get("retry-after")
+    return parse_retry_after(error.headers.get("retry-after"))
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """A `Retry-After` value in seconds from now (0 for a past date), or None when it is not one."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return seconds if 0 <= seconds < 1e9 else None  # negative, NaN, inf: not a wait
     try:
         return max(0.0, parsedate_to_datetime(value).timestamp() - time())
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
