@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.simulator import SimulatorThread
 from app.store.redis import RedisStore
 from app.usage.ledger import Ledger
-from app.usage.metrics import Metrics
+from app.usage.metrics import UNLISTED_MODEL_LABELS, Metrics
 from app.usage.record import UsageRecord
 from tests.redis_server import RedisServer
 from tests.support import (
@@ -425,6 +425,27 @@ def test_histograms_have_llm_buckets_and_bounded_labels(inprocess: GatewayServer
     assert models() == before
     text = httpx.get(url + "/metrics").text
     assert not [name for name in names if name in text]
+
+
+def test_router_ids_forwarded_unlisted_have_bounded_labels(inprocess: GatewayServer) -> None:
+    """`openrouter/…` and `~…` ids pass to OpenRouter unlisted (they are its routers), so a key can
+    vary them at will: at most UNLISTED_MODEL_LABELS of them get a label of their own, the rest
+    share "other", and listed models keep theirs."""
+    url = inprocess.url
+    _, key = team_and_key(url)
+    rid = "router-ids-" + uuid.uuid4().hex
+
+    def models() -> set[str]:
+        return {s.labels["model"] for s in samples(url) if "model" in s.labels}
+
+    before = models()
+    names = [f"{prefix}junk-{uuid.uuid4().hex[:8]}-{n}" for n in range(60) for prefix in ("openrouter/", "~")]
+    for n, name in enumerate(names):
+        assert chat(url, key["key"], f"{rid}-{n}", model=name).status_code != 500
+    added = models() - before
+    assert "other" in added and len(added - {"other"}) <= UNLISTED_MODEL_LABELS
+    assert chat(url, key["key"], rid + "-listed", model="deepseek/deepseek-v3.2").status_code == 200
+    assert "deepseek/deepseek-v3.2" in models()
 
 
 def test_requests_refused_for_their_body_are_metered_too(inprocess: GatewayServer) -> None:

@@ -99,6 +99,13 @@ class Catalog:
     async def entry(self, model_id: str) -> dict[str, Any] | None:
         return (await self.entries()).get(model_id)
 
+    def is_listed(self, model_id: str) -> bool | None:
+        """Whether the catalogue as it is now lists the model (or its base, for a variant); None
+        before it is loaded."""
+        if not self._entries:
+            return None
+        return self.cached_entry(model_id) is not None
+
     def cached_entry(self, model_id: str) -> dict[str, Any] | None:
         """The catalogue entry as it is now (a variant such as `:nitro` reads its base model)."""
         return self._entries.get(model_id) or self._entries.get(model_id.rsplit(":", 1)[0])

@@ -124,8 +124,16 @@ class _LocalFamilies(Collector):
             yield family.collect()
 
 
+UNLISTED_MODEL_LABELS = 100  # model ids OpenRouter's catalogue does not list, labelled as themselves
+OTHER_MODEL = "other"
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, is_listed: Callable[[str], bool | None] | None = None) -> None:
+        # is_listed(model): the catalogue lists it (True), does not (False), or is not loaded (None)
+        self._is_listed = is_listed
+        self._model_labels: dict[str, str] = {}
+        self._unlisted: set[str] = set()
         self.registry = CollectorRegistry()
         self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         r = self.registry
@@ -221,8 +229,29 @@ class Metrics:
         if not self.multiprocess:
             self.in_flight.set_function(read)
 
+    def model_label(self, model: str | None) -> str:
+        """The model as a label value, bounded: every model the catalogue lists, plus the first
+        `UNLISTED_MODEL_LABELS` others forwarded (router ids such as `openrouter/…` or `~…`, which
+        pass unlisted and a key could vary at will); the rest share "other"."""
+        if not model:
+            return ""
+        label = self._model_labels.get(model)
+        if label is not None:
+            return label
+        listed = self._is_listed(model) if self._is_listed is not None else True
+        if listed or model in self._unlisted:
+            label = model
+        elif len(self._unlisted) < UNLISTED_MODEL_LABELS and len(model) <= 200:
+            self._unlisted.add(model)
+            label = model
+        else:
+            label = OTHER_MODEL
+        if listed is not None and len(self._model_labels) < 20_000:
+            self._model_labels[model] = label  # (judged again once the catalogue is loaded)
+        return label
+
     def observe_request(self, record: UsageRecord) -> None:
-        model, endpoint = record.model or "", record.endpoint
+        model, endpoint = self.model_label(record.model), record.endpoint
         self.requests.inc((record.team or "", record.key_name, model, endpoint, str(record.status)))
         self.duration.observe((model, endpoint), record.duration_s)
         self.overhead.observe((endpoint,), record.overhead_s)
@@ -232,7 +261,7 @@ class Metrics:
             self.ttft.observe((model,), record.ttft_s)
 
     def observe_usage(self, record: UsageRecord) -> None:
-        team, key, model = record.team or "", record.key_name, record.model or ""
+        team, key, model = record.team or "", record.key_name, self.model_label(record.model)
         for token_type, count in zip(
             TOKEN_TYPES,
             (record.prompt_tokens, record.completion_tokens, record.reasoning_tokens, record.cached_tokens),
