@@ -15,7 +15,8 @@ import orjson
 
 from app.settings import Settings
 
-_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+# A record's own attributes, and uvicorn's `color_message` (the message again, with ANSI colours)
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):

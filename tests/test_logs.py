@@ -62,6 +62,7 @@ def test_one_json_line_per_request(simulator: SimulatorThread, tmp_path: Path) -
     entries, rid = run(simulator, tmp_path)
     assert all(isinstance(e, dict) and {"time", "level", "logger", "message"} <= set(e) for e in entries)
     assert any(e["logger"].startswith("uvicorn") for e in entries)  # uvicorn's own lines are JSON too
+    assert not [e for e in entries if "color_message" in e or "\x1b[" in json.dumps(e)]  # no terminal colours
     requests = {e["request_id"]: e for e in entries if e.get("message") == "request"}
     plain, streamed, refused = requests[rid], requests[rid + "-s"], requests[rid + "-e"]
     for entry in (plain, streamed):
