@@ -7,12 +7,13 @@ import os
 import subprocess
 import sys
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.support import ADMIN_KEY, GatewayServer
+from tests.support import ADMIN_KEY, GatewayServer, wait_until
 
 GATEWAY = Path(sys.executable).with_name("gateway")
 
@@ -118,6 +119,21 @@ def test_keys_commands(keyed: GatewayServer) -> None:
     assert as_json(run(keyed, "keys", "list", "--team", team, "--active", "--json")) == []
     response = httpx.get(keyed.url + "/v1/models", headers={"Authorization": f"Bearer {rotated['key']}"})
     assert response.status_code == 401
+
+
+def test_active_keys_leave_out_expired_ones(keyed: GatewayServer) -> None:
+    team = "cli-" + uuid.uuid4().hex[:8]
+    assert run(keyed, "teams", "create", team).returncode == 0
+    soon = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
+    expiring = as_json(run(keyed, "keys", "create", "--name", "brief", "--team", team, "--expires-at", soon, "--json"))
+    lasting = as_json(run(keyed, "keys", "create", "--name", "lasting", "--team", team, "--json"))
+    wait_until(lambda: datetime.now(UTC) > datetime.fromisoformat(expiring["expires_at"]), 5, "the expiry")
+    active = as_json(run(keyed, "keys", "list", "--team", team, "--active", "--json"))
+    assert [k["id"] for k in active] == [lasting["id"]]
+    assert {k["id"] for k in as_json(run(keyed, "keys", "list", "--team", team, "--json"))} == {
+        expiring["id"],
+        lasting["id"],
+    }
 
 
 def test_cli_needs_the_admin_key(keyed: GatewayServer) -> None:

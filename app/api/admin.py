@@ -157,9 +157,18 @@ async def list_keys(
     gateway: GatewayDep,
     team: Annotated[str | None, Query(description="only this team's keys")] = None,
     include_revoked: bool = True,
+    include_expired: bool = True,
 ) -> Any:
     keys = await gateway.registry.store.list_keys(team=team)
-    return {"object": "list", "data": [_key_out(k) for k in keys if include_revoked or not k.revoked]}
+    now = datetime.now(UTC)
+    return {
+        "object": "list",
+        "data": [
+            _key_out(k)
+            for k in keys
+            if (include_revoked or not k.revoked) and (include_expired or k.expires_at is None or k.expires_at > now)
+        ],
+    }
 
 
 @router.get("/keys/{key_id}", response_model=KeyShown, summary="Show a key and its budget's spend")

@@ -70,7 +70,7 @@ def add_commands(commands: Any) -> None:
     _common(create, _key_create)
     listing = keys.add_parser("list", help="list keys (never their secrets)")
     listing.add_argument("--team")
-    listing.add_argument("--active", action="store_true", help="leave out revoked keys")
+    listing.add_argument("--active", action="store_true", help="only usable keys: leave out revoked and expired ones")
     _common(listing, _key_list)
     for action, helptext, handler in (("show", "show a key", _key_show), ("revoke", "revoke a key", _key_revoke)):
         sub = keys.add_parser(action, help=helptext)
@@ -201,7 +201,7 @@ def _key_create(api: Api, args: argparse.Namespace) -> Any:
 def _key_list(api: Api, args: argparse.Namespace) -> Any:
     params = {"team": args.team} if args.team else {}
     if args.active:
-        params["include_revoked"] = "false"
+        params["include_revoked"] = params["include_expired"] = "false"
     return api.call("GET", "/admin/keys", params=params)["data"]
 
 
