@@ -141,7 +141,7 @@ def test_request_id_taken_from_client_or_made(http: httpx.Client) -> None:
 def test_health(gateway: GatewayServer) -> None:
     assert httpx.get(gateway.url + "/healthz").json() == {"status": "ok"}
     ready = httpx.get(gateway.url + "/readyz")
-    assert ready.status_code == 200 and ready.json() == {"status": "ready"}
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "store": "ok"}
 
 
 def test_openapi_documents_the_api(gateway: GatewayServer) -> None:
