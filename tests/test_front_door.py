@@ -49,6 +49,15 @@ def error_of(response: httpx.Response, status: int) -> dict[str, object]:
             "invalid_type",
             "stream_options",
         ),
+        *(
+            (
+                b'{"messages": [{"role": "user", "content": "hi"}], "%s": %s}' % (name.encode(), value),
+                "invalid_type",
+                name,
+            )
+            for name in ("max_tokens", "max_completion_tokens")
+            for value in (b'"100"', b"-5", b"0", b"1.5", b"1e30", b"true")
+        ),
     ],
 )
 def test_bad_bodies_get_400(http: httpx.Client, raw: bytes, code: str, param: str | None) -> None:

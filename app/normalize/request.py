@@ -70,6 +70,10 @@ def check_types(payload: dict[str, Any]) -> None:
     options = payload.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise InvalidRequestError("'stream_options' must be an object.", param="stream_options", code="invalid_type")
+    for name in ("max_tokens", "max_completion_tokens"):  # they set what limits and budgets reserve
+        value = payload.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise InvalidRequestError(f"'{name}' must be a positive integer.", param=name, code="invalid_type")
 
 
 def wants_usage(payload: dict[str, Any]) -> bool:
