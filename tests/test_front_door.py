@@ -151,6 +151,20 @@ def test_health(gateway: GatewayServer) -> None:
     assert httpx.get(gateway.url + "/healthz").json() == {"status": "ok"}
     ready = httpx.get(gateway.url + "/readyz")
     assert ready.status_code == 200 and ready.json() == {"status": "ready", "store": "ok"}
+    for path in ("/healthz", "/readyz"):  # load balancers that probe with HEAD
+        probed = httpx.head(gateway.url + path)
+        assert probed.status_code == 200 and probed.content == b""
+
+
+def test_a_repeated_authorization_header_is_read_the_same_on_every_route(gateway: GatewayServer) -> None:
+    """The first one counts, on the OpenAI routes' fast lane as on the rest."""
+    for first, second, status in ((CLIENT_KEY, "sk-gw-wrong", 200), ("sk-gw-wrong", CLIENT_KEY, 401)):
+        headers = [("authorization", f"Bearer {first}"), ("authorization", f"Bearer {second}")]
+        chat = httpx.post(
+            gateway.url + CHAT, json={"messages": [{"role": "user", "content": "hi"}]}, headers=headers, timeout=20
+        )
+        models = httpx.get(gateway.url + "/v1/models", headers=headers)
+        assert (chat.status_code, models.status_code) == (status, status)
 
 
 def test_openapi_documents_the_api(gateway: GatewayServer) -> None:

@@ -70,7 +70,8 @@ class EdgeMiddleware:
         else:
             assert endpoint is not None
             gateway: Gateway = self.state.gateway
-            headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in raw_headers}
+            # the first of repeated headers, as Starlette's own routes read them (and uvicorn lowercases names)
+            headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in reversed(raw_headers)}
             try:
                 response = await proxy(gateway, endpoint, headers, receive, rid, scope)
             except GatewayError as error:

@@ -12,6 +12,7 @@ from app.usage.metrics import CONTENT_TYPE
 router = APIRouter(tags=["Operations"])
 
 
+@router.head("/healthz", include_in_schema=False)
 @router.get("/healthz", summary="The process is alive")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
@@ -22,6 +23,7 @@ async def metrics(gateway: GatewayDep) -> Response:
     return Response(gateway.metrics.exposition(), media_type=CONTENT_TYPE)
 
 
+@router.head("/readyz", include_in_schema=False)
 @router.get("/readyz", summary="Ready to take traffic")
 async def readyz(gateway: GatewayDep) -> JSONResponse:
     """503 only while draining. A store outage is reported but leaves the replica ready: every
