@@ -252,6 +252,8 @@ async def _store_error(request: Request, exc: Exception) -> Response:
 async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
+        return error_response(InvalidRequestError("The body is not valid JSON.", code="invalid_json"))
     where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
     return error_response(
         InvalidRequestError(f"{where or 'request'}: {first.get('msg', 'invalid')}", param=where or None)
@@ -262,6 +264,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
         return error_response(RouteNotFoundError(f"Unknown request URL: {request.method} {request.url.path}."))
+    if exc.status_code == 400 and str(exc.detail) == "There was an error parsing the body":
+        # FastAPI's words for a body json.loads refused (bad UTF-8, too deep, a 5,000-digit number)
+        return error_response(InvalidRequestError("The body is not valid JSON.", code="invalid_json"))
     error = InvalidRequestError(str(exc.detail), status=exc.status_code, code=f"http_{exc.status_code}")
     error.headers.update(exc.headers or {})
     return error_response(error)

@@ -136,6 +136,14 @@ def test_active_keys_leave_out_expired_ones(keyed: GatewayServer) -> None:
     }
 
 
+def test_url_goes_before_or_after_the_command(keyed: GatewayServer) -> None:
+    down = "http://127.0.0.1:9"  # GATEWAY_URL (set by run) points at the live gateway; --url wins over it
+    for args in (("--url", down, "teams", "list"), ("teams", "list", "--url", down)):
+        result = run(keyed, *args)
+        assert result.returncode == 1 and "cannot reach the gateway at http://127.0.0.1:9" in result.stderr
+    assert run(keyed, "--url", keyed.url, "teams", "list").returncode == 0
+
+
 def test_cli_needs_the_admin_key(keyed: GatewayServer) -> None:
     result = run(keyed, "teams", "list", admin_key=None)
     assert result.returncode == 1 and "GATEWAY_ADMIN_KEY" in result.stderr

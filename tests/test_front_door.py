@@ -81,6 +81,18 @@ def test_wrong_content_type_gets_415(http: httpx.Client, content_type: str) -> N
     assert error_of(response, 415)["code"] == "unsupported_media_type"
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "br", "deflate"])
+def test_compressed_bodies_get_415(http: httpx.Client, encoding: str) -> None:
+    """Not read as garbled JSON (gzip) nor silently as plain text (a mislabelled body)."""
+    response = http.post(
+        CHAT,
+        content=b'{"messages": [{"role": "user", "content": "hi"}]}',
+        headers={**JSON, "content-encoding": encoding},
+    )
+    error = error_of(response, 415)
+    assert error["code"] == "unsupported_media_type" and error["param"] == "content-encoding"
+
+
 def test_missing_content_type_is_read_as_json(http: httpx.Client) -> None:
     request = http.build_request("POST", CHAT, content=b'{"messages": [{"role": "user", "content": "hi"}]}')
     assert "content-type" not in request.headers

@@ -337,6 +337,16 @@ def test_team_and_key_updates(admin: httpx.Client) -> None:
     assert admin.get(f"/teams/{team}").status_code == 404
 
 
+@pytest.mark.parametrize(
+    "raw", [b"{not json", b'{"name": "\xff"}', b"[" * 3000 + b"]" * 3000, b'{"rpm": 1' + b"0" * 5000 + b"}"]
+)
+def test_admin_bodies_that_are_not_json_get_a_clear_400(admin: httpx.Client, raw: bytes) -> None:
+    response = admin.post("/teams", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_json" and error["message"] == "The body is not valid JSON."
+
+
 def test_changing_a_budget_amount_keeps_its_period(admin: httpx.Client) -> None:
     """Only a budget set without any period gets the default month; a PATCH of the amount alone
     (API or CLI) must not turn a daily or lifetime budget into a monthly one."""

@@ -34,6 +34,11 @@ async def read_json_body(headers: Mapping[str, str], receive: Receive, limit: in
             raise UnsupportedMediaTypeError(
                 f"Content-Type must be application/json, not {media or 'empty'}.", param="content-type"
             )
+    encoding = headers.get("content-encoding")
+    if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+        raise UnsupportedMediaTypeError(
+            f"Content-Encoding {encoding} is not supported; send the body uncompressed.", param="content-encoding"
+        )
     length = headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
         raise RequestTooLargeError(f"The request body is larger than {limit} bytes.")

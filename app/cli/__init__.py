@@ -10,6 +10,7 @@ from app.cli import admin, serve
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible gateway in front of OpenRouter.")
+    parser.add_argument("--url", dest="top_url", help=admin.URL_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
     serve.add_commands(commands)
     admin.add_commands(commands)

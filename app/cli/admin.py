@@ -101,12 +101,11 @@ def add_commands(commands: Any) -> None:
     generate.set_defaults(handler=_key_generate)
 
 
+URL_HELP = "the gateway (default GATEWAY_URL or http://127.0.0.1:8080); before or after the command"
+
+
 def _common(parser: argparse.ArgumentParser, handler: Any) -> None:
-    parser.add_argument(
-        "--url",
-        default=os.environ.get("GATEWAY_URL", "http://127.0.0.1:8080"),
-        help="the gateway (default GATEWAY_URL or http://127.0.0.1:8080)",
-    )
+    parser.add_argument("--url", help=URL_HELP)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(handler=lambda args: _run(handler, args))
 
@@ -295,7 +294,8 @@ class Api:
 
 def _run(handler: Any, args: argparse.Namespace) -> int:
     try:
-        result = handler(Api(args.url), args)
+        url = args.url or getattr(args, "top_url", None) or os.environ.get("GATEWAY_URL") or "http://127.0.0.1:8080"
+        result = handler(Api(url), args)
     except CommandError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
