@@ -83,8 +83,7 @@ def test_policy_during_an_outage_and_recovery(
             if budgeted_status == 503:
                 assert response.json()["error"]["code"] == "store_unavailable"
             paid += response.status_code == 200
-        ready = httpx.get(gateway.url + "/readyz")  # reported, but still ready: the store is every replica's
-        assert ready.status_code == 200 and ready.json()["store"] == "unreachable"
+        assert httpx.get(gateway.url + "/readyz").status_code == 503
         outages = [r for r in caplog.records if "limits store unreachable" in r.getMessage()]
         assert len(outages) == 1  # once per incident, not per request
 
@@ -93,7 +92,7 @@ def test_policy_during_an_outage_and_recovery(
         assert chat(gateway, budgeted["key"]).status_code == 200
         paid += 1
         assert any("reachable again" in r.getMessage() for r in caplog.records)
-        assert httpx.get(gateway.url + "/readyz").json() == {"status": "ready", "store": "ok"}
+        assert httpx.get(gateway.url + "/readyz").status_code == 200
 
         def spent() -> float:
             shown = httpx.get(

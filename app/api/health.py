@@ -26,13 +26,10 @@ async def metrics(gateway: GatewayDep) -> Response:
 @router.head("/readyz", include_in_schema=False)
 @router.get("/readyz", summary="Ready to take traffic")
 async def readyz(gateway: GatewayDep) -> JSONResponse:
-    """503 only while draining. A store outage is reported but leaves the replica ready: every
-    replica shares the store, so failing readiness would take all of them out of the load
-    balancer at once, where the gateway itself keeps serving by `limits.on_store_error`."""
     if gateway.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
     try:
         await gateway.store.ping()
     except StoreError:
-        return JSONResponse({"status": "ready", "store": "unreachable"})
-    return JSONResponse({"status": "ready", "store": "ok"})
+        return JSONResponse({"status": "store unavailable"}, status_code=503)
+    return JSONResponse({"status": "ready"})
