@@ -106,6 +106,12 @@ class Gateway:
         call.deadline = call.started + self.settings.upstream.deadline_s
         return call
 
+    def body_received(self, call: ProxyCall) -> None:
+        """The request's clock (its deadline, the gateway's overhead) starts once the client has
+        sent its body: a slow upload is the client's time, not the gateway's nor OpenRouter's."""
+        call.started = time.perf_counter()
+        call.deadline = call.started + self.settings.upstream.deadline_s
+
     async def _generation(self, generation_id: str, call: ProxyCall) -> tuple[int, Any]:
         """OpenRouter's stats of one generation, asked with the key that paid for it."""
         team = call.principal.team
@@ -220,6 +226,8 @@ class Gateway:
 
         if self.stopped:
             raise ServerShuttingDownError(SHUTTING_DOWN)
+        if call.client_disconnected:  # gone while it was admitted: a try would be billed for nobody
+            raise GatewayError("The client went away before the request was sent.", status=499, code="client_closed")
         call.forwarded = call.in_flight = True
         self.forwarder.budget.in_flight += 1
         if self.metrics.count_in_flight:

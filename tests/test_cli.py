@@ -135,7 +135,9 @@ def test_an_unreachable_store_is_one_clear_line_not_a_traceback(tmp_path: Path) 
     assert "problem: store: redis://127.0.0.1:" in checked.stderr and "does not answer" in checked.stderr
     served = run_gateway(tmp_path, "serve", "--port", str(free_port()), GATEWAY_STORE=down)
     assert served.returncode == 2 and "refusing to start" in served.stderr
-    for result in (checked, served):
+    malformed = run_gateway(tmp_path, "check", GATEWAY_STORE="redis://:s3cret-pass@localhost:abc/0")
+    assert malformed.returncode == 1 and "problem: store: redis://" in malformed.stderr
+    for result in (checked, served, malformed):
         assert "Traceback" not in result.stderr + result.stdout and "s3cret-pass" not in result.stderr
 
 

@@ -124,10 +124,10 @@ def test_keys_commands(keyed: GatewayServer) -> None:
 def test_active_keys_leave_out_expired_ones(keyed: GatewayServer) -> None:
     team = "cli-" + uuid.uuid4().hex[:8]
     assert run(keyed, "teams", "create", team).returncode == 0
-    soon = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
+    soon = (datetime.now(UTC) + timedelta(seconds=3)).isoformat()  # still future when the CLI has started
     expiring = as_json(run(keyed, "keys", "create", "--name", "brief", "--team", team, "--expires-at", soon, "--json"))
     lasting = as_json(run(keyed, "keys", "create", "--name", "lasting", "--team", team, "--json"))
-    wait_until(lambda: datetime.now(UTC) > datetime.fromisoformat(expiring["expires_at"]), 5, "the expiry")
+    wait_until(lambda: datetime.now(UTC) > datetime.fromisoformat(expiring["expires_at"]), 10, "the expiry")
     active = as_json(run(keyed, "keys", "list", "--team", team, "--active", "--json"))
     assert [k["id"] for k in active] == [lasting["id"]]
     assert {k["id"] for k in as_json(run(keyed, "keys", "list", "--team", team, "--json"))} == {

@@ -20,6 +20,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.catalog.models import Catalog
+from app.settings import ModelsSettings
 from app.simulator import SimulatorThread
 from app.store.redis import RedisStore
 from app.usage.ledger import Ledger
@@ -446,6 +448,21 @@ def test_router_ids_forwarded_unlisted_have_bounded_labels(inprocess: GatewaySer
     assert "other" in added and len(added - {"other"}) <= UNLISTED_MODEL_LABELS
     assert chat(url, key["key"], rid + "-listed", model="deepseek/deepseek-v3.2").status_code == 200
     assert "deepseek/deepseek-v3.2" in models()
+
+
+def test_a_router_id_with_any_suffix_is_not_a_listed_model() -> None:
+    """`openrouter/auto` is in OpenRouter's catalogue; `openrouter/auto:<anything>` passes to it
+    unlisted, so it must not count as listed (and get a label of its own) by its base."""
+
+    async def fetch() -> list[dict[str, Any]]:
+        return [{"id": "openrouter/auto"}, {"id": "openai/gpt-4o-mini"}]
+
+    catalog = Catalog(fetch, 300, ModelsSettings())
+    assert catalog.is_listed("openai/gpt-4o-mini") is None  # not loaded yet: no judgement
+    asyncio.run(catalog.entries())
+    assert catalog.is_listed("openrouter/auto") and catalog.is_listed("openai/gpt-4o-mini:nitro")
+    for unlisted in ("openrouter/auto:" + uuid.uuid4().hex, "~openai/gpt-4o-mini", "openai/gpt-4o-mini:whatever"):
+        assert catalog.is_listed(unlisted) is False, unlisted
 
 
 def test_requests_refused_for_their_body_are_metered_too(inprocess: GatewayServer) -> None:

@@ -4,6 +4,7 @@ is not, Retry-After, the deadline, the retry budget, fallbacks and the circuit b
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -308,16 +309,30 @@ def hang_up(url: str, body: dict[str, Any], rid: str, after_s: float) -> None:
 
 def test_a_client_gone_gets_no_further_tries(retrying: GatewayServer, simulator: SimulatorThread) -> None:
     """Each try would be a generation OpenRouter bills; nobody is left to get its answer."""
-    rid, model = request_id(), "google/gemini-2.5-flash"  # 0.3 s to the first byte, 3 tries
+    rid, model = request_id(), "deepseek/deepseek-v3.2"
     gone_before = metric(retrying.url, "gateway_requests_total", model=model, status="499")
-    body = {"model": model, "messages": HELLO, **script({"ttfb_ms": 1500}, {"ttfb_ms": 1500}, {})}
-    hang_up(retrying.url, body, rid, after_s=0.1)
+    failing = script({"status": 503, "ttfb_ms": 1000}, {"status": 503}, {})  # a 503 after 1 s, then more tries
+    hang_up(retrying.url, {"model": model, "messages": HELLO, **failing}, rid, after_s=0.1)
     wait_until(
         lambda: metric(retrying.url, "gateway_requests_total", model=model, status="499") == gone_before + 1,
         10,
         "the request metered as 499",
     )
     assert len(attempts(simulator, rid)) == 1
+
+
+def test_a_slow_upload_is_not_counted_against_the_deadline(retrying: GatewayServer) -> None:
+    """The deadline (2 s here) is for OpenRouter's answer; the client's own upload time is its own."""
+    body = json.dumps({"model": "openai/gpt-4o-mini", "messages": HELLO}).encode()
+
+    def slowly() -> Iterator[bytes]:
+        for n in range(0, len(body), len(body) // 5 + 1):
+            time.sleep(0.6)  # the client's pace, not a synchronisation
+            yield body[n : n + len(body) // 5 + 1]
+
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}", "content-type": "application/json"}
+    response = httpx.post(retrying.url + "/v1/chat/completions", content=slowly(), headers=headers, timeout=20)
+    assert response.status_code == 200, response.text
 
 
 def test_an_answer_nobody_waits_for_is_still_metered(retrying: GatewayServer, simulator: SimulatorThread) -> None:

@@ -37,6 +37,7 @@ async def proxy(
         scope[ANSWERING] = call  # the server marks it if the client hangs up (no further tries)
     try:
         raw = await read_json_body(headers, receive, gateway.settings.max_body_bytes)
+        gateway.body_received(call)
         if gateway.settings.log_bodies:
             call.logged_body = raw[:BODY_LOG_LIMIT].decode("utf-8", "replace")
             call.logged_stream = bytearray()

@@ -102,9 +102,10 @@ class Catalog:
     def is_listed(self, model_id: str) -> bool | None:
         """Whether the catalogue as it is now lists the model (or its base, for a variant); None
         before it is loaded."""
-        if not self._entries:
+        entries = self._entries
+        if not entries:
             return None
-        return self.cached_entry(model_id) is not None
+        return model_id in entries or (model_id.endswith(_VARIANT_SUFFIXES) and model_id.rsplit(":", 1)[0] in entries)
 
     def cached_entry(self, model_id: str) -> dict[str, Any] | None:
         """The catalogue entry as it is now (a variant such as `:nitro` reads its base model)."""

@@ -85,8 +85,11 @@ def _store_problem(settings: Settings) -> str | None:
     try:
         asyncio.run(ping())
     except Exception as exc:  # any failure to reach it is the problem reported
-        parts = urlsplit(settings.store)
-        shown = f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
+        try:
+            parts = urlsplit(settings.store)
+            shown = f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
+        except ValueError:  # not even a URL: its scheme only (the rest may hold a password)
+            shown = settings.store.split("://", 1)[0] + "://…"
         return f"store: {shown} does not answer ({type(exc).__name__}: {exc or 'timed out'})"
     return None
 
