@@ -110,6 +110,14 @@ def test_same_name_in_team_is_an_idempotent_409(admin: httpx.Client) -> None:
         assert again.json()["error"]["metadata"] == {"id": first["id"]}
     assert len(admin.get("/keys", params={"team": team}).json()["data"]) == 1
     assert admin.post("/teams", json={"name": team}).status_code == 409
+    assert "revoked" not in again.json()["error"]["message"]
+    admin.post(f"/keys/{first['id']}/revoke")
+    held = admin.post("/keys", json={"name": first["name"], "team": team})
+    assert held.status_code == 409 and held.json()["error"]["metadata"] == {"id": first["id"]}
+    assert (
+        "a revoked key keeps its name" in held.json()["error"]["message"]
+        and "rotate" in held.json()["error"]["message"]
+    )
 
 
 def test_unusable_keys_get_401(keyed: GatewayServer, admin: httpx.Client) -> None:

@@ -65,8 +65,15 @@ class Registry:
         )
         holder = await self.store.create_key(key)
         if holder is not None:
+            held = await self.store.get_key(holder)
+            why = (
+                "; a revoked key keeps its name (for the usage history): pick another name, or rotate a "
+                "key instead of revoking it to give its holder a new secret"
+                if held is not None and held.revoked
+                else ""
+            )
             raise ConflictError(
-                f"Team '{team}' already has a key named '{name}' (id {holder}).",
+                f"Team '{team}' already has a key named '{name}' (id {holder}){why}.",
                 param="name",
                 code="key_exists",
                 metadata={"id": holder},
