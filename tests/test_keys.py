@@ -355,6 +355,27 @@ def test_admin_bodies_that_are_not_json_get_a_clear_400(admin: httpx.Client, raw
     assert error["code"] == "invalid_json" and error["message"] == "The body is not valid JSON."
 
 
+def test_keys_list_in_pages(admin: httpx.Client) -> None:
+    team = make_team(admin)
+    made = [make_key(admin, team)["id"] for _ in range(5)]
+    everything = admin.get("/keys", params={"team": team}).json()
+    assert [k["id"] for k in everything["data"]] == made and everything["has_more"] is False
+    pages, after = [], None
+    while True:
+        page = admin.get("/keys", params={"team": team, "limit": 2, **({"after": after} if after else {})}).json()
+        pages.append([k["id"] for k in page["data"]])
+        if not page["has_more"]:
+            break
+        after = pages[-1][-1]
+    assert pages == [made[0:2], made[2:4], made[4:5]]
+    admin.post(f"/keys/{made[1]}/revoke")  # filtered out, yet still a place to continue from
+    active = admin.get("/keys", params={"team": team, "include_revoked": "false", "after": made[1], "limit": 2}).json()
+    assert [k["id"] for k in active["data"]] == made[2:4] and active["has_more"] is True
+    unknown = admin.get("/keys", params={"team": team, "after": "nosuchkey000"})
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "after"
+    assert admin.get("/keys", params={"limit": 0}).status_code == 400
+
+
 def test_changing_a_budget_amount_keeps_its_period(admin: httpx.Client) -> None:
     """Only a budget set without any period gets the default month; a PATCH of the amount alone
     (API or CLI) must not turn a daily or lifetime budget into a monthly one."""

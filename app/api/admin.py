@@ -97,6 +97,7 @@ class TeamList(BaseModel):
 class KeyList(BaseModel):
     object: str = "list"
     data: list[KeyOut]
+    has_more: bool = False
 
 
 def _team_name(name: str) -> str:
@@ -158,17 +159,23 @@ async def list_keys(
     team: Annotated[str | None, Query(description="only this team's keys")] = None,
     include_revoked: bool = True,
     include_expired: bool = True,
+    limit: Annotated[int | None, Query(ge=1, le=10_000, description="at most this many (oldest first)")] = None,
+    after: Annotated[str | None, Query(description="the last id of the previous page")] = None,
 ) -> Any:
-    keys = await gateway.registry.store.list_keys(team=team)
+    keys = sorted(await gateway.registry.store.list_keys(team=team), key=lambda k: (k.created_at, k.id))
+    if after is not None:  # a cursor into the whole list, oldest first: a key filtered out still marks a place
+        ids = [k.id for k in keys]
+        if after not in ids:
+            raise InvalidRequestError(f"after: no key with id '{after}' in this listing", param="after")
+        keys = keys[ids.index(after) + 1 :]
     now = datetime.now(UTC)
-    return {
-        "object": "list",
-        "data": [
-            _key_out(k)
-            for k in keys
-            if (include_revoked or not k.revoked) and (include_expired or k.expires_at is None or k.expires_at > now)
-        ],
-    }
+    shown = [
+        k
+        for k in keys
+        if (include_revoked or not k.revoked) and (include_expired or k.expires_at is None or k.expires_at > now)
+    ]
+    page = shown if limit is None else shown[:limit]
+    return {"object": "list", "data": [_key_out(k) for k in page], "has_more": len(page) < len(shown)}
 
 
 @router.get("/keys/{key_id}", response_model=KeyShown, summary="Show a key and its budget's spend")
