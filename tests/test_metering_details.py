@@ -483,6 +483,11 @@ def test_requests_refused_for_their_body_are_metered_too(inprocess: GatewayServe
         assert response.status_code == status, response.text
     wrong_type = httpx.post(url + "/v1/embeddings", content=b"x", headers={**headers, "content-type": "text/plain"})
     assert wrong_type.status_code == 415
+    unknown_before = metric(url, "gateway_requests_total", key="", status="401")
+    for bad in ("Bearer sk-gw-nosuchkey000-" + "x" * 32, "Bearer not-a-key", "Basic abc"):
+        refused = httpx.post(url + "/v1/chat/completions", json={"messages": HELLO}, headers={"Authorization": bad})
+        assert refused.status_code == 401
+    assert metric(url, "gateway_requests_total", key="", status="401") == unknown_before + 3  # counted, key unknown
     counted = {
         status: metric(url, "gateway_requests_total", key=key["name"], status=status)
         for status in ("400", "413", "415")

@@ -13,6 +13,7 @@ from starlette.types import Receive
 
 from app.api.deps import GatewayDep, read_json_body, request_id
 from app.api.responses import JSONBytes, SSEResponse
+from app.auth.keys import UNKNOWN
 from app.call import ANSWERING, CHAT, COMPLETIONS, EMBEDDINGS, Endpoint
 from app.errors import GatewayError
 from app.gateway import Gateway, response_headers
@@ -31,7 +32,11 @@ async def proxy(
     scope: MutableMapping[str, Any] | None = None,
 ) -> Response:
     """DESIGN §4: authenticate → parse → resolve → normalise → admit → forward → relay → meter."""
-    principal = await gateway.authenticate(headers.get("authorization"))
+    try:
+        principal = await gateway.authenticate(headers.get("authorization"))
+    except GatewayError as error:  # counted and logged too (key ""): a flood of bad keys shows
+        gateway.finish(gateway.new_call(request_id, endpoint, UNKNOWN), error)
+        raise
     call = gateway.new_call(request_id, endpoint, principal)  # from here on, metered however it ends
     if scope is not None:
         scope[ANSWERING] = call  # the server marks it if the client hangs up (no further tries)

@@ -92,6 +92,7 @@ class Principal:
 
 
 BOOTSTRAP = Principal(key_id="bootstrap", key_name="bootstrap")
+UNKNOWN = Principal(key_id="", key_name="")  # a request refused before its key was known (401)
 
 
 @dataclass(slots=True)
