@@ -51,6 +51,7 @@ class ProxyCall:
     error_code: str | None = None
     generation_id: str | None = None
     usage: Usage | None = None  # summed over every try OpenRouter billed
+    unread: list[str] | None = None  # generation ids of tries whose usage could not be read
     parsed: Any = None  # the non-streaming response body, parsed once
     payload: Any = None  # streams: the request body, to estimate a cut stream's prompt
     logged_body: str | None = None  # the request body, only when log_bodies is on
@@ -82,14 +83,11 @@ class ProxyCall:
         """Usage of one more billed try (a 200 with an error inside is billed, then retried)."""
         if usage is None:
             return
-        if self.usage is None:
-            self.usage = usage
-            return
-        cost = None if self.usage.cost_usd is None or usage.cost_usd is None else self.usage.cost_usd + usage.cost_usd
-        self.usage = Usage(
-            self.usage.prompt_tokens + usage.prompt_tokens,
-            self.usage.completion_tokens + usage.completion_tokens,
-            self.usage.reasoning_tokens + usage.reasoning_tokens,
-            self.usage.cached_tokens + usage.cached_tokens,
-            cost,
-        )
+        self.usage = usage if self.usage is None else self.usage.plus(usage)
+
+    def usage_unread(self) -> None:
+        """OpenRouter answered this try with a 200 whose usage could not be read (a body that is
+        not JSON, or an error without usage): it may be billed, so its generation is looked up
+        later and added to what the other tries used."""
+        if self.generation_id:
+            self.unread = [*(self.unread or ()), self.generation_id]

@@ -227,6 +227,50 @@ def test_ledger_usage_api_and_counters_equal_what_was_served(
     }
 
 
+def test_every_billed_try_is_metered_even_when_its_usage_could_not_be_read(
+    metered: GatewayServer, simulator: SimulatorThread
+) -> None:
+    """A try answered with a body the gateway cannot read may still be billed (a 200 that is not
+    JSON): its generation is looked up and added to what the other tries used, in the ledger,
+    the budget and the counters alike."""
+    with admin(metered) as client:
+        team = team_of(client)
+        key = client.post("/keys", json={"name": "tries-" + team, "team": team, "budget_usd": 10}).json()
+    marker = "unread-" + uuid.uuid4().hex
+    body = {
+        "model": "deepseek/deepseek-v3.2",
+        "messages": HELLO,
+        # billed with its usage (an error in a 200: retried), then billed with a body that is not JSON
+        "simulator": {"id": uuid.uuid4().hex, "sequence": [{"error_body_200": "choice"}, {"malformed": "json"}]},
+    }
+    httpx.post(
+        metered.url + "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {key['key']}", "x-request-id": marker},
+        timeout=30,
+    )
+    served = wait_until(lambda: (s := simulator_sums(simulator, marker))["billed"] == 2 and s, 10, "both tries billed")
+
+    def spent() -> tuple[Decimal, Decimal, int]:
+        with admin(metered) as client:
+            total = client.get("/usage", params={"key": key["id"]}).json()["total"]
+            budget = client.get(f"/keys/{key['id']}").json()["budget"]["spent_usd"]
+        return Decimal(repr(total["cost_usd"])), Decimal(repr(budget)), total["completion_tokens"]
+
+    wait_until(lambda: spent()[0] > 0 and abs(spent()[0] - served["cost"]) < Decimal("1e-9"), 20, "both in the ledger")
+    completion = spent()[2]
+    assert completion == served["completion"]
+    wait_until(lambda: abs(spent()[1] - served["cost"]) < Decimal("1e-9"), 10, "both in the budget")
+    text = httpx.get(metered.url + "/metrics").text
+    counted = sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "gateway_cost_usd_total" and s.labels.get("key") == key["name"]
+    )
+    assert abs(Decimal(repr(counted)) - served["cost"]) < Decimal("1e-9")
+
+
 def test_usage_api_rejects_bad_queries(metered: GatewayServer) -> None:
     with admin(metered) as client:
         for params in (

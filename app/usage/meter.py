@@ -73,8 +73,12 @@ class Meter:
             self.ledger.add(record)
         if call.reservation is not None:
             self.admission.settle(call.reservation, record.prompt_tokens + record.completion_tokens, record.cost_usd)
-        if record.estimated and record.generation_id:
-            self._spawn(self._reconcile(call, record))
+        if record.estimated:
+            lookups = list(call.unread or ())
+            if call.usage is None and call.generation_id and call.generation_id not in lookups:
+                lookups.append(call.generation_id)  # a cut stream's, or a try that told nothing
+            if lookups:
+                self._spawn(self._reconcile(call, record, lookups))
         if self.log_requests and requests_log.isEnabledFor(logging.INFO):
             fields = record.log_fields()
             if self.log_bodies:
@@ -121,13 +125,14 @@ class Meter:
             retries=call.retries,
         )
         if call.usage is not None:
+            # exact, unless another try's usage could not be read: then looked up and added
             cost, source = self.cost(call.usage, model)
-            return record.with_usage(call.usage, cost, source)
+            return record.with_usage(call.usage, cost, source, estimated=bool(call.unread))
         if call.stream and call.forwarded and call.data_events:
             seen = Usage(prompt_tokens=call.prompt_estimate, completion_tokens=max(0, call.data_events - 1))
             cost, _ = self.cost(seen, model)
             return record.with_usage(seen, cost, "catalogue", estimated=True)
-        if call.forwarded and call.generation_id:
+        if call.forwarded and (call.generation_id or call.unread):
             # OpenRouter started a generation but its body told us nothing usable (malformed, or
             # an error without usage): it may still be billed, so ask for its stats later.
             return record.with_usage(Usage(), Decimal(0), "none", estimated=True)
@@ -143,24 +148,46 @@ class Meter:
         return catalogue_cost(usage, prices), "catalogue"
 
     # -- reconciliation --------------------------------------------------------------------------
-    async def _reconcile(self, call: ProxyCall, estimate: UsageRecord) -> None:
-        assert estimate.generation_id is not None
+    async def _reconcile(self, call: ProxyCall, estimate: UsageRecord, lookups: list[str]) -> None:
+        """Replace the estimate by what OpenRouter's stats say: the usage read from the tries
+        (if any) plus each looked-up generation's. A generation that cannot be found keeps its
+        part of the estimate (a cut stream's tokens seen); when none can, the estimate stands."""
+        found: Usage | None = None
+        missing = []
+        for generation_id in lookups:
+            usage = await self._look_up(generation_id, call)
+            if usage is None:
+                missing.append(generation_id)
+            else:
+                found = usage if found is None else found.plus(usage)
+        if found is None:
+            self.metrics.reconciliations.labels("gave_up").inc()
+            self.metrics.observe_usage(estimate)  # the estimate stands, as marked
+            log.warning("generation %s could not be reconciled; its estimate stands", ", ".join(lookups))
+            return
+        exact = found if call.usage is None else call.usage.plus(found)
+        if call.usage is None and call.generation_id in missing:  # a cut stream never found: its estimate
+            seen = Usage(estimate.prompt_tokens, estimate.completion_tokens, cost_usd=estimate.cost_usd)
+            exact = exact.plus(seen)
+        if missing:
+            log.warning("generation %s could not be looked up; counted as estimated", ", ".join(missing))
+        await self._apply(call.reservation, estimate, exact)
+
+    async def _look_up(self, generation_id: str, call: ProxyCall) -> Usage | None:
+        """One generation's usage from OpenRouter's stats, asked again while it is not there yet."""
         for delay in self._delays:
             await asyncio.sleep(delay)
             try:
-                status, body = await self._lookup(estimate.generation_id, call)
+                status, body = await self._lookup(generation_id, call)
             except Exception as exc:  # a lookup failure must never escape a background task
                 log.debug("generation lookup failed: %s", exc)
                 continue
             data = body.get("data") if isinstance(body, dict) else None
             if status == 200 and isinstance(data, dict):
-                await self._apply(call.reservation, estimate, Usage.from_generation(data))
-                return
+                return Usage.from_generation(data)
             if status not in (404, 429) and status < 500:
                 break
-        self.metrics.reconciliations.labels("gave_up").inc()
-        self.metrics.observe_usage(estimate)  # the estimate stands, as marked
-        log.warning("generation %s could not be reconciled; its estimate stands", estimate.generation_id)
+        return None
 
     async def _apply(self, reservation: Reservation | None, estimate: UsageRecord, usage: Usage) -> None:
         cost, source = self.cost(usage, estimate.model)
