@@ -141,14 +141,15 @@ class Forwarder:
             raise UpstreamError(
                 "OpenRouter returned a body that is not JSON.", code="upstream_invalid_response"
             ) from None
-        usage = Usage.from_openrouter(parsed.get("usage")) if isinstance(parsed, dict) else None
+        usage = None
+        if isinstance(parsed, dict):
+            usage = Usage.from_openrouter(parsed.get("usage"))
+            call.model_served = parsed["model"] if isinstance(parsed.get("model"), str) else call.model_served
+            call.provider = parsed["provider"] if isinstance(parsed.get("provider"), str) else call.provider
         if usage is None:
             call.usage_unread()
         else:  # read usage first: a 200 carrying an error may still be billed
             call.add_usage(usage)
-        if isinstance(parsed, dict):
-            call.model_served = parsed["model"] if isinstance(parsed.get("model"), str) else call.model_served
-            call.provider = parsed["provider"] if isinstance(parsed.get("provider"), str) else call.provider
         error = body_error(parsed, call.endpoint.expect)
         if error is not None:
             raise error

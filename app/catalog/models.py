@@ -92,7 +92,7 @@ class Catalog:
     async def check_known(self, model_id: str) -> None:
         """404 for a model OpenRouter does not list. Without a catalogue, let OpenRouter judge."""
         entries = await self.entries()
-        if not entries or _is_listed(model_id, entries):
+        if not entries or model_id.startswith(_ROUTER_PREFIXES) or _listed(model_id, entries):
             return
         raise ModelNotFoundError(f"The model '{model_id}' does not exist on OpenRouter.", param="model")
 
@@ -102,10 +102,7 @@ class Catalog:
     def is_listed(self, model_id: str) -> bool | None:
         """Whether the catalogue as it is now lists the model (or its base, for a variant); None
         before it is loaded."""
-        entries = self._entries
-        if not entries:
-            return None
-        return model_id in entries or (model_id.endswith(_VARIANT_SUFFIXES) and model_id.rsplit(":", 1)[0] in entries)
+        return _listed(model_id, self._entries) if self._entries else None
 
     def cached_entry(self, model_id: str) -> dict[str, Any] | None:
         """The catalogue entry as it is now (a variant such as `:nitro` reads its base model)."""
@@ -173,10 +170,9 @@ class Catalog:
         return entries
 
 
-def _is_listed(model_id: str, entries: dict[str, dict[str, Any]]) -> bool:
-    if model_id in entries or model_id.startswith(_ROUTER_PREFIXES):
-        return True
-    return model_id.endswith(_VARIANT_SUFFIXES) and model_id.rsplit(":", 1)[0] in entries
+def _listed(model_id: str, entries: dict[str, dict[str, Any]]) -> bool:
+    """The catalogue lists the model, or the base of a known variant (`:nitro`, …)."""
+    return model_id in entries or (model_id.endswith(_VARIANT_SUFFIXES) and model_id.rsplit(":", 1)[0] in entries)
 
 
 def to_openai_model(entry: dict[str, Any]) -> dict[str, Any]:
