@@ -562,7 +562,7 @@ class RedisStore:
             finally:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(CLOSE_TIMEOUT_S):  # also when cancelled: a bounded wait
-                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+                        await pubsub.aclose()
 
 
 def _verdict(result: list[Any]) -> Verdict:
