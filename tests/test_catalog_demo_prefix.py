@@ -207,7 +207,7 @@ def test_api_v1_prefix_serves_completions_embeddings_and_models_like_v1(gateway:
 
 
 def test_demo_prints_an_sdk_snippet_that_answers(tmp_path: Path) -> None:
-    assert GATEWAY_BINARY.exists(), "install the project (pip install -e '.[test]') to get the console script"
+    assert GATEWAY_BINARY.exists(), "install the project (uv sync, or uv run pytest) to get the console script"
     port = free_port_number()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "OPENROUTER_", "OPENAI_"))}
     nowhere = "http://192.0.2.1:9/unreachable"  # the demo and the snippet must need none of these

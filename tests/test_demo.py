@@ -36,7 +36,7 @@ def healthy(url: str) -> bool:
 
 @pytest.mark.skipif(shutil.which("curl") is None and not os.environ.get("CI"), reason="curl is not installed")
 def test_demo_answers_the_printed_curl(tmp_path: Path) -> None:
-    assert GATEWAY.exists(), "install the project (pip install -e '.[test]') to get the console script"
+    assert GATEWAY.exists(), "install the project (uv sync, or uv run pytest) to get the console script"
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "OPENROUTER_"))}
     env["OPENROUTER_BASE_URL"] = "http://192.0.2.1:9/unreachable"  # the demo must not need it
