@@ -18,6 +18,7 @@ from app.auth.keys import hash_key
 from app.auth.records import KEY_ID, NAME, Amount, KeyFields, KeyRecord, Name, TeamFields, TeamRecord
 from app.errors import AdminDisabledError, AuthenticationError, InvalidRequestError, NotFoundError
 from app.gateway import Gateway
+from app.usage.ledger import usage_columns
 
 _bearer = HTTPBearer(auto_error=False, description="GATEWAY_ADMIN_KEY")
 
@@ -235,7 +236,7 @@ async def usage(
     end: Annotated[date | None, Query(alias="to", description="last UTC day, included (default: today)")] = None,
     group_by: Annotated[str, Query(description="comma-separated: team, key, model, day")] = "team,key,model",
     team: str | None = None,
-    key: Annotated[str | None, Query(description="a key's name or id")] = None,
+    key: Annotated[str | None, Query(description="a key's id, or team/name, or a name only one team has")] = None,
 ) -> Any:
     today = datetime.now(UTC).date()
     team, key = team or None, key or None  # an empty filter (`team=`) is no filter
@@ -249,18 +250,17 @@ async def usage(
         raise InvalidRequestError("from must be on or before to, at most 366 days apart", param="from")
     data, total = await gateway.ledger.query(start, end, groups, team=team, key=key)
     if "text/csv" in request.headers.get("accept", ""):
-        return Response(_csv(groups, data, total), media_type="text/csv; charset=utf-8")
+        return Response(_csv(usage_columns(groups), data, total), media_type="text/csv; charset=utf-8")
     return {"data": data, "total": total}
 
 
-def _csv(groups: list[str], data: list[dict[str, Any]], total: dict[str, Any]) -> str:
+def _csv(columns: list[str], data: list[dict[str, Any]], total: dict[str, Any]) -> str:
     buffer = io.StringIO()
     measures = list(total)
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*groups, *measures])
+    writer.writerow([*columns, *measures])
     for row in data:
-        writer.writerow([row.get(g) or "" for g in groups] + [row[m] for m in measures])
-    writer.writerow(
-        ["total", *[""] * (len(groups) - 1), *[total[m] for m in measures]] if groups else [total[m] for m in measures]
-    )
+        writer.writerow([row.get(c) or "" for c in columns] + [row[m] for m in measures])
+    sums = [total[m] for m in measures]
+    writer.writerow(["total", *[""] * (len(columns) - 1), *sums] if columns else sums)
     return buffer.getvalue()

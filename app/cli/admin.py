@@ -91,7 +91,7 @@ def add_commands(commands: Any) -> None:
     usage.add_argument("--to", dest="end", help="last UTC day, included (default: today)")
     usage.add_argument("--group-by", default="team,key,model", help="comma-separated: team, key, model, day")
     usage.add_argument("--team")
-    usage.add_argument("--key", help="a key's name or id")
+    usage.add_argument("--key", help="a key's id, or team/name, or a name only one team has")
     usage.add_argument("--csv", action="store_true", help="print CSV")
     _common(usage, _usage)
 
@@ -228,8 +228,9 @@ def _usage(api: Api, args: argparse.Namespace) -> Any:
     if args.csv:
         return Csv(api.call("GET", "/admin/usage", params=params, accept="text/csv"))
     report = api.call("GET", "/admin/usage", params=params)
-    groups = [g.strip() for g in args.group_by.split(",") if g.strip()]
-    return Report(report, groups)
+    from app.usage.ledger import usage_columns
+
+    return Report(report, usage_columns(g.strip() for g in args.group_by.split(",")))
 
 
 class Csv(str):

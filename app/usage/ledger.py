@@ -18,6 +18,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from app.errors import InvalidRequestError
 from app.store.base import LedgerBatch, Store, StoreError
 from app.usage.record import UsageRecord
 
@@ -160,29 +161,67 @@ class Ledger:
     async def query(
         self, start: date, end: date, group_by: Iterable[str], team: str | None = None, key: str | None = None
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Sums per group over UTC days `start`..`end`. Keys are told apart by id (two teams may
+        each have an `alice`): a row grouped by key carries its name, id and team. `key` filters
+        by id, `team/name`, or a bare name that only one team has."""
         days = [(start + timedelta(days=n)).strftime("%Y%m%d") for n in range((end - start).days + 1)]
         stored, names = await self.store.ledger_read(days)
-        groups = [g for g in GROUPS if g in group_by]
+        columns = usage_columns(group_by)
+        wanted = _key_ids(key, stored, names, team) if key is not None else None
         rows: dict[tuple[Any, ...], dict[str, int]] = {}
         total = dict.fromkeys(MEASURES, 0)
         for day, fields in stored.items():
             for name, value in fields.items():
                 team_name, key_id, model, measure = name.split(SEPARATOR, 3)
-                if team is not None and team_name != team:
-                    continue
-                if key is not None and key not in (key_id, names.get(key_id)):
+                if (team is not None and team_name != team) or (wanted is not None and key_id not in wanted):
                     continue
                 values = {
                     "day": f"{day[:4]}-{day[4:6]}-{day[6:]}",
                     "team": team_name or None,
                     "key": names.get(key_id, key_id),
+                    "key_id": key_id,
                     "model": model or None,
                 }
-                row = rows.setdefault(tuple(values[g] for g in groups), dict.fromkeys(MEASURES, 0))
+                row = rows.setdefault(tuple(values[c] for c in columns), dict.fromkeys(MEASURES, 0))
                 row[measure] += value
                 total[measure] += value
-        data = [{**dict(zip(groups, k, strict=True)), **_shown(v)} for k, v in sorted(rows.items(), key=_order)]
+        data = [{**dict(zip(columns, k, strict=True)), **_shown(v)} for k, v in sorted(rows.items(), key=_order)]
         return data, _shown(total)
+
+
+def usage_columns(group_by: Iterable[str]) -> list[str]:
+    """A usage row's group columns: a key comes with its id and its team, since a name alone is
+    only unique within a team."""
+    groups = set(group_by)
+    columns = []
+    for group in GROUPS:
+        if group in groups or (group == "team" and "key" in groups):
+            columns.append(group)
+        if group == "key" and group in groups:
+            columns.append("key_id")
+    return columns
+
+
+def _key_ids(key: str, stored: dict[str, dict[str, int]], names: dict[str, str], team: str | None) -> set[str]:
+    """The key ids a usage filter names: an id, `team/name`, or a name only one team has."""
+    teams: dict[str, str] = {}  # key id -> its team, as the ledger recorded it
+    for fields in stored.values():
+        for field in fields:
+            team_name, key_id, _ = field.split(SEPARATOR, 2)
+            teams.setdefault(key_id, team_name)
+    if key in teams or key in names:
+        return {key}
+    team_part, slash, name = key.rpartition("/")
+    if slash:
+        return {i for i, t in teams.items() if t == team_part and names.get(i) == name}
+    ids = {i for i, t in teams.items() if names.get(i) == key and (team is None or t == team)}
+    owners = sorted({teams[i] for i in ids})
+    if len(owners) > 1:
+        choices = ", ".join(f"{owner}/{key}" for owner in owners)
+        raise InvalidRequestError(
+            f"key: {key!r} names keys of several teams; name one as team/name ({choices}) or by its id.", param="key"
+        )
+    return ids
 
 
 def _order(item: tuple[tuple[Any, ...], dict[str, int]]) -> tuple[str, ...]:

@@ -1,0 +1,77 @@
+"""The usage report keeps keys apart by identity: two teams may each have a key named `alice`,
+and `group_by=key`, the `key` filter, the CSV and `gateway usage` never merge them."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.support import ADMIN_KEY, GatewayServer, wait_until
+
+GATEWAY = Path(sys.executable).with_name("gateway")
+
+
+def test_keys_of_the_same_name_in_two_teams_are_reported_apart(keyed: GatewayServer) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    ml, ops = f"ml-{suffix}", f"ops-{suffix}"
+    with httpx.Client(base_url=keyed.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=20) as admin:
+        keys = {}
+        for team, count in ((ml, 1), (ops, 2)):
+            assert admin.post("/admin/teams", json={"name": team}).status_code == 201
+            keys[team] = admin.post("/admin/keys", json={"name": "alice", "team": team}).json()
+            for _ in range(count):  # ml's alice sends one request, ops's alice two
+                reply = httpx.post(
+                    keyed.url + "/v1/chat/completions",
+                    headers={"Authorization": f"Bearer {keys[team]['key']}"},
+                    json={"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+                    timeout=20,
+                )
+                assert reply.status_code == 200, reply.text
+
+        def usage(**params: str) -> httpx.Response:
+            return admin.get("/admin/usage", params={"group_by": "key", **params})
+
+        def rows() -> list[dict[str, Any]]:
+            return [r for r in usage().json()["data"] if r["team"] in (ml, ops)]
+
+        wait_until(lambda: sum(r["requests"] for r in rows()) == 3, 10, "the ledger")
+        by_team = {r["team"]: r for r in rows()}
+        assert set(by_team) == {ml, ops}  # two rows, not one `alice`
+        for team, requests in ((ml, 1), (ops, 2)):
+            row = by_team[team]
+            assert (row["key"], row["key_id"], row["requests"]) == ("alice", keys[team]["id"], requests)
+
+        for key in (f"{ops}/alice", keys[ops]["id"]):  # a key named by team/name or by id
+            assert usage(key=key).json()["total"]["requests"] == 2
+        assert usage(key="alice", team=ml).json()["total"]["requests"] == 1  # a name within one team
+        ambiguous = usage(key="alice")
+        assert ambiguous.status_code == 400
+        error = ambiguous.json()["error"]
+        assert error["param"] == "key" and f"{ml}/alice" in error["message"] and f"{ops}/alice" in error["message"]
+
+        text = admin.get("/admin/usage", params={"group_by": "key"}, headers={"Accept": "text/csv"}).text
+        table = list(csv.DictReader(io.StringIO(text)))
+        assert list(table[0])[:3] == ["team", "key", "key_id"]
+        mine = {(r["team"], r["key"], r["key_id"]): r["requests"] for r in table if r["team"] in (ml, ops)}
+        assert mine == {(ml, "alice", keys[ml]["id"]): "1", (ops, "alice", keys[ops]["id"]): "2"}
+
+    env = {**os.environ, "GATEWAY_ADMIN_KEY": ADMIN_KEY, "GATEWAY_URL": keyed.url}
+    result = subprocess.run(
+        [str(GATEWAY), "usage", "--group-by", "key", "--key", f"{ml}/alice"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:3] == ["TEAM", "KEY", "KEY_ID"]
+    assert any(line.split()[:4] == [ml, "alice", keys[ml]["id"], "1"] for line in lines)
