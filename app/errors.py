@@ -117,6 +117,10 @@ class AuthenticationError(GatewayError):
     type = "invalid_request_error"
     code = "invalid_api_key"
 
+    def __init__(self, message: str, *, refused: Any = None) -> None:
+        super().__init__(message)
+        self.refused = refused  # the key's Principal when the key exists (revoked, expired, an old secret)
+
 
 class AdminDisabledError(GatewayError):
     status = 403

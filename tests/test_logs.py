@@ -139,3 +139,42 @@ def test_bodies_only_when_enabled(simulator: SimulatorThread, tmp_path: Path) ->
     assert "data: {" in streamed["response_body"] and "data: [DONE]" in streamed["response_body"]
     assert '"content":"Hello' in streamed["response_body"].replace(" ", "")
     assert CLIENT_KEY not in json.dumps(entries)  # headers are never logged, even then
+
+
+def test_a_refused_secret_of_a_known_key_is_logged_under_its_id(simulator: SimulatorThread, tmp_path: Path) -> None:
+    """A rotated-out or revoked secret still names its key (the public id is part of it): the
+    401's request line says whose it is, so an old secret left in some script can be found."""
+    log = tmp_path / "refused.log"
+    env = {
+        "OPENROUTER_BASE_URL": simulator.base_url,
+        "OPENROUTER_API_KEY": UPSTREAM_KEY,
+        "GATEWAY_ADMIN_KEY": ADMIN_KEY,
+        "GATEWAY_CONFIG": "/dev/null",
+    }
+    rid = "refused-" + uuid.uuid4().hex
+    body = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    with GatewayProcess(env, str(log)) as gateway, httpx.Client(base_url=gateway.url, timeout=20) as http:
+        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        assert http.post("/admin/teams", json={"name": "ml"}, headers=admin).status_code == 201
+        key = http.post("/admin/keys", json={"name": "alice", "team": "ml"}, headers=admin).json()
+        rotated = http.post(f"/admin/keys/{key['id']}/rotate", json={"grace_period_s": 0}, headers=admin).json()
+
+        def send(secret: str, suffix: str) -> int:
+            headers = {"Authorization": f"Bearer {secret}", "x-request-id": rid + suffix}
+            return http.post("/v1/chat/completions", json=body, headers=headers).status_code
+
+        assert send(key["key"], "-old") == 401  # the secret before the rotation
+        assert http.post(f"/admin/keys/{key['id']}/revoke", headers=admin).status_code == 200
+        assert send(rotated["key"], "-revoked") == 401
+        assert send("sk-gw-nobodyatall-" + "x" * 32, "-unknown") == 401
+
+        def refusals() -> dict[str, dict[str, Any]]:
+            found = {e["request_id"]: e for e in lines(log) if e.get("request_id", "").startswith(rid)}
+            return found if len(found) == 3 else {}
+
+        entries = wait_until(refusals, 10, "the three request lines")
+    for suffix in ("-old", "-revoked"):
+        entry = entries[rid + suffix]
+        assert (entry["status"], entry["key_id"], entry["key"], entry["team"]) == (401, key["id"], "alice", "ml")
+    assert entries[rid + "-unknown"]["key_id"] == ""  # no such key: nobody to name
+    assert key["key"] not in log.read_text() and rotated["key"] not in log.read_text()

@@ -15,7 +15,7 @@ from app.api.deps import GatewayDep, read_json_body, request_id
 from app.api.responses import JSONBytes, SSEResponse
 from app.auth.keys import UNKNOWN
 from app.call import ANSWERING, CHAT, COMPLETIONS, EMBEDDINGS, Endpoint
-from app.errors import GatewayError
+from app.errors import AuthenticationError, GatewayError
 from app.gateway import Gateway, response_headers
 from app.normalize.stream import StreamRelay
 from app.usage.meter import BODY_LOG_LIMIT
@@ -34,8 +34,9 @@ async def proxy(
     """DESIGN §4: authenticate → parse → resolve → normalise → admit → forward → relay → meter."""
     try:
         principal = await gateway.authenticate(headers.get("authorization"))
-    except GatewayError as error:  # counted and logged too (key ""): a flood of bad keys shows
-        gateway.finish(gateway.new_call(request_id, endpoint, UNKNOWN), error)
+    except GatewayError as error:  # counted and logged too: a flood of bad keys shows
+        refused = error.refused if isinstance(error, AuthenticationError) else None
+        gateway.finish(gateway.new_call(request_id, endpoint, refused or UNKNOWN), error)  # key "" if unknown
         raise
     call = gateway.new_call(request_id, endpoint, principal)  # from here on, metered however it ends
     if scope is not None:

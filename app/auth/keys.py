@@ -133,16 +133,21 @@ class KeyAuthenticator:
         if key_id is None:
             raise AuthenticationError("Incorrect API key provided.")
         entry = await self._entry(key_id)
-        record = entry.record
-        if record is None or entry.principal is None or not _secret_matches(record, digest):
+        record, principal = entry.record, entry.principal
+        if record is None or principal is None:
             raise AuthenticationError("Incorrect API key provided.")
+        # From here the key exists: its refusal is logged and counted under its id and name (an old
+        # secret still in use after a rotation shows whose it is).
+        if not _secret_matches(record, digest):
+            raise AuthenticationError("Incorrect API key provided.", refused=principal)
         if record.revoked:
-            raise AuthenticationError("This API key has been revoked.")
+            raise AuthenticationError("This API key has been revoked.", refused=principal)
         moment = time.time()
         if entry.expires is not None and entry.expires <= moment:
-            raise AuthenticationError(f"This API key expired at {record.expires_at.isoformat()}.")  # type: ignore[union-attr]
+            expired = f"This API key expired at {record.expires_at.isoformat()}."  # type: ignore[union-attr]
+            raise AuthenticationError(expired, refused=principal)
         self.last_used[key_id] = moment
-        return entry.principal
+        return principal
 
     def invalidate(self, change: str) -> None:
         kind, _, name = change.partition(":")
