@@ -3,10 +3,10 @@
     GatewayError                      500 server_error / internal_error
     ├── InvalidRequestError           400 invalid_request_error / specific code
     │   ├── RequestTooLargeError      413 request_too_large
-    │   └── UnsupportedMediaTypeError 415 unsupported_media_type
+    │   ├── UnsupportedMediaTypeError 415 unsupported_media_type
     │   ├── NotFoundError             404 not_found (an admin resource)
-    │   └── ConflictError             409 already_exists | read_only | … (x-should-retry: false)
-    ├── RouteNotFoundError            404 unknown_url
+    │   ├── ConflictError             409 already_exists | read_only | … (x-should-retry: false)
+    │   └── RouteNotFoundError        404 unknown_url
     ├── AuthenticationError           401 invalid_api_key
     ├── AdminDisabledError            403 admin_api_disabled
     ├── ModelNotAllowedError          403 model_not_allowed
