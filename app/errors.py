@@ -9,6 +9,7 @@
     ├── RouteNotFoundError            404 unknown_url
     ├── AuthenticationError           401 invalid_api_key
     ├── AdminDisabledError            403 admin_api_disabled
+    ├── MetricsDisabledError          403 metrics_disabled (no GATEWAY_METRICS_KEY nor admin key)
     ├── ModelNotAllowedError          403 model_not_allowed
     ├── ModelNotFoundError            404 model_not_found
     ├── StoreUnavailableError         503 store_unavailable
@@ -122,6 +123,12 @@ class AdminDisabledError(GatewayError):
     status = 403
     type = "invalid_request_error"
     code = "admin_api_disabled"
+
+
+class MetricsDisabledError(GatewayError):
+    status = 403
+    type = "invalid_request_error"
+    code = "metrics_disabled"
 
 
 class StoreUnavailableError(GatewayError):

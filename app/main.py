@@ -153,6 +153,7 @@ def _finish(app: GatewayApp, settings: Settings, admin_routes: bool, inference: 
         max_headers=settings.max_headers,
         admin=admin_routes,
         inference=inference,
+        metrics_keys=[key.get_secret_value() for key in (settings.metrics_key, settings.admin_key) if key],
     )
     if settings.cors_origins:  # outermost, so fast-lane responses get the headers too
         front = CORSMiddleware(

@@ -71,7 +71,8 @@ def every_kind_of_response(url: str, rid: bytes | None) -> dict[str, httpx.Respo
             text = "".join(streamed.iter_text())
         assert streamed.status_code == 200 and text.endswith("data: [DONE]\n\n")
         answers["stream"] = streamed
-        for path in ("/metrics", "/healthz", "/readyz", "/openapi.json"):
+        answers["/metrics"] = http.get("/metrics", headers={**ADMIN, **sent})
+        for path in ("/healthz", "/readyz", "/openapi.json"):
             answers[path] = http.get(path, headers=sent)
         answers["/v1/models"] = http.get("/v1/models", headers={**CLIENT, **sent})
         answers["admin 201"] = http.post("/admin/teams", json={"name": team}, headers={**ADMIN, **sent})
