@@ -124,14 +124,19 @@ def test_dockerfile_commands_build_and_run_the_gateway(tmp_path: Path, simulator
         assert code == 0
 
 
-def test_compose_file_validates(tmp_path: Path) -> None:
-    compose = require_tool("docker-compose", "docker-compose")
-    env = {
+def compose_env() -> dict[str, str]:
+    """What compose requires from the environment (it refuses to start without each)."""
+    return {
         **os.environ,
         "OPENROUTER_API_KEY": "sk-or-v1-compose-check",
         "GATEWAY_ADMIN_KEY": "compose-check-admin",
         "GRAFANA_ADMIN_PASSWORD": "compose-check-grafana",
     }
+
+
+def test_compose_file_validates(tmp_path: Path) -> None:
+    compose = require_tool("docker-compose", "docker-compose")
+    env = compose_env()
     result = subprocess.run(
         [compose, "-f", str(ROOT / "docker-compose.yml"), "config"],
         capture_output=True,
@@ -193,12 +198,7 @@ def test_the_published_port_does_not_serve_metrics() -> None:
 
 def compose_stack() -> dict[str, Any]:
     compose = require_tool("docker-compose", "docker-compose")
-    env = {
-        **os.environ,
-        "OPENROUTER_API_KEY": "sk-or-v1-compose-check",
-        "GATEWAY_ADMIN_KEY": "compose-check-admin",
-        "GRAFANA_ADMIN_PASSWORD": "compose-check-grafana",
-    }
+    env = compose_env()
     result = subprocess.run(
         [compose, "-f", str(ROOT / "docker-compose.yml"), "config"],
         capture_output=True,
