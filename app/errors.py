@@ -9,20 +9,24 @@
     │   └── RouteNotFoundError        404 unknown_url
     ├── AuthenticationError           401 invalid_api_key
     ├── AdminDisabledError            403 admin_api_disabled
+    ├── MetricsDisabledError          403 metrics_disabled (no GATEWAY_METRICS_KEY nor admin key)
     ├── ModelNotAllowedError          403 model_not_allowed
     ├── ModelNotFoundError            404 model_not_found
     ├── StoreUnavailableError         503 store_unavailable
     ├── ServerShuttingDownError       503 server_shutting_down (a stream open at the end of the drain)
     ├── RateLimitError                429 requests|tokens / rate_limit_exceeded
     │   └── BudgetExceededError       429 insufficient_quota (x-should-retry: false)
-    └── UpstreamError                 502 server_error / upstream_error
+    └── UpstreamError                 502 server_error / upstream_error | upstream_invalid_response
+        │                                 | catalogue_unavailable
         ├── UpstreamConnectionError   502 upstream_unreachable | upstream_reset (retryable)
         ├── UpstreamTimeoutError      504 upstream_timeout
         ├── UpstreamUnavailableError  503 upstream_auth_failed | upstream_insufficient_credits
+        │                                 | upstream_in_flight_budget | upstream_key_missing (x-should-retry: false)
         ├── CircuitOpenError          503 upstream_circuit_open (the model keeps failing; retry-after)
         └── UpstreamStatusError       OpenRouter's status and message, mapped by DESIGN §5
 
 `code` is always a string reason; OpenAI SDKs choose their exception class from the status.
+The README's error table lists every code (tests/test_error_table.py keeps the two together).
 """
 
 from __future__ import annotations
@@ -126,6 +130,12 @@ class AdminDisabledError(GatewayError):
     status = 403
     type = "invalid_request_error"
     code = "admin_api_disabled"
+
+
+class MetricsDisabledError(GatewayError):
+    status = 403
+    type = "invalid_request_error"
+    code = "metrics_disabled"
 
 
 class StoreUnavailableError(GatewayError):

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import __version__
 from app.api import admin, chat, health, models
+from app.api.docs import add_docs
 from app.api.edge import EdgeMiddleware
 from app.api.responses import error_response, gateway_error_handler
 from app.auth.keys import KeyAuthenticator
@@ -131,13 +132,17 @@ class GatewayApp(FastAPI):
 
 
 def _fastapi(settings: Settings, lifespan: Any) -> GatewayApp:
-    return GatewayApp(
+    app = GatewayApp(
         title="OpenRouter Gateway",
         version=__version__,
         description="An OpenAI-compatible gateway in front of OpenRouter.",
         lifespan=lifespan,
         redirect_slashes=False,  # an unknown path is a 404, not a redirect a client may not follow
+        docs_url=None,  # FastAPI's pages load their scripts from a CDN: ours are served locally
+        redoc_url=None,
     )
+    add_docs(app)
+    return app
 
 
 def _finish(app: GatewayApp, settings: Settings, admin_routes: bool, inference: bool) -> None:
@@ -153,6 +158,7 @@ def _finish(app: GatewayApp, settings: Settings, admin_routes: bool, inference: 
         max_headers=settings.max_headers,
         admin=admin_routes,
         inference=inference,
+        metrics_keys=[key.get_secret_value() for key in (settings.metrics_key, settings.admin_key) if key],
     )
     if settings.cors_origins:  # outermost, so fast-lane responses get the headers too
         front = CORSMiddleware(

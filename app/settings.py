@@ -1,7 +1,8 @@
 """Settings: environment (`GATEWAY_*`, nested with `__`) over the YAML file over defaults.
 
 Nothing else in the gateway reads the environment. Secrets come only from the environment
-(`OPENROUTER_API_KEY`, `GATEWAY_API_KEY`, `GATEWAY_ADMIN_KEY`), never from the YAML file.
+(`OPENROUTER_API_KEY`, `GATEWAY_API_KEY`, `GATEWAY_ADMIN_KEY`, `GATEWAY_METRICS_KEY`, or a file
+named by `<NAME>_FILE`, the Docker-secrets way), never from the YAML file.
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ _PLACEHOLDERS = re.compile(
     re.IGNORECASE,
 )
 _CATEGORY = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
-_SECRET_PATHS = (("api_key",), ("admin_key",), ("upstream", "api_key"))
+_SECRET_PATHS = (("api_key",), ("admin_key",), ("metrics_key",), ("upstream", "api_key"))
+# `<NAME>_FILE` names a file holding the secret `<NAME>` (Docker and compose secrets); `<NAME>` wins
+_SECRET_FILES = {
+    "GATEWAY_API_KEY": ("api_key",),
+    "GATEWAY_ADMIN_KEY": ("admin_key",),
+    "GATEWAY_METRICS_KEY": ("metrics_key",),
+    "OPENROUTER_API_KEY": ("upstream", "api_key"),
+}
 
 
 class ConfigError(Exception):
@@ -217,6 +225,9 @@ class Settings(BaseSettings):
     port: int = Field(8080, ge=0, le=65535)
     api_key: SecretStr | None = Field(None, description="optional bootstrap client key (no team, no limits)")
     admin_key: SecretStr | None = Field(None, description="Bearer key of the admin API; unset = admin API off")
+    metrics_key: SecretStr | None = Field(
+        None, description="Bearer credential that opens /metrics and nothing else (Prometheus's scrape)"
+    )
     store: str = Field("memory", description="memory, or a redis:// / rediss:// / unix:// URL")
     store_prefix: str = Field("gw", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="namespace of our Redis keys")
     store_timeout_s: float = Field(0.5, gt=0, le=30, description="longest wait for one store call")
@@ -252,6 +263,7 @@ class Settings(BaseSettings):
     keys: list[DeclaredKey] = Field(default_factory=list, description="keys declared by hash (read-only)")
 
     _check_keys = field_validator("api_key", "admin_key")(_refuse_placeholder)
+    _check_metrics_key = field_validator("metrics_key")(_refuse_placeholder)
 
     @field_validator("store")
     @classmethod
@@ -294,6 +306,7 @@ class Settings(BaseSettings):
             init_settings,
             env_settings,
             _OpenRouterEnvSource(settings_cls),
+            _SecretFileSource(settings_cls),
             _YamlSource(settings_cls, path, explicit),
         )
 
@@ -311,6 +324,38 @@ class _OpenRouterEnvSource(PydanticBaseSettingsSource):
         if os.environ.get("OPENROUTER_BASE_URL"):
             upstream["base_url"] = os.environ["OPENROUTER_BASE_URL"]
         return {"upstream": upstream} if upstream else {}
+
+
+class _SecretFileSource(PydanticBaseSettingsSource):
+    """Each secret from the file `<NAME>_FILE` names (its content, stripped), unless `<NAME>` is set."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        problems = []
+        for name, parts in _SECRET_FILES.items():
+            path = os.environ.get(f"{name}_FILE")
+            if not path or os.environ.get(name):
+                continue
+            try:
+                secret = Path(path).read_text(encoding="utf-8").strip()
+            except FileNotFoundError:
+                problems.append(f"{name}_FILE: {path}: file not found")
+                continue
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+                problems.append(f"{name}_FILE: {path}: cannot be read ({reason})")
+                continue
+            *outer, last = parts
+            section = data
+            for part in outer:
+                section = section.setdefault(part, {})
+            section[last] = secret
+        if problems:
+            raise ConfigError(problems)
+        return data
 
 
 class _YamlSource(PydanticBaseSettingsSource):

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import httpx
 import uvicorn
 
 from app.main import create_app
@@ -16,6 +17,7 @@ from app.server import BatchingHttpToolsProtocol
 from app.settings import Settings
 
 CLIENT_KEY = "sk-gw-test-client-key-0123456789abcdef"
+METRICS_KEY = "sk-gw-metrics-test-0123456789abcdef"
 UPSTREAM_KEY = "sk-or-v1-simulated-upstream-key-for-tests"
 T = TypeVar("T")
 
@@ -90,6 +92,11 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str = "conditio
         time.sleep(0.01)
 
 
+def scrape(url: str, timeout: float = 20) -> httpx.Response:
+    """GET /metrics with the scrape key (`GATEWAY_METRICS_KEY`), as Prometheus does."""
+    return httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"}, timeout=timeout)
+
+
 def request_id() -> str:
     return "test-" + uuid.uuid4().hex
 
@@ -98,6 +105,7 @@ def gateway_settings(simulator_url: str, **overrides: Any) -> Settings:
     base: dict[str, Any] = {
         "config_file": None,
         "api_key": CLIENT_KEY,
+        "metrics_key": METRICS_KEY,
         # One try and no circuit breaker: these gateways show how single answers are mapped;
         # retries and breakers have gateways of their own in test_resilience.py.
         "upstream": {

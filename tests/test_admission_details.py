@@ -40,7 +40,7 @@ from app.store.base import Store
 from app.upstream.breaker import CircuitBreaker
 from app.upstream.retry import backoff_s, retry_after_s
 from tests.redis_server import RedisServer
-from tests.support import ADMIN_KEY, CLIENT_KEY, GatewayServer, gateway_settings, request_id, wait_until
+from tests.support import ADMIN_KEY, CLIENT_KEY, GatewayServer, gateway_settings, request_id, scrape, wait_until
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 MINI = "openai/gpt-4o-mini"
@@ -110,7 +110,7 @@ def nano_ceil(usd: Decimal) -> int:
 
 
 def metric(gateway: GatewayServer, name: str) -> float:
-    text = httpx.get(gateway.url + "/metrics", timeout=10).text
+    text = scrape(gateway.url, timeout=10).text
     for line in text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])

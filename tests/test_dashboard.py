@@ -17,12 +17,13 @@ import pytest
 import yaml
 
 from app.simulator import SimulatorThread
-from tests.support import ADMIN_KEY, GatewayServer, gateway_settings, require_tool, wait_until
+from tests.support import ADMIN_KEY, METRICS_KEY, GatewayServer, gateway_settings, require_tool, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "config/grafana/dashboards/gateway.json"
 DATASOURCES = ROOT / "config/grafana/provisioning/datasources/prometheus.yml"
 PROVIDERS = ROOT / "config/grafana/provisioning/dashboards/gateway.yml"
+PROMETHEUS = ROOT / "config/prometheus/prometheus.yml"
 GRAFANA_VARIABLES = {"$__rate_interval": "20s", "$__range": "5m", "$team": ".*"}
 
 
@@ -87,17 +88,28 @@ def busy_gateway(simulator: SimulatorThread) -> Iterator[GatewayServer]:
         yield server
 
 
+def scrape_configs(target: str, key_file: Path) -> list[dict[str, Any]]:
+    """The shipped job (config/prometheus/prometheus.yml) pointed at `target`, its credentials
+    file at `key_file`; and the same job without a credential, which must be refused."""
+    shipped = yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"][0]
+    job = {name: value for name, value in shipped.items() if name != "dns_sd_configs"}
+    job["static_configs"] = [{"targets": [target]}]
+    job["authorization"] = {**shipped["authorization"], "credentials_file": str(key_file)}
+    anonymous = {name: value for name, value in job.items() if name != "authorization"}
+    return [job, {**anonymous, "job_name": "anonymous"}]
+
+
 @pytest.fixture
 def prometheus(busy_gateway: GatewayServer, tmp_path: Path) -> Iterator[str]:
     binary = require_tool("prometheus", "prometheus")
+    key_file = tmp_path / "metrics_key"
+    key_file.write_text(METRICS_KEY + "\n")  # as `openssl rand -hex 32 > secrets/metrics_key` leaves it
     config = tmp_path / "prometheus.yml"
     config.write_text(
         yaml.safe_dump(
             {
                 "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                "scrape_configs": [
-                    {"job_name": "gateway", "static_configs": [{"targets": [busy_gateway.url.removeprefix("http://")]}]}
-                ],
+                "scrape_configs": scrape_configs(busy_gateway.url.removeprefix("http://"), key_file),
             }
         )
     )
@@ -188,3 +200,16 @@ def test_every_dashboard_query_returns_data(busy_gateway: GatewayServer, prometh
     finally:
         stop.set()
         worker.join(30)
+
+
+def test_prometheus_scrapes_with_the_key_and_is_refused_without(busy_gateway: GatewayServer, prometheus: str) -> None:
+    def targets() -> dict[str, dict[str, Any]]:
+        body = httpx.get(prometheus + "/api/v1/targets", timeout=10).json()
+        found = {t["labels"]["job"]: t for t in body["data"]["activeTargets"] if t["health"] != "unknown"}
+        return found if len(found) == 2 else {}
+
+    scraped = wait_until(targets, 30, "both jobs scraped")
+    assert scraped["gateway"]["health"] == "up", scraped["gateway"]
+    assert scraped["anonymous"]["health"] == "down" and "401" in scraped["anonymous"]["lastError"], scraped
+    up = httpx.get(prometheus + "/api/v1/query", params={"query": "up"}, timeout=10).json()["data"]["result"]
+    assert {r["metric"]["job"]: r["value"][1] for r in up} == {"gateway": "1", "anonymous": "0"}

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -16,9 +17,19 @@ from tests.support import require_tool
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def compose_env() -> dict[str, str]:
+    """What compose requires from the environment (it refuses to start without each)."""
+    return {
+        **os.environ,
+        "OPENROUTER_API_KEY": "sk-or-v1-compose-check",
+        "GATEWAY_ADMIN_KEY": "compose-check-admin",
+        "GRAFANA_ADMIN_PASSWORD": "compose-check-grafana",
+    }
+
+
 def test_compose_file_validates(tmp_path: Path) -> None:
     compose = require_tool("docker-compose", "docker-compose")
-    env = {**os.environ, "OPENROUTER_API_KEY": "sk-or-v1-compose-check", "GATEWAY_ADMIN_KEY": "compose-check-admin"}
+    env = compose_env()
     result = subprocess.run(
         [compose, "-f", str(ROOT / "docker-compose.yml"), "config"],
         capture_output=True,
@@ -52,6 +63,15 @@ def test_compose_file_validates(tmp_path: Path) -> None:
         env={k: v for k, v in env.items() if k != "OPENROUTER_API_KEY"},
     )
     assert missing.returncode != 0 and "OPENROUTER_API_KEY" in missing.stderr  # secrets are required, not defaulted
+    no_password = subprocess.run(
+        [compose, "-f", str(ROOT / "docker-compose.yml"), "config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={k: v for k, v in env.items() if k != "GRAFANA_ADMIN_PASSWORD"},
+    )
+    assert no_password.returncode != 0 and "GRAFANA_ADMIN_PASSWORD" in no_password.stderr
 
 
 @pytest.mark.parametrize("path", ["config/nginx/nginx.conf", "config/prometheus/prometheus.yml"])
@@ -67,3 +87,70 @@ def test_the_published_port_does_not_serve_metrics() -> None:
     block = text[text.index("location = /metrics") :]
     assert block[: block.index("}")].split("#")[0].split("{")[1].split() == ["return", "404;"]
     assert text.index("location = /metrics") < text.index("location / {")
+
+
+def compose_stack() -> dict[str, Any]:
+    compose = require_tool("docker-compose", "docker-compose")
+    env = compose_env()
+    result = subprocess.run(
+        [compose, "-f", str(ROOT / "docker-compose.yml"), "config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    stack: dict[str, Any] = yaml.safe_load(result.stdout)
+    return stack
+
+
+def host_ip(port: str | int | dict[str, Any]) -> str | None:
+    """The address a published port binds: `host_ip` (compose v2) or `IP:published:target` (v1)."""
+    if isinstance(port, dict):
+        return port.get("host_ip")
+    parts = str(port).split(":")
+    return parts[0] if len(parts) == 3 else None
+
+
+def secret_paths(service: dict[str, Any]) -> dict[str, str]:
+    """Where compose mounts each of a service's secrets (`/run/secrets/<target>`) → the secret's name."""
+    paths = {}
+    for entry in service.get("secrets", []):
+        entry = entry if isinstance(entry, dict) else {"source": entry}
+        target = entry.get("target") or entry["source"]
+        paths[target if target.startswith("/") else f"/run/secrets/{target}"] = entry["source"]
+    return paths
+
+
+def test_only_the_load_balancer_listens_beyond_the_host() -> None:
+    """Prometheus and Grafana show spend by key and team: published on 127.0.0.1 only."""
+    services = compose_stack()["services"]
+    assert services["prometheus"]["ports"] and services["grafana"]["ports"]
+    for name, service in services.items():
+        if name != "lb":
+            for port in service.get("ports", []):
+                assert host_ip(port) == "127.0.0.1", (name, port)
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"] == "compose-check-grafana"  # from the environment, no default
+    for path in ("docker-compose.yml", "README.md"):
+        text = (ROOT / path).read_text()
+        assert "admin / admin" not in text and "admin/admin" not in text and ":-admin}" not in text, path
+
+
+def test_prometheus_scrapes_with_the_secret_the_gateway_reads() -> None:
+    stack = compose_stack()
+    services = stack["services"]
+    scrape = yaml.safe_load((ROOT / "config/prometheus/prometheus.yml").read_text())["scrape_configs"][0]
+    authorization = scrape["authorization"]
+    assert authorization.get("type", "Bearer") == "Bearer" and "credentials" not in authorization
+    credentials_file = authorization["credentials_file"]
+    mounted = secret_paths(services["prometheus"])
+    assert credentials_file in mounted  # the file Prometheus reads is one compose mounts there
+    secret = mounted[credentials_file]
+    assert stack["secrets"][secret]["file"].endswith("/secrets/metrics_key")
+    gateway = services["gateway"]
+    assert secret_paths(gateway).get(credentials_file) == secret  # the same secret at the same path
+    assert gateway["environment"]["GATEWAY_METRICS_KEY_FILE"] == credentials_file
+    assert "GATEWAY_METRICS_KEY" not in gateway["environment"]
+    assert "secrets/" in (ROOT / ".gitignore").read_text().splitlines()  # the key is never committed

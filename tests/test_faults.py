@@ -23,7 +23,7 @@ import pytest
 from app.simulator import SimulatorThread
 from tests.redis_server import RedisServer
 from tests.redis_server import dump as redis_dump
-from tests.support import ADMIN_KEY, CLIENT_KEY, UPSTREAM_KEY, GatewayProcess, wait_until
+from tests.support import ADMIN_KEY, CLIENT_KEY, METRICS_KEY, UPSTREAM_KEY, GatewayProcess, scrape, wait_until
 from tests.test_metering import simulator_sums
 
 HI = [{"role": "user", "content": "Tell me something"}]
@@ -39,6 +39,7 @@ def stack(simulator: SimulatorThread, tmp_path_factory: pytest.TempPathFactory) 
         "OPENROUTER_API_KEY": UPSTREAM_KEY,
         "GATEWAY_API_KEY": CLIENT_KEY,
         "GATEWAY_ADMIN_KEY": ADMIN_KEY,
+        "GATEWAY_METRICS_KEY": METRICS_KEY,
         "GATEWAY_CONFIG": "/dev/null",
         "GATEWAY_STORE": redis_server.url,
         "GATEWAY_STORE_PREFIX": "f" + uuid.uuid4().hex[:8],
@@ -202,7 +203,7 @@ def test_no_secret_anywhere(stack: dict[str, Any]) -> None:
         assert post_with(gateway, key).status_code == 200
         assert post_with(gateway, key + "tampered").status_code == 401
     assert post_with(gateway, UPSTREAM_KEY).status_code == 401
-    metrics = httpx.get(gateway.url + "/metrics").text
+    metrics = scrape(gateway.url).text
     log_text = Path(stack["log"]).read_text(errors="replace")
     store = redis_dump(stack["redis"].url).decode(errors="replace")
     assert "scan" in metrics and created["id"] in store and "request" in log_text  # the places were searched

@@ -15,7 +15,15 @@ import httpx
 import pytest
 
 from app.simulator import SimulatorThread
-from tests.support import ADMIN_KEY, CLIENT_KEY, UPSTREAM_KEY, GatewayProcess, GatewayServer, free_port_number
+from tests.support import (
+    ADMIN_KEY,
+    CLIENT_KEY,
+    METRICS_KEY,
+    UPSTREAM_KEY,
+    GatewayProcess,
+    GatewayServer,
+    free_port_number,
+)
 
 CHAT = "/v1/chat/completions"
 HI = [{"role": "user", "content": "hi"}]
@@ -168,8 +176,9 @@ def test_admin_api_on_its_own_port(fenced: tuple[GatewayProcess, int]) -> None:
     gateway, admin_port = fenced
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     clean(httpx.get(gateway.url + "/admin/teams", headers=admin), 404)
-    clean(httpx.get(gateway.url + "/metrics"), 404)  # names keys and teams, shows spend: admin address only
-    assert b"gateway_requests_total" in httpx.get(f"http://127.0.0.1:{admin_port}/metrics").content
+    clean(httpx.get(gateway.url + "/metrics", headers=admin), 404)  # names keys and teams, shows spend: not here
+    assert clean(httpx.get(f"http://127.0.0.1:{admin_port}/metrics"), 401)["code"] == "invalid_api_key"
+    assert b"gateway_requests_total" in httpx.get(f"http://127.0.0.1:{admin_port}/metrics", headers=admin).content
     listing = httpx.get(f"http://127.0.0.1:{admin_port}/admin/teams", headers=admin)
     assert listing.status_code == 200 and listing.json()["object"] == "list"
     client = {"Authorization": f"Bearer {CLIENT_KEY}"}
@@ -289,9 +298,20 @@ def test_admin_routes_refuse_non_admin_credentials(
         assert clean(call(keyed, method, path, key), 401)["code"] == "invalid_api_key", key
 
 
-@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/openapi.json"])
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/openapi.json", "/docs"])
 def test_public_routes(keyed: GatewayServer, path: str) -> None:
     assert httpx.get(keyed.url + path).status_code == 200
+
+
+def test_metrics_refuse_every_credential_but_the_scrape_and_admin_keys(
+    keyed: GatewayServer, credentials: dict[str, str]
+) -> None:
+    for key in (None, "wrong", CLIENT_KEY, credentials["other_team"], credentials["revoked"], UPSTREAM_KEY):
+        refused = call(keyed, "GET", "/metrics", key)
+        assert clean(refused, 401)["code"] == "invalid_api_key", key
+        assert "gateway_" not in refused.text
+    for key in (METRICS_KEY, ADMIN_KEY):
+        assert b"gateway_requests_total" in call(keyed, "GET", "/metrics", key).content
 
 
 def test_no_secret_in_the_schema(keyed: GatewayServer, tmp_path: Path) -> None:

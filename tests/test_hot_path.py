@@ -25,7 +25,7 @@ from app.store.base import Store
 from app.store.redis import RedisStore
 from app.usage.metrics import LLM_SECONDS, OVERHEAD_SECONDS, LocalCounter, LocalHistogram, Metrics
 from tests.redis_server import RedisServer
-from tests.support import ADMIN_KEY, CLIENT_KEY, GatewayServer, gateway_settings, wait_until
+from tests.support import ADMIN_KEY, CLIENT_KEY, GatewayServer, gateway_settings, scrape, wait_until
 from tests.test_limits import new_key
 
 HELLO = [{"role": "user", "content": "Hello there, how are you today?"}]
@@ -95,7 +95,7 @@ def test_a_process_exports_the_request_families_once() -> None:
 
 # -- 2. the in-flight gauge is live --------------------------------------------------------------------
 def in_flight(url: str) -> float:
-    page = httpx.get(url + "/metrics", timeout=10).content
+    page = scrape(url, timeout=10).content
     return samples(page)[("gateway_in_flight_requests", ())]
 
 
@@ -165,7 +165,7 @@ def test_every_fast_lane_answer_carries_the_request_id(gateway: GatewayServer) -
 # -- 5. metering after the response --------------------------------------------------------------------
 def answered(url: str) -> float:
     """Requests counted as answered (200) or as left by their client (499)."""
-    page = samples(httpx.get(url + "/metrics", timeout=10).content)
+    page = samples(scrape(url, timeout=10).content)
     return sum(
         value
         for (name, labels), value in page.items()

@@ -17,7 +17,7 @@ import pytest
 
 from app.limits import estimate
 from app.simulator import SimulatorThread
-from tests.support import ADMIN_KEY, TEAM_UPSTREAM_KEY, GatewayServer, gateway_settings, request_id
+from tests.support import ADMIN_KEY, TEAM_UPSTREAM_KEY, GatewayServer, gateway_settings, request_id, scrape
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 
@@ -166,7 +166,7 @@ def test_a_budget_refusal_says_when_the_request_itself_is_too_dear(keyed: Gatewa
     key = new_key(keyed, budget_usd=0.001, budget_period="day")
 
     def refused_by_budget() -> float:
-        text = httpx.get(keyed.url + "/metrics").text
+        text = scrape(keyed.url).text
         return sum(
             float(line.rsplit(" ", 1)[1])
             for line in text.splitlines()

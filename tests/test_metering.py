@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.simulator import SimulatorThread
-from tests.support import ADMIN_KEY, GatewayServer, gateway_settings, require_tool, wait_until
+from tests.support import ADMIN_KEY, METRICS_KEY, GatewayServer, gateway_settings, require_tool, scrape, wait_until
 
 HELLO = [{"role": "user", "content": "Hello there, how are you today?"}]
 TOOL = {
@@ -145,7 +145,7 @@ class _nothing:
 
 
 def counters(gateway: GatewayServer) -> dict[str, Any]:
-    text = httpx.get(gateway.url + "/metrics").text
+    text = scrape(gateway.url).text
     out: dict[str, Any] = {"cost": 0.0, "tokens": {}, "requests": 0.0}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -213,7 +213,7 @@ def test_ledger_usage_api_and_counters_equal_what_was_served(
     assert rows[-1]["team"] == "total"
     assert abs(Decimal(rows[-1]["cost_usd"]) - served["cost"]) < Decimal("1e-9")
 
-    exposition = httpx.get(metered.url + "/metrics").text
+    exposition = scrape(metered.url).text
     for key in keys.values():  # keys appear by name only, never their secret
         assert key["key"] not in exposition and key["key"].rsplit("-", 1)[1] not in exposition
         assert f'key="{key["name"]}"' in exposition
@@ -261,7 +261,7 @@ def test_every_billed_try_is_metered_even_when_its_usage_could_not_be_read(
     completion = spent()[2]
     assert completion == served["completion"]
     wait_until(lambda: abs(spent()[1] - served["cost"]) < Decimal("1e-9"), 10, "both in the budget")
-    text = httpx.get(metered.url + "/metrics").text
+    text = scrape(metered.url).text
     counted = sum(
         s.value
         for family in text_string_to_metric_families(text)
@@ -334,13 +334,15 @@ def team_of(client: httpx.Client) -> str:
 
 def test_promtool_accepts_the_metrics(metered: GatewayServer) -> None:
     promtool = require_tool("promtool", "prometheus")
-    text = httpx.get(metered.url + "/metrics").content
+    text = scrape(metered.url).content
     assert b"gateway_requests_total" in text and b"gateway_request_duration_seconds_bucket" in text
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60)
     assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), result
 
 
 def test_metrics_route_is_explicit(metered: GatewayServer) -> None:
-    response = httpx.get(metered.url + "/metrics", follow_redirects=False)
+    response = httpx.get(
+        metered.url + "/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"}, follow_redirects=False
+    )
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     assert httpx.get(metered.url + "/metrics/", follow_redirects=False).status_code == 404

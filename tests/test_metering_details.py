@@ -30,11 +30,13 @@ from app.usage.record import UsageRecord
 from tests.redis_server import RedisServer
 from tests.support import (
     ADMIN_KEY,
+    METRICS_KEY,
     UPSTREAM_KEY,
     GatewayProcess,
     GatewayServer,
     free_port_number,
     gateway_settings,
+    scrape,
     wait_until,
 )
 
@@ -74,7 +76,7 @@ def served(simulator: SimulatorThread, rid: str) -> dict[str, Any]:
 
 
 def samples(url: str) -> list[Any]:
-    text = httpx.get(url + "/metrics", timeout=20).text
+    text = scrape(url, timeout=20).text
     return [s for family in text_string_to_metric_families(text) for s in family.samples]
 
 
@@ -126,6 +128,7 @@ def served_gateway(simulator: SimulatorThread, tmp_path_factory: pytest.TempPath
         "OPENROUTER_BASE_URL": simulator.base_url,
         "OPENROUTER_API_KEY": UPSTREAM_KEY,
         "GATEWAY_ADMIN_KEY": ADMIN_KEY,
+        "GATEWAY_METRICS_KEY": METRICS_KEY,
         "GATEWAY_CONFIG": str(config),
         "GATEWAY_BUDGET_GAUGES_REFRESH_S": "0.1",
         "GATEWAY_UPSTREAM__RETRIES__MAX_ATTEMPTS": "1",
@@ -425,7 +428,7 @@ def test_histograms_have_llm_buckets_and_bounded_labels(inprocess: GatewayServer
         assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
     assert metric(url, "gateway_requests_total", status="404") == refused_before + 30  # they were metered
     assert models() == before
-    text = httpx.get(url + "/metrics").text
+    text = scrape(url).text
     assert not [name for name in names if name in text]
 
 

@@ -71,7 +71,8 @@ def every_kind_of_response(url: str, rid: bytes | None) -> dict[str, httpx.Respo
             text = "".join(streamed.iter_text())
         assert streamed.status_code == 200 and text.endswith("data: [DONE]\n\n")
         answers["stream"] = streamed
-        for path in ("/metrics", "/healthz", "/readyz", "/openapi.json"):
+        answers["/metrics"] = http.get("/metrics", headers={**ADMIN, **sent})
+        for path in ("/healthz", "/readyz", "/openapi.json"):
             answers[path] = http.get(path, headers=sent)
         answers["/v1/models"] = http.get("/v1/models", headers={**CLIENT, **sent})
         answers["admin 201"] = http.post("/admin/teams", json={"name": team}, headers={**ADMIN, **sent})
@@ -375,10 +376,18 @@ def test_compose_stop_timeout_covers_the_drain() -> None:
         assert stop >= delay + grace + 10, f"{name}: stop_grace_period {stop}s < {delay} + {grace} + 10 s"
 
 
-def test_promtool_accepts_the_prometheus_config() -> None:
+def test_promtool_accepts_the_prometheus_config(tmp_path: Path) -> None:
+    """promtool also checks the files the config names: the scrape key's secret, which compose
+    mounts at /run/secrets/metrics_key, is given here at a path of the test's own."""
     promtool = require_tool("promtool", "prometheus")
+    secret = tmp_path / "metrics_key"
+    secret.write_text("0123456789abcdef0123456789abcdef\n")
+    text = (ROOT / "config/prometheus/prometheus.yml").read_text()
+    assert text.count("/run/secrets/metrics_key") == 1
+    config = tmp_path / "prometheus.yml"
+    config.write_text(text.replace("/run/secrets/metrics_key", str(secret)))
     check = subprocess.run(
-        [promtool, "check", "config", str(ROOT / "config/prometheus/prometheus.yml")],
+        [promtool, "check", "config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,

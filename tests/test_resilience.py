@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.simulator import SimulatorThread
-from tests.support import CLIENT_KEY, GatewayServer, gateway_settings, request_id, wait_until
+from tests.support import CLIENT_KEY, GatewayServer, gateway_settings, request_id, scrape, wait_until
 
 HELLO = [{"role": "user", "content": "Hello"}]
 
@@ -291,7 +291,7 @@ def test_open_circuit_goes_to_the_fallback(breaking: GatewayServer, simulator: S
 
 # -- a client that hangs up ---------------------------------------------------------------------
 def metric(url: str, name: str, **labels: str) -> float:
-    text = httpx.get(url + "/metrics").text
+    text = scrape(url).text
     return sum(
         s.value
         for family in text_string_to_metric_families(text)

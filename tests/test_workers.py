@@ -12,7 +12,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.simulator import SimulatorThread
-from tests.support import CLIENT_KEY, UPSTREAM_KEY, GatewayProcess, require_tool
+from tests.support import CLIENT_KEY, METRICS_KEY, UPSTREAM_KEY, GatewayProcess, require_tool, scrape
 
 
 def total_requests(text: str) -> float:
@@ -32,6 +32,7 @@ def test_two_workers_count_every_request_once(simulator: SimulatorThread, tmp_pa
         "OPENROUTER_BASE_URL": simulator.base_url,
         "OPENROUTER_API_KEY": UPSTREAM_KEY,
         "GATEWAY_API_KEY": CLIENT_KEY,
+        "GATEWAY_METRICS_KEY": METRICS_KEY,
         "GATEWAY_CONFIG": "/dev/null",
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
     }
@@ -69,7 +70,7 @@ def test_two_workers_count_every_request_once(simulator: SimulatorThread, tmp_pa
                 break
         assert len(pids) >= 2, "both workers served requests"
         for _ in range(6):  # whichever worker answers the scrape, the totals are the same
-            text = httpx.get(gateway.url + "/metrics").text
+            text = scrape(gateway.url).text
             assert total_requests(text) == sent
         promtool = require_tool("promtool", "prometheus")
         check = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=60)

@@ -1,22 +1,27 @@
-"""The outermost ASGI layer: header limits, request ids, and the inference routes' fast lane.
+"""The outermost ASGI layer: header limits, request ids, /metrics' credential, and the inference
+routes' fast lane.
 
 Every response carries `x-request-id` (the client's, when sane). Requests with too many or too
-large headers get 431. POSTs to the OpenAI endpoints go straight to `proxy`, skipping all of FastAPI
-(its middleware stack, router and dependency solving: a measurable share of each request);
-everything else, including these routes' OpenAPI documentation, stays FastAPI's.
+large headers get 431; /metrics without the scrape or admin key gets 401 (403 with neither set).
+POSTs to the OpenAI endpoints go straight to `proxy`, skipping all of FastAPI (its middleware
+stack, router and dependency solving: a measurable share of each request); everything else,
+including these routes' OpenAPI documentation, stays FastAPI's.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
+from collections.abc import Iterable
 
 from starlette.datastructures import State
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.chat import proxy
 from app.api.responses import error_response
+from app.auth.keys import bearer_token, hash_key
 from app.call import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint
-from app.errors import GatewayError, InvalidRequestError
+from app.errors import AuthenticationError, GatewayError, InvalidRequestError, MetricsDisabledError
 from app.gateway import Gateway
 from app.request_ids import request_id_of
 
@@ -38,6 +43,7 @@ class EdgeMiddleware:
         max_headers: int = 100,
         admin: bool = True,
         inference: bool = True,
+        metrics_keys: Iterable[str] = (),
     ) -> None:
         self.app = app
         self.state = state  # the app's: the lifespan puts the Gateway there
@@ -45,6 +51,8 @@ class EdgeMiddleware:
         self.max_headers = max_headers
         self.admin = admin  # /admin is served here
         self.inference = inference  # the OpenAI routes are served here (not on the admin address)
+        # what opens /metrics (the scrape key, the admin key), kept as digests: compared in constant time
+        self.metrics_digests = tuple(hash_key(key).encode() for key in metrics_keys)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -91,4 +99,25 @@ class EdgeMiddleware:
         if not self.admin and (scope["path"].startswith("/admin") or scope["path"] == "/metrics"):
             # metrics name keys and teams and show their spend: with the admin API, not beside the OpenAI routes
             return InvalidRequestError("This is served on the admin address.", status=404, code="unknown_url")
+        if scope["path"] == "/metrics":
+            return self._scrape_refusal(headers)
         return None
+
+    def _scrape_refusal(self, headers: list[tuple[bytes, bytes]]) -> GatewayError | None:
+        """/metrics names keys and teams and shows their spend: only for the scrape or admin key."""
+        if not self.metrics_digests:
+            return MetricsDisabledError(
+                "/metrics is off: set GATEWAY_METRICS_KEY (Prometheus's scrape credential) to turn it on."
+            )
+        authorization = next((value for name, value in headers if name == b"authorization"), b"")
+        try:
+            token = bearer_token(authorization.decode("latin-1"))
+        except AuthenticationError:
+            return AuthenticationError(
+                "/metrics needs 'Authorization: Bearer <GATEWAY_METRICS_KEY>' (or the admin key)."
+            )
+        digest = hash_key(token).encode()
+        matched = False
+        for expected in self.metrics_digests:  # every one compared: the time does not say which matched
+            matched |= hmac.compare_digest(digest, expected)
+        return None if matched else AuthenticationError("Incorrect metrics key provided.")
