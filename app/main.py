@@ -24,7 +24,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import multiprocess
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
 from app.api import admin, chat, health, models
@@ -37,7 +37,7 @@ from app.catalog.models import Catalog
 from app.errors import GatewayError, InvalidRequestError, RouteNotFoundError, StoreUnavailableError, UpstreamError
 from app.gateway import Gateway
 from app.limits.admission import Admission
-from app.settings import Settings, load_settings, read_secret
+from app.settings import ConfigError, Settings, load_settings, read_secret
 from app.store import Store, StoreError, open_store
 from app.upstream.client import OpenRouterClient, open_session
 from app.usage.metrics import Metrics
@@ -59,7 +59,11 @@ def create_app(settings: Settings | None = None) -> GatewayApp:
         client = OpenRouterClient(session, settings.upstream)
         store = open_store(settings)
         try:
-            gateway = await _start_gateway(settings, client, store)
+            try:
+                gateway = await _start_gateway(settings, client, store)
+            except ConfigError as exc:
+                app.state.refusal = exc  # reported in one line per problem (GatewayApp), not as a traceback
+                raise
             app.state.gateway = gateway
             # What exists now lives as long as the process: keep it out of every future GC pass,
             # and collect the young generation less often (requests make many short-lived objects).
@@ -125,7 +129,19 @@ class GatewayApp(FastAPI):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         assert self.front is not None, "call _finish(app, ...) first"
-        await self.front(scope, receive, send)
+        await self.front(scope, receive, self._refusing(send) if scope["type"] == "lifespan" else send)
+
+    def _refusing(self, send: Send) -> Send:
+        """A start refused for the configuration (a declared key without a team) is told as its
+        problems, one line each: Starlette would send the server a traceback to log."""
+
+        async def sending(message: Message) -> None:
+            refusal: ConfigError | None = getattr(self.state, "refusal", None)
+            if message["type"] == "lifespan.startup.failed" and refusal is not None:
+                message = {**message, "message": "\n".join(f"problem: {p}" for p in refusal.problems)}
+            await send(message)
+
+        return sending
 
     async def behind_edge(self, scope: Scope, receive: Receive, send: Send) -> None:
         await super().__call__(scope, receive, send)

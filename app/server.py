@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Generator, Iterable
 from types import FrameType
 from typing import Any
@@ -206,8 +207,34 @@ def options(settings: Any) -> dict[str, Any]:
     }
 
 
-def run(settings: Any, app: Any, admin_app: Any = None) -> None:
-    """One process: the gateway, and the admin API on its own address if configured."""
+class ListenError(Exception):
+    """An address the gateway cannot listen on (taken, or not this machine's)."""
+
+
+def listen(settings: Any) -> list[socket.socket]:
+    """The gateway's sockets (the admin listener's second, if it has its own port), bound before
+    anything starts, so a taken port is one line and nothing else happens."""
+    addresses = [(settings.host, settings.port)]
+    if settings.admin_port is not None:
+        addresses.append((settings.admin_host or settings.host, settings.admin_port))
+    sockets: list[socket.socket] = []
+    for host, port in addresses:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sockets.append(sock)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+        except OSError as exc:
+            for bound in sockets:
+                bound.close()
+            raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        sock.set_inheritable(True)  # workers serve on it
+    return sockets
+
+
+def run(settings: Any, app: Any, admin_app: Any = None, sockets: list[socket.socket] | None = None) -> bool:
+    """One process: the gateway, and the admin API on its own address if configured; on
+    `sockets` (from `listen`) when given. False if it never started (its start was refused)."""
     main = MainServer(uvicorn.Config(app, host=settings.host, port=settings.port, **options(settings)))
     servers: list[uvicorn.Server] = [main]
     if admin_app is not None:
@@ -224,14 +251,20 @@ def run(settings: Any, app: Any, admin_app: Any = None) -> None:
     _quiet_signals_after_exit()
 
     async def serve_all() -> None:
-        await asyncio.gather(*(server.serve() for server in servers))
+        await asyncio.gather(*(server.serve([sockets[n]] if sockets else None) for n, server in enumerate(servers)))
 
     import uvloop
 
-    uvloop.run(serve_all())
+    try:
+        uvloop.run(serve_all())
+    except SystemExit:
+        if main.started:
+            raise
+        return False  # uvicorn's exit from a start the app refused (it logged the app's reasons)
+    return True
 
 
-def run_workers(settings: Any, workers: int) -> None:
+def run_workers(settings: Any, workers: int, sock: socket.socket | None = None) -> None:
     """Several worker processes on one socket; each builds its app from the environment."""
     from uvicorn.supervisors import Multiprocess
 
@@ -244,7 +277,7 @@ def run_workers(settings: Any, workers: int) -> None:
         **options(settings),
     )
     _quiet_signals_after_exit()
-    Multiprocess(config, sockets=[config.bind_socket()]).run()
+    Multiprocess(config, sockets=[sock or config.bind_socket()]).run()
 
 
 def _quiet_signals_after_exit() -> None:

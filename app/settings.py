@@ -12,11 +12,12 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from app.auth.records import KEY_ID, KeyFields, KeyRecord, LimitValues, Name, TeamFields, TeamRecord
+from app.config_file import ConfigError as ConfigError  # known to callers as the settings' error
+from app.config_file import describe, parse_config, read_yaml
 
 DEFAULT_CONFIG_FILE = "config/gateway.yaml"
 _PLACEHOLDERS = re.compile(
@@ -24,7 +25,6 @@ _PLACEHOLDERS = re.compile(
     re.IGNORECASE,
 )
 _CATEGORY = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
-_SECRET_PATHS = (("api_key",), ("admin_key",), ("metrics_key",), ("upstream", "api_key"))
 # `<NAME>_FILE` names a file holding the secret `<NAME>` (Docker and compose secrets); `<NAME>` wins
 _SECRET_FILES = {
     "GATEWAY_API_KEY": ("api_key",),
@@ -32,14 +32,6 @@ _SECRET_FILES = {
     "GATEWAY_METRICS_KEY": ("metrics_key",),
     "OPENROUTER_API_KEY": ("upstream", "api_key"),
 }
-
-
-class ConfigError(Exception):
-    """The configuration cannot be used; `problems` lists each one as `path: message`."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.problems = problems
 
 
 class _Section(BaseModel):
@@ -274,15 +266,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _declared_entries_agree(self) -> Settings:
-        teams = [t.name for t in self.teams]
-        if len(set(teams)) != len(teams):
-            raise ValueError("teams: each name may be declared once")
-        ids = [k.id for k in self.keys]
-        if len(set(ids)) != len(ids):
-            raise ValueError("keys: each id may be declared once")
-        names = [(k.team, k.name) for k in self.keys]
-        if len(set(names)) != len(names):
-            raise ValueError("keys: each name may be declared once per team")
+        for what, values in (
+            ("teams: team", [t.name for t in self.teams]),
+            ("keys: key id", [k.id for k in self.keys]),
+            ("keys: key name", [f"{k.team}/{k.name}" for k in self.keys]),  # a name is unique in its team
+        ):
+            if twice := sorted({value for value in values if values.count(value) > 1}):
+                raise ValueError(f"{what} {', '.join(map(repr, twice))} is declared more than once")
         if self.admin_host is not None and self.admin_port is None:
             raise ValueError("admin_host needs admin_port (the admin API's own address)")
         if self.admin_port and self.admin_port == self.port:
@@ -371,40 +361,18 @@ class _YamlSource(PydanticBaseSettingsSource):
         return self.data
 
 
-def read_yaml(path: str, required: bool) -> dict[str, Any]:
-    """The YAML config as a dict; refuses secrets in the file and anything but a mapping."""
-    file = Path(path)
-    if not file.exists():
-        if required:
-            raise ConfigError([f"{path}: file not found"])
-        return {}
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
-    if not isinstance(data, dict):
-        raise ConfigError([f"{path}: the top level must be a mapping"])
-    problems = [
-        f"{'.'.join(parts)}: secrets are read from the environment only, remove it from the file"
-        for parts in _SECRET_PATHS
-        if _dig(data, parts) is not None
-    ]
-    if problems:
-        raise ConfigError(problems)
-    return data
-
-
-def _dig(data: Any, parts: tuple[str, ...]) -> Any:
-    for part in parts:
-        if not isinstance(data, dict):
-            return None
-        data = data.get(part)
-    return data
-
-
 def read_secret(env_name: str) -> str | None:
     """A secret named by configuration (e.g. a team's `upstream_key_env`)."""
     return os.environ.get(env_name) or None
+
+
+def check_config(text: str, path: str) -> None:
+    """Whether `text` is a config file the gateway loads (the environment aside)."""
+    data = parse_config(text, path)
+    try:
+        Settings.model_validate({**data, "config_file": None})
+    except ValidationError as exc:
+        raise ConfigError(describe(exc, Settings)) from None
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -412,6 +380,4 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        raise ConfigError(
-            [f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()]
-        ) from None
+        raise ConfigError(describe(exc, Settings)) from None

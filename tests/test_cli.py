@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.support import wait_until
+from app.simulator import SimulatorThread
+from tests.support import UPSTREAM_KEY, wait_until
 from tests.test_demo import free_port
 
 GATEWAY = Path(sys.executable).with_name("gateway")
@@ -36,7 +38,11 @@ def test_serve_refuses_without_keys(tmp_path: Path) -> None:
 
 def test_admin_key_alone_is_a_way_in(tmp_path: Path) -> None:
     """Since key management, GATEWAY_API_KEY is only an optional bootstrap key."""
-    env = {**clean_env(), "GATEWAY_ADMIN_KEY": "sk-admin-0123456789abcdef", "OPENROUTER_API_KEY": "sk-or-v1-0123456789"}
+    env = {
+        **clean_env(),
+        "GATEWAY_ADMIN_KEY": "sk-admin-0123456789abcdef0123456789abcdef",
+        "OPENROUTER_API_KEY": "sk-or-v1-0123456789",
+    }
     result = subprocess.run(
         [str(GATEWAY), "check", "--config", str(tmp_path / "none.yaml")],
         cwd=tmp_path,
@@ -118,7 +124,7 @@ def test_simulate_serves_openrouter(tmp_path: Path) -> None:
 def run_gateway(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     full = {
         **clean_env(),
-        "GATEWAY_ADMIN_KEY": "sk-admin-0123456789abcdef",
+        "GATEWAY_ADMIN_KEY": "sk-admin-0123456789abcdef0123456789abcdef",
         "OPENROUTER_API_KEY": "sk-or-v1-0123456789",
     }
     return subprocess.run(
@@ -162,3 +168,117 @@ def test_demo_refuses_workers_before_printing_its_keys(tmp_path: Path) -> None:
     result = run_gateway(tmp_path, "serve", "--demo", "--workers", "2", "--port", str(free_port()))
     assert result.returncode == 2 and "--demo runs one process" in result.stderr
     assert "sk-gw-" not in result.stdout
+
+
+STRONG_ADMIN = "sk-admin-0123456789abcdef0123456789abcdef"
+OPENROUTER = "sk-or-v1-0123456789"
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        (
+            {"GATEWAY_ADMIN_KEY": "admin-0123456789abcdef"},
+            "admin_key: GATEWAY_ADMIN_KEY has 22 characters; use at least 32",
+        ),
+        ({"GATEWAY_ADMIN_KEY": "a" * 40}, "admin_key: GATEWAY_ADMIN_KEY repeats a few characters"),
+        ({"GATEWAY_ADMIN_KEY": "changeme"}, "admin_key: looks like a placeholder"),
+        ({"GATEWAY_API_KEY": STRONG_ADMIN}, "api_key: GATEWAY_API_KEY equals GATEWAY_ADMIN_KEY"),
+        ({"GATEWAY_API_KEY": OPENROUTER}, "api_key: GATEWAY_API_KEY equals OPENROUTER_API_KEY"),
+        (
+            {"GATEWAY_ADMIN_KEY": OPENROUTER * 2, "OPENROUTER_API_KEY": OPENROUTER * 2},
+            "admin_key: GATEWAY_ADMIN_KEY equals",
+        ),
+    ],
+)
+def test_weak_or_shared_secrets_are_refused(tmp_path: Path, env: dict[str, str], problem: str) -> None:
+    """`check` and `serve` refuse the same way; no secret is printed."""
+    checked = run_gateway(tmp_path, "check", **env)
+    assert checked.returncode == 1 and f"problem: {problem}" in checked.stderr, checked.stderr
+    served = run_gateway(tmp_path, "serve", "--port", str(free_port()), **env)
+    assert served.returncode == 2 and f"problem: {problem}" in served.stderr, served.stderr
+    for secret in {STRONG_ADMIN, OPENROUTER, *env.values()}:
+        assert secret not in checked.stdout + checked.stderr + served.stdout + served.stderr
+
+
+def test_check_counts_what_it_loaded_and_warns_about_memory(tmp_path: Path) -> None:
+    (tmp_path / "gateway.yaml").write_text(
+        "teams: [{name: ml}, {name: ops}]\n"
+        "keys:\n"
+        f"  - {{id: aaaaaaaaaaaa, name: ci, team: ml, hash: {'a' * 64}}}\n"
+        "models:\n  aliases: {fast: openai/gpt-4o-mini}\n"
+    )
+    result = run_gateway(tmp_path, "check", "--config", "gateway.yaml", GATEWAY_STORE="memory")
+    assert result.returncode == 0, result.stderr
+    assert "2 teams, 1 key, 1 alias," in result.stdout
+    assert "warning: store: memory" in result.stderr and "a restart loses them" in result.stderr
+
+
+def test_check_online_tries_the_openrouter_key(tmp_path: Path, simulator: SimulatorThread) -> None:
+    good = run_gateway(
+        tmp_path, "check", "--online", OPENROUTER_BASE_URL=simulator.base_url, OPENROUTER_API_KEY=UPSTREAM_KEY
+    )
+    assert good.returncode == 0, good.stderr
+    assert "OpenRouter key OK: label 'sk-or-v1-sim...', no credit limit" in good.stdout
+    wrong = "sk-or-v1-not-a-key-the-simulator-knows"
+    refused = run_gateway(
+        tmp_path, "check", "--online", OPENROUTER_BASE_URL=simulator.base_url, OPENROUTER_API_KEY=wrong
+    )
+    assert refused.returncode == 1
+    assert f"problem: upstream.api_key: {simulator.base_url}/key refused the OpenRouter key (401: User not found.)" in (
+        refused.stderr
+    )
+    down = f"http://127.0.0.1:{free_port()}/api/v1"
+    unreachable = run_gateway(tmp_path, "check", "--online", OPENROUTER_BASE_URL=down)
+    assert unreachable.returncode == 1 and f"problem: upstream.base_url: {down}/key: " in unreachable.stderr
+    for result in (good, refused, unreachable):
+        assert UPSTREAM_KEY not in result.stdout + result.stderr and wrong not in result.stdout + result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_serve_on_a_taken_port_is_one_line_before_any_demo_key(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        demo = run_gateway(tmp_path, "serve", "--demo", "--port", port)
+        plain = run_gateway(tmp_path, "serve", "--host", "127.0.0.1", "--port", port)
+    assert demo.returncode == 2 and f"problem: cannot listen on 127.0.0.1:{port}: " in demo.stderr
+    assert "sk-gw-" not in demo.stdout + demo.stderr and "curl" not in demo.stdout
+    assert plain.returncode == 2 and f"problem: cannot listen on 127.0.0.1:{port}: " in plain.stderr
+    for result in (demo, plain):
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 2, result.stderr
+
+
+def test_serve_says_when_it_runs_without_a_config_file(tmp_path: Path) -> None:
+    """Run from a directory without config/gateway.yaml, `serve` says at start that it has no
+    aliases nor declared entries, and how to name the file."""
+    port = free_port()
+    env = {**clean_env(), "GATEWAY_ADMIN_KEY": STRONG_ADMIN, "OPENROUTER_API_KEY": OPENROUTER}
+    log = tmp_path / "serve.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            [str(GATEWAY), "serve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+        )
+    try:
+
+        def ready() -> bool:
+            assert process.poll() is None, log.read_text()
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, 30, "gateway start")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    note = log.read_text().splitlines()[0]
+    assert note.startswith(f"note: no config file (config/gateway.yaml not found in {tmp_path})"), note
+    assert "no model aliases, declared teams or declared keys" in note and "GATEWAY_CONFIG" in note

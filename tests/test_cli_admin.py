@@ -93,10 +93,10 @@ def test_keys_commands(keyed: GatewayServer) -> None:
         '{"owner": "alice"}',
     )
     assert created.returncode == 0, created.stderr
-    plaintext = created.stderr.split("key: ", 1)[1].split()[0]
-    assert plaintext.startswith("sk-gw-") and plaintext not in created.stdout
+    plaintext = created.stdout.strip()  # the secret alone on stdout; the record on stderr
+    assert plaintext.startswith("sk-gw-") and created.stdout == plaintext + "\n"
     key_id = plaintext[6:18]
-    assert key_id in created.stdout
+    assert key_id in created.stderr and plaintext not in created.stderr
 
     response = httpx.get(keyed.url + "/v1/models", headers={"Authorization": f"Bearer {plaintext}"})
     assert response.status_code == 200
@@ -156,9 +156,9 @@ def test_generate_prints_a_declarable_key(tmp_path: Path) -> None:
         [str(GATEWAY), "keys", "generate", "--name", "ci", "--team", "ops"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0
-    plaintext = result.stdout.split("it is not stored anywhere): ", 1)[1].split()[0]
+    plaintext = result.stderr.split("key: ", 1)[1].split()[0]  # stdout is the item alone, pasted under keys:
     config = tmp_path / "gateway.yaml"
-    config.write_text("teams:\n  - name: ops\n" + result.stdout.split("config/gateway.yaml:\n\n", 1)[1])
+    config.write_text("teams:\n  - name: ops\nkeys:\n" + result.stdout)
     from app.auth.keys import hash_key
     from app.settings import Settings
 
@@ -191,7 +191,7 @@ def test_usage_command(keyed: GatewayServer) -> None:
 
     table = run(keyed, "usage", "--team", team, "--group-by", "key,model")
     lines = table.stdout.splitlines()
-    assert lines[0].split()[:3] == ["KEY", "MODEL", "REQUESTS"]
+    assert lines[0].split()[:5] == ["TEAM", "KEY", "KEY_ID", "MODEL", "REQUESTS"]  # a key with its team and id
     assert lines[-1].split()[0] == "TOTAL" and lines[-1].split()[1] == "2"
     csv_text = run(keyed, "usage", "--team", team, "--group-by", "model", "--csv").stdout
     assert csv_text.splitlines()[0].startswith("model,requests,") and csv_text.splitlines()[-1].startswith("total,2,")

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from app.auth.keys import hash_key, new_key, new_key_id
 from app.auth.records import KeyFields, KeyRecord, PreviousSecret, TeamFields, TeamRecord, now
+from app.config_file import ConfigError
 from app.errors import ConflictError, InvalidRequestError, NotFoundError
 from app.store.base import Store
 
@@ -125,7 +126,11 @@ class Registry:
 
     # -- the config file ---------------------------------------------------------------------
     async def load_declared(self, teams: list[TeamRecord], keys: list[KeyRecord]) -> None:
-        """Make the store hold exactly the declared entries: add, update, drop the withdrawn."""
+        """Make the store hold exactly the declared entries: add, update, drop the withdrawn.
+        Refuses (`ConfigError`, nothing written) a declared key whose team exists nowhere."""
+        problems = await self.undeclared_teams(teams, keys)
+        if problems:
+            raise ConfigError(problems)
         declared_teams = {t.name for t in teams}
         for team in teams:
             if not await self.store.create_team(team):
@@ -148,6 +153,21 @@ class Registry:
             if stale_team.declared and stale_team.name not in declared_teams:
                 await self.store.delete_team(stale_team.name)
         await self.store.publish("*")
+
+    async def undeclared_teams(self, teams: list[TeamRecord], keys: list[KeyRecord]) -> list[str]:
+        """A problem for each declared key whose team is neither declared nor in the store (a team
+        declared before and withdrawn from the file now is about to go, so it does not count)."""
+        declared = {t.name for t in teams}
+        if all(key.team in declared for key in keys):
+            return []
+        stored = {t.name for t in await self.store.list_teams() if not t.declared}
+        hint = "under teams: in the file, nor in the store; declare it, or create it (gateway teams create) first"
+        return undeclared_teams(keys, declared | stored, hint)
+
+
+def undeclared_teams(keys: list[KeyRecord], known: set[str], hint: str) -> list[str]:
+    """`keys.<n>.team: no team '…' <hint>` for each key whose team is not in `known`."""
+    return [f"keys.{n}.team: no team '{key.team}' {hint}" for n, key in enumerate(keys) if key.team not in known]
 
 
 Record = TypeVar("Record", TeamRecord, KeyRecord)

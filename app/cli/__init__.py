@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from app.cli import admin, serve
+
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,7 +18,16 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_commands(commands)
     admin.add_commands(commands)
     args = parser.parse_args(argv)
-    code: int = args.handler(args)
+    try:
+        code: int = args.handler(args)
+        sys.stdout.flush()  # here, not at exit, where a closed pipe could only be reported as a traceback
+    except BrokenPipeError:
+        # `gateway keys list | head -1`: the reader has what it wanted. Python's own flush at exit
+        # would fail again, so the output streams go to /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            os.dup2(devnull, stream.fileno())
+        return SIGPIPE_EXIT
     return code
 
 

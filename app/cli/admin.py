@@ -14,6 +14,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from app.cli import declared
 from app.cli.tables import record, table
 
 if TYPE_CHECKING:
@@ -94,11 +95,7 @@ def add_commands(commands: Any) -> None:
     usage.add_argument("--key", help="a key's id, or team/name, or a name only one team has")
     usage.add_argument("--csv", action="store_true", help="print CSV")
     _common(usage, _usage)
-
-    generate = keys.add_parser("generate", help="make a key offline, to declare by hash in the config file")
-    generate.add_argument("--name", required=True)
-    generate.add_argument("--team", required=True)
-    generate.set_defaults(handler=_key_generate)
+    declared.add_command(keys)
 
 
 URL_HELP = "the gateway (default GATEWAY_URL or http://127.0.0.1:8080); before or after the command"
@@ -243,19 +240,6 @@ class Report(dict[str, Any]):
         self.groups = groups
 
 
-def _key_generate(args: argparse.Namespace) -> int:
-    from app.auth.keys import hash_key, new_key, new_key_id
-
-    key_id = new_key_id()
-    plaintext = new_key(key_id)
-    print(f"key (give it to its user; it is not stored anywhere): {plaintext}\n")
-    print("declare it in config/gateway.yaml:\n")
-    print(
-        f"keys:\n  - id: {key_id}\n    name: {args.name}\n    team: {args.team}\n    hash: sha256:{hash_key(plaintext)}"
-    )
-    return 0
-
-
 # -- plumbing ---------------------------------------------------------------------------------
 class Api:
     def __init__(self, url: str) -> None:
@@ -313,9 +297,11 @@ def _run(handler: Any, args: argparse.Namespace) -> int:
     elif isinstance(result, list):
         columns = KEY_COLUMNS if args.command == "keys" else TEAM_COLUMNS
         print(table(result, columns))
+    elif isinstance(result, dict) and "key" in result and args.command == "keys":
+        # A new secret alone on stdout, so `KEY=$(gateway keys create …)` holds it; the rest is for the eye.
+        print(record({k: v for k, v in result.items() if k != "key"}) + "\n", file=sys.stderr)
+        print(result["key"], flush=True)
+        print("(the key above is shown once: store it now; the gateway keeps only its hash)", file=sys.stderr)
     else:
-        if isinstance(result, dict) and "key" in result and args.command == "keys":
-            print(f"key: {result['key']}   (shown once: store it now)\n", file=sys.stderr)
-            result = {k: v for k, v in result.items() if k != "key"}
         print(record(result))
     return 0

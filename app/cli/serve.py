@@ -7,13 +7,16 @@ import asyncio
 import os
 import secrets
 import shutil
+import socket
 import sys
 import tempfile
+from collections.abc import Sized
 from typing import Any
 
 from app.settings import ConfigError, Settings, load_settings, read_secret
 
 DEMO_UPSTREAM_KEY = "sk-or-simulated-demo-key"
+MIN_ADMIN_KEY = 32
 
 
 def add_commands(commands: Any) -> None:
@@ -35,6 +38,7 @@ def add_commands(commands: Any) -> None:
 
     check = commands.add_parser("check", help="validate the configuration and the environment")
     check.add_argument("--config", help="YAML config file (default GATEWAY_CONFIG or config/gateway.yaml)")
+    check.add_argument("--online", action="store_true", help="also try the OpenRouter key (GET /key)")
     check.set_defaults(handler=_check)
 
 
@@ -57,6 +61,7 @@ def _problems(settings: Settings) -> list[str]:
             "admin_key: no client could get in; set GATEWAY_ADMIN_KEY (to create keys), GATEWAY_API_KEY "
             "(a bootstrap key) or declare keys in the config file; or try `gateway serve --demo`"
         )
+    problems += _secret_problems(settings)
     for team in settings.teams:
         if team.upstream_key_env and read_secret(team.upstream_key_env) is None:
             problems.append(f"teams.{team.name}.upstream_key_env: {team.upstream_key_env} is not set")
@@ -64,6 +69,58 @@ def _problems(settings: Settings) -> list[str]:
         if target in settings.models.aliases:
             problems.append(f"models.aliases.{alias}: points at another alias ({target}); name an OpenRouter id")
     return problems
+
+
+def _secret_problems(settings: Settings) -> list[str]:
+    """The admin key must be hard to guess, and each secret used for one thing only: a client key
+    equal to the admin key opens the admin API, one equal to the OpenRouter key hands it out."""
+    admin, client, upstream = (
+        secret.get_secret_value() if secret else None
+        for secret in (settings.admin_key, settings.api_key, settings.upstream.api_key)
+    )
+    problems = []
+    if admin is not None and len(admin) < MIN_ADMIN_KEY:
+        problems.append(
+            f"admin_key: GATEWAY_ADMIN_KEY has {len(admin)} characters; use at least {MIN_ADMIN_KEY}, "
+            "e.g. $(openssl rand -hex 32)"
+        )
+    elif admin is not None and len(set(admin)) < 8:
+        problems.append("admin_key: GATEWAY_ADMIN_KEY repeats a few characters; use e.g. $(openssl rand -hex 32)")
+    if client is not None and client == admin:
+        problems.append("api_key: GATEWAY_API_KEY equals GATEWAY_ADMIN_KEY; a client key must not open the admin API")
+    if client is not None and client == upstream:
+        problems.append(
+            "api_key: GATEWAY_API_KEY equals OPENROUTER_API_KEY; clients must never hold the OpenRouter key"
+        )
+    if admin is not None and admin == upstream:
+        problems.append("admin_key: GATEWAY_ADMIN_KEY equals OPENROUTER_API_KEY; give each its own secret")
+    return problems
+
+
+def _team_problems(settings: Settings, store_answers: bool) -> list[str]:
+    """Declared keys whose team is declared nowhere: not in the file, not in the store (when it
+    answers; a memory store starts empty)."""
+    from app.auth.registry import Registry, undeclared_teams
+    from app.store import open_store
+
+    teams = [team.record() for team in settings.teams]
+    keys = [key.record() for key in settings.keys]
+    if settings.store == "memory" or not store_answers:
+        hint = (
+            "under teams: in the file, and a memory store starts empty: declare it there"
+            if settings.store == "memory"
+            else "under teams: in the file (the store does not answer, so its teams were not counted)"
+        )
+        return undeclared_teams(keys, {t.name for t in teams}, hint)
+
+    async def read() -> list[str]:
+        store = open_store(settings)
+        try:
+            return await Registry(store).undeclared_teams(teams, keys)
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
 
 
 def _store_problem(settings: Settings) -> str | None:
@@ -101,21 +158,78 @@ def _check(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"problem: {problem}", file=sys.stderr)
         return 1
-    problems = _problems(settings)
     store = _store_problem(settings)
-    for problem in [*problems, *([store] if store else [])]:
+    problems = [*_problems(settings), *([store] if store else []), *_team_problems(settings, store is None)]
+    if args.online and settings.upstream.api_key is not None:
+        refused, report = _try_upstream_key(settings, settings.upstream.api_key.get_secret_value())
+        problems += [refused] if refused else []
+        if report:
+            print(report)
+    for problem in problems:
         print(f"problem: {problem}", file=sys.stderr)
-    if problems or store:
+    if settings.store == "memory":
+        print(
+            "warning: store: memory keeps teams, keys, usage and spend in this process only: a restart loses "
+            "them and workers do not share them; set GATEWAY_STORE for a lasting store",
+            file=sys.stderr,
+        )
+    if problems:
         return 1
-    source = settings.config_file or "no file"
-    if settings.config_file and not os.path.exists(settings.config_file):
-        source = f"no file: {settings.config_file} not found, defaults and environment only"
+    missing = _missing_config(settings)
+    source = f"no file: {missing}, defaults and environment only" if missing else settings.config_file or "no file"
     print(
         f"config OK ({source}): upstream {settings.upstream.base_url}, "
         f"store {settings.store.split('://', 1)[0]}, "
-        f"{len(settings.models.aliases)} aliases, {len(settings.models.per_model)} per-model settings"
+        f"{_count(settings.teams, 'team')}, {_count(settings.keys, 'key')}, "
+        f"{_count(settings.models.aliases, 'alias', 'aliases')}, "
+        f"{_count(settings.models.per_model, 'per-model setting')}"
     )
     return 0
+
+
+def _count(things: Sized, one: str, many: str = "") -> str:
+    return f"{len(things)} {one if len(things) == 1 else many or one + 's'}"
+
+
+def _missing_config(settings: Settings) -> str | None:
+    """`<path> not found` when the default config file is absent (an absent file named on
+    purpose is an error before this)."""
+    if settings.config_file and not os.path.exists(settings.config_file):
+        return f"{settings.config_file} not found in {os.getcwd()}"
+    return None
+
+
+def _try_upstream_key(settings: Settings, key: str) -> tuple[str | None, str | None]:
+    """`GET /key` with the OpenRouter key: (a problem, or a report line). The key is never shown."""
+    from app.errors import UpstreamError
+    from app.upstream.client import OpenRouterClient, open_session
+
+    async def ask() -> tuple[int, Any]:
+        session = open_session(settings.upstream)
+        try:
+            return await OpenRouterClient(session, settings.upstream).get_json(
+                "/key", timeout=settings.upstream.connect_timeout_s + 10
+            )
+        finally:
+            await session.close()
+
+    where = f"{settings.upstream.base_url}/key"
+    try:
+        status, body = asyncio.run(ask())
+    except UpstreamError as exc:
+        return f"upstream.base_url: {where}: {exc.message}", None
+    data = body.get("data") if isinstance(body, dict) else None
+    if status != 200 or not isinstance(data, dict):
+        error = body.get("error") if isinstance(body, dict) else None
+        said = str(error.get("message"))[:200] if isinstance(error, dict) else None
+        said = said and said.replace(key, "…")  # in case it is echoed
+        return f"upstream.api_key: {where} refused the OpenRouter key ({status}{f': {said}' if said else ''})", None
+    limit = data.get("limit")
+    left = data.get("limit_remaining")
+    return None, (
+        f"OpenRouter key OK: label {data.get('label')!r}, "
+        + (f"limit {limit} USD ({left} left)" if limit is not None else "no credit limit")
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -128,14 +242,41 @@ def _serve(args: argparse.Namespace) -> int:
     if args.demo and args.workers > 1:
         print("problem: --demo runs one process; drop --workers", file=sys.stderr)
         return 2
-    if not args.demo:
-        problems = _problems(settings)
-        problems += [p for p in [_store_problem(settings)] if p and not problems]
-        if problems:
-            for problem in problems:
-                print(f"problem: {problem}", file=sys.stderr)
-            print("refusing to start; see `gateway check`", file=sys.stderr)
-            return 2
+    if args.workers > 1 and settings.admin_port is not None:
+        print("problem: admin_port: a separate admin listener needs one process; drop --workers", file=sys.stderr)
+        return 2
+    if missing := _missing_config(settings):
+        print(
+            f"note: no config file ({missing}): running on defaults and the environment only, with no model "
+            "aliases, declared teams or declared keys; name the file with --config FILE or GATEWAY_CONFIG",
+            file=sys.stderr,
+        )
+    if problems := _start_problems(settings, args.demo):
+        for problem in problems:
+            print(f"problem: {problem}", file=sys.stderr)
+        print("refusing to start; see `gateway check`", file=sys.stderr)
+        return 2
+    from app import server
+
+    try:  # before anything is announced: a demo key for a port another process holds is a lie
+        sockets = server.listen(settings)
+    except server.ListenError as exc:
+        print(f"problem: {exc}", file=sys.stderr)
+        return 2
+    settings = settings.model_copy(update={"port": sockets[0].getsockname()[1]})  # port 0: the one given
+    return _run(args, settings, sockets)
+
+
+def _start_problems(settings: Settings, demo: bool) -> list[str]:
+    """Why the gateway must not start, in the order worth fixing (the store is asked only once
+    the rest is right). The demo makes its own secrets and store."""
+    problems = [] if demo else _problems(settings)
+    if not problems and not demo:
+        problems = [p for p in [_store_problem(settings)] if p]
+    return problems or _team_problems(settings, store_answers=True)
+
+
+def _run(args: argparse.Namespace, settings: Settings, sockets: list[socket.socket]) -> int:
     from app import server
     from app.logs import configure_logging
     from app.main import create_admin_app, create_app
@@ -153,20 +294,18 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers > 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         _fresh_metrics_dir()
     if args.workers > 1:
-        if settings.admin_port is not None:
-            print("problem: admin_port: a separate admin listener needs one process; drop --workers", file=sys.stderr)
-            return 2
         if args.config:
             os.environ["GATEWAY_CONFIG"] = args.config  # each worker loads the settings itself
-        server.run_workers(settings, args.workers)
+        server.run_workers(settings, args.workers, sockets[0])
         return 0
     try:
         app = create_app(settings)
-        server.run(settings, app, create_admin_app(settings, app) if settings.admin_port is not None else None)
+        admin_app = create_admin_app(settings, app) if settings.admin_port is not None else None
+        started = server.run(settings, app, admin_app, sockets)
     finally:
         if simulator is not None:
             simulator.stop()
-    return 0
+    return 0 if started else 2  # not started: its start was refused, and said why
 
 
 def _fresh_metrics_dir() -> None:
