@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from app.auth.records import KeyRecord, TeamRecord
 from app.limits.checks import Check, Reserve, Settlement, Verdict
+from app.store import sqlite_limits as limits
 from app.store import sqlite_tables as tables
 from app.store.base import ChangeListener, LedgerBatch, StoreError
 
@@ -150,7 +151,7 @@ class SqliteStore:
     def _send_admissions(self) -> None:
         asked, self._asked = self._asked, []
         try:
-            reply = self._submit(tables.admit, [ask for ask, _ in asked])
+            reply = self._submit(limits.admit, [ask for ask, _ in asked])
         except StoreError as exc:
             _fail(asked, exc)
             return
@@ -179,17 +180,18 @@ class SqliteStore:
     ) -> list[Verdict]:
         if not settlements and not reserve:
             return []
-        return await self._run(tables.settle, list(settlements), batch, list(reserve))
+        return await self._run(limits.settle, list(settlements), batch, list(reserve))
 
     async def renew(self, leases: Sequence[tuple[Check, str]], lease_ms: int) -> None:
         if leases:
-            await self._run(tables.renew, list(leases), lease_ms)
+            await self._run(limits.renew, list(leases), lease_ms)
 
     async def budget_spent(self, check: Check) -> int:
-        return await self._run(tables.budget_spent, check.name)
+        return await self._run(limits.budget_spent, check.name)
 
     async def sweep(self) -> int:
-        return await self._run(tables.sweep)
+        await self._run(tables.prune)
+        return await self._run(limits.sweep)
 
     # -- the usage ledger ----------------------------------------------------------------------
     async def ledger_apply(self, batch: LedgerBatch) -> None:

@@ -1,6 +1,6 @@
-"""The SQLite store's tables and what each of its calls does to them, run on the store's thread
-(`app/store/sqlite.py`). Admission is `app/limits/windows.py` over these tables, read and
-written inside one `BEGIN IMMEDIATE` transaction, so concurrent workers see one order.
+"""The SQLite store's file: opening it, its schema, and what the store's calls on records, the
+ledger and the change feed do to it, run on the store's thread (`app/store/sqlite.py`; the
+limits are `sqlite_limits.py`).
 
 Durability: WAL with `synchronous=NORMAL`. A commit is in the WAL file when it returns, so a
 killed process (even `kill -9`) loses nothing it committed; only an OS crash or a power cut can
@@ -16,13 +16,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from app.limits import windows
-from app.limits.checks import Check, Reserve, Settlement, Verdict
 from app.store.base import LedgerBatch
 
 SCHEMA_VERSION = 1
 CHANGES_KEEP_MS = 60_000  # change rows older than this are pruned
-SETTLED_KEEP_MS = 10 * 60_000  # settlement batch markers: a retry comes within seconds
 LEDGER_BATCHES_KEEP_MS = 7 * 86_400_000  # as long as the Redis store keeps them
 
 _SCHEMA = """
@@ -176,124 +173,6 @@ def touch_keys(db: sqlite3.Connection, stamps: list[tuple[int, str]]) -> None:
         db.executemany("UPDATE keys SET last_used_us = max(coalesce(last_used_us, ?1), ?1) WHERE id = ?2", stamps)
 
 
-# -- limits ----------------------------------------------------------------------------------------
-_ADD_SPENT = """
-INSERT INTO spend (name, total, expires) VALUES (?1, ?2, ?3)
-ON CONFLICT (name) DO UPDATE SET
-  total = CASE WHEN expires <= ?4 THEN excluded.total ELSE total + excluded.total END,
-  expires = CASE WHEN expires <= ?4 THEN excluded.expires ELSE expires END
-"""
-
-
-class Tables:
-    """A `windows.LimitState` over an open transaction: each row read at most once, buckets
-    written once at the end (`flush`)."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-        self._buckets: dict[str, tuple[float, int] | None] = {}
-        self._changed: set[str] = set()
-        self._held: dict[str, int] = {}
-        self._spent: dict[str, int] = {}
-
-    def bucket(self, name: str) -> tuple[float, int] | None:
-        if name not in self._buckets:
-            row = self.db.execute("SELECT tokens, stamp FROM buckets WHERE name = ?", (name,)).fetchone()
-            self._buckets[name] = row
-        return self._buckets[name]
-
-    def set_bucket(self, name: str, tokens: float, stamp: int) -> None:
-        self._buckets[name] = (tokens, stamp)
-        self._changed.add(name)
-
-    def held(self, name: str, now: int) -> int:
-        held = self._held.get(name)
-        if held is None:
-            self.db.execute("DELETE FROM leases WHERE name = ? AND expiry <= ?", (name, now))
-            row = self.db.execute("SELECT coalesce(sum(weight), 0) FROM leases WHERE name = ?", (name,)).fetchone()
-            held = self._held[name] = int(row[0])
-        return held
-
-    def hold(self, name: str, member: str, weight: int, expiry: int) -> None:
-        self.db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?)", (name, member, expiry, weight))
-        if name in self._held:
-            self._held[name] += weight  # members are unique: a new lease
-
-    def release(self, name: str, member: str) -> None:
-        if self.db.execute("DELETE FROM leases WHERE name = ? AND member = ?", (name, member)).rowcount:
-            self._held.pop(name, None)
-
-    def extend(self, name: str, member: str, expiry: int) -> None:
-        self.db.execute("UPDATE leases SET expiry = ? WHERE name = ? AND member = ?", (expiry, name, member))
-
-    def spent(self, name: str, now: int) -> int:
-        spent = self._spent.get(name)
-        if spent is None:
-            spent = self._spent[name] = budget_spent(self.db, name, now)
-        return spent
-
-    def add_spent(self, name: str, value: int, ttl_s: int, now: int) -> None:
-        """As Redis's INCRBY on a key given its TTL when created: an expired period starts anew."""
-        self.db.execute(_ADD_SPENT, (name, value, now + ttl_s * 1000 if ttl_s > 0 else None, now))
-        self._spent.pop(name, None)
-
-    def flush(self) -> None:
-        if self._changed:
-            rows = [(name, *bucket) for name in self._changed if (bucket := self._buckets[name]) is not None]
-            self.db.executemany("INSERT OR REPLACE INTO buckets VALUES (?, ?, ?)", rows)
-            self._changed.clear()
-
-
-def admit(db: sqlite3.Connection, asks: list[Reserve]) -> list[Verdict]:
-    """Admissions judged in turn, each seeing the ones before it, in one transaction."""
-    with transaction(db):
-        now, state = now_ms(), Tables(db)
-        verdicts = [windows.admit(state, a.checks, a.member, a.lease_ms, a.headroom, now) for a in asks]
-        state.flush()
-    return verdicts
-
-
-def settle(db: sqlite3.Connection, items: list[Settlement], batch: str, reserve: list[Reserve]) -> list[Verdict]:
-    """Settlements (at most once per non-empty `batch`), then the reservations sent with them."""
-    with transaction(db):
-        now, state = now_ms(), Tables(db)
-        if items and (not batch or db.execute("INSERT OR IGNORE INTO settled VALUES (?, ?)", (batch, now)).rowcount):
-            windows.settle(state, items, now)
-        verdicts = [windows.admit(state, r.checks, r.member, r.lease_ms, r.headroom, now) for r in reserve]
-        state.flush()
-    return verdicts
-
-
-def renew(db: sqlite3.Connection, leases: list[tuple[Check, str]], lease_ms: int) -> None:
-    with transaction(db):
-        windows.renew(Tables(db), leases, lease_ms, now_ms())
-
-
-def budget_spent(db: sqlite3.Connection, name: str, now: int | None = None) -> int:
-    row = db.execute(
-        "SELECT total FROM spend WHERE name = ? AND (expires IS NULL OR expires > ?)",
-        (name, now_ms() if now is None else now),
-    ).fetchone()
-    return int(row[0]) if row else 0
-
-
-def sweep(db: sqlite3.Connection) -> int:
-    """Drop what says nothing any more (idle buckets, expired leases and spends, old markers and
-    changes); returns how many limits it looked at."""
-    with transaction(db):
-        now = now_ms()
-        seen: int = db.execute(
-            "SELECT (SELECT count(*) FROM buckets) + (SELECT count(DISTINCT name) FROM leases)"
-        ).fetchone()[0]
-        db.execute("DELETE FROM buckets WHERE stamp <= ?", (now - windows.IDLE_MS,))
-        db.execute("DELETE FROM leases WHERE expiry <= ?", (now,))
-        db.execute("DELETE FROM spend WHERE expires <= ?", (now,))
-        db.execute("DELETE FROM settled WHERE at <= ?", (now - SETTLED_KEEP_MS,))
-        db.execute("DELETE FROM ledger_batches WHERE at <= ?", (now - LEDGER_BATCHES_KEEP_MS,))
-        db.execute("DELETE FROM changes WHERE at <= ?", (now - CHANGES_KEEP_MS,))
-    return seen
-
-
 # -- the usage ledger ------------------------------------------------------------------------------
 def ledger_apply(db: sqlite3.Connection, batch: LedgerBatch) -> None:
     with transaction(db):
@@ -329,3 +208,11 @@ def changes_after(db: sqlite3.Connection, seq: int) -> list[tuple[int, str, str]
         "SELECT seq, origin, change FROM changes WHERE seq > ? ORDER BY seq", (seq,)
     ).fetchall()
     return rows
+
+
+def prune(db: sqlite3.Connection) -> None:
+    """Forget ledger batch ids and changes kept long enough."""
+    with transaction(db):
+        now = now_ms()
+        db.execute("DELETE FROM ledger_batches WHERE at <= ?", (now - LEDGER_BATCHES_KEEP_MS,))
+        db.execute("DELETE FROM changes WHERE at <= ?", (now - CHANGES_KEEP_MS,))
