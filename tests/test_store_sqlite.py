@@ -152,6 +152,25 @@ async def test_a_settlement_batch_sent_through_two_stores_is_applied_once(tmp_pa
         await other.close()
 
 
+async def test_an_admission_whose_caller_gave_up_is_given_back(tmp_path: Path) -> None:
+    """Admitted after its caller left (the transaction runs on the store's thread whatever the
+    caller does): nobody would settle it, so its slot comes back at once, not after its lease."""
+    store = SqliteStore(tmp_path / "gateway.db")
+    slots = Check("key", "k3", "concurrency", 2)
+    try:
+        gone = asyncio.ensure_future(store.admit([slots], "gone", LEASE_MS))
+        stays = asyncio.ensure_future(store.admit([slots], "stays", LEASE_MS))
+        await asyncio.sleep(0)
+        gone.cancel()
+        assert (await stays).ok and gone.cancelled()
+        deadline = time.monotonic() + 5
+        while not (probe := await store.admit([slots], member(), LEASE_MS)).ok and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # polling, with a deadline
+        assert probe.ok and probe.states == [(0, 0)]  # stays's slot and the probe's: gone's came back
+    finally:
+        await store.close()
+
+
 async def test_declared_entries_load_from_two_workers_at_once(tmp_path: Path) -> None:
     """Two workers start together and load the same declared key: both find it missing, and the
     second then finds its name taken by the first one's copy of the same key, which is no

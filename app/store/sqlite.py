@@ -160,8 +160,9 @@ class SqliteStore:
     def _answer(self, asked: list[_Asked], reply: asyncio.Future[list[Verdict]]) -> None:
         """Each admission gets its verdict, or the batch's error. One whose caller gave up while
         it was on its way is released at once: nobody would settle it."""
-        if reply.cancelled() or reply.exception() is not None:
-            _fail(asked, reply.exception() or StoreError(f"sqlite {self.path}: admission cancelled"))
+        error = StoreError(f"sqlite {self.path}: admission cancelled") if reply.cancelled() else reply.exception()
+        if error is not None:
+            _fail(asked, error)
             return
         gone: list[Settlement] = []
         for (ask, waiter), verdict in zip(asked, reply.result(), strict=True):
