@@ -220,7 +220,12 @@ class Settings(BaseSettings):
     metrics_key: SecretStr | None = Field(
         None, description="Bearer credential that opens /metrics and nothing else (Prometheus's scrape)"
     )
-    store: str = Field("memory", description="memory, or a redis:// / rediss:// / unix:// URL")
+    store: str = Field(
+        "sqlite",
+        description="sqlite (gateway.db in data_dir), sqlite:///absolute/path.db, sqlite:relative/path.db, "
+        "memory (one process: demo and tests), or a redis:// / rediss:// / unix:// URL (shared by replicas)",
+    )
+    data_dir: str = Field("data", min_length=1, description="the sqlite store's directory (created if missing)")
     store_prefix: str = Field("gw", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="namespace of our Redis keys")
     store_timeout_s: float = Field(0.5, gt=0, le=30, description="longest wait for one store call")
     store_max_connections: int = Field(64, ge=1, description="Redis connections per process")
@@ -260,9 +265,19 @@ class Settings(BaseSettings):
     @field_validator("store")
     @classmethod
     def _store_url(cls, value: str) -> str:
-        if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("'memory' or a redis://, rediss:// or unix:// URL")
-        return value
+        if value in ("sqlite", "memory") or value.startswith(("redis://", "rediss://", "unix://")):
+            return value
+        if value.startswith("sqlite:"):
+            path = value.removeprefix("sqlite://") if value.startswith("sqlite://") else value.removeprefix("sqlite:")
+            if value.startswith("sqlite://") and not path.startswith("/"):
+                raise ValueError("sqlite:///absolute/path.db (three slashes) or sqlite:relative/path.db")
+            if not path.strip("/") or path.endswith("/") or path == ":memory:":
+                raise ValueError("name the database file: sqlite:///absolute/path.db or sqlite:relative/path.db")
+            return value
+        raise ValueError(
+            "'sqlite' (the default), sqlite:///absolute/path.db, sqlite:relative/path.db, 'memory', "
+            "or a redis://, rediss:// or unix:// URL"
+        )
 
     @model_validator(mode="after")
     def _declared_entries_agree(self) -> Settings:

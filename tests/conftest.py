@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -16,6 +17,7 @@ from app.simulator import SimulatorThread
 from app.store.base import Store
 from app.store.memory import MemoryStore
 from app.store.redis import RedisStore
+from app.store.sqlite import SqliteStore
 from tests.redis_server import RedisServer
 from tests.support import (
     ADMIN_KEY,
@@ -91,11 +93,17 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    """Each contract test runs on the memory store and on a real redis-server."""
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """Each contract test runs on the memory store, on a fresh SQLite file and on a real
+    redis-server."""
     if request.param == "memory":
         yield MemoryStore()
+        return
+    if request.param == "sqlite":
+        sqlite_store = SqliteStore(tmp_path / "gateway.db")
+        yield sqlite_store
+        await sqlite_store.close()
         return
     server: RedisServer = request.getfixturevalue("redis_server")
     redis_store = RedisStore(server.url, prefix="t" + uuid.uuid4().hex[:10])

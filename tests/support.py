@@ -104,6 +104,7 @@ def request_id() -> str:
 def gateway_settings(simulator_url: str, **overrides: Any) -> Settings:
     base: dict[str, Any] = {
         "config_file": None,
+        "store": "memory",  # in-process gateways keep nothing on disk unless a test asks
         "api_key": CLIENT_KEY,
         "metrics_key": METRICS_KEY,
         # One try and no circuit breaker: these gateways show how single answers are mapped;
@@ -142,20 +143,34 @@ TEAM_UPSTREAM_KEY = "sk-or-v1-team-ml-upstream-key-for-tests"
 class GatewayProcess:
     """`gateway serve` as a real separate process (a replica), configured by environment."""
 
-    def __init__(self, env: dict[str, str], log_path: str, args: tuple[str, ...] = ()) -> None:
+    def __init__(self, env: dict[str, str], log_path: str, args: tuple[str, ...] = (), own_group: bool = False) -> None:
         import os
+        import shutil
         import socket
         import sys
+        import tempfile
+        import weakref
         from pathlib import Path
 
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = int(sock.getsockname()[1])
         clean = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "OPENROUTER_"))}
-        self.env = {**clean, "GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(self.port), **env}
+        # The default store is a file: each process gets a data directory of its own (removed
+        # with this object) unless the test names a store or a directory to share.
+        data_dir = tempfile.mkdtemp(prefix="gateway-data-")
+        weakref.finalize(self, shutil.rmtree, data_dir, True)
+        self.env = {
+            **clean,
+            "GATEWAY_HOST": "127.0.0.1",
+            "GATEWAY_PORT": str(self.port),
+            "GATEWAY_DATA_DIR": data_dir,
+            **env,
+        }
         self.binary = str(Path(sys.executable).with_name("gateway"))
         self.log_path = log_path
         self.args = args
+        self.own_group = own_group  # its own process group: `kill_group` reaches its workers too
         self.process: Any = None
 
     @property
@@ -169,7 +184,13 @@ class GatewayProcess:
         import httpx
 
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([self.binary, "serve", *self.args], env=self.env, stdout=log, stderr=log)
+            self.process = subprocess.Popen(
+                [self.binary, "serve", *self.args],
+                env=self.env,
+                stdout=log,
+                stderr=log,
+                start_new_session=self.own_group,
+            )
 
         def ready() -> bool:
             if self.process.poll() is not None:
@@ -196,6 +217,16 @@ class GatewayProcess:
             process.wait(10)
             raise
         return code
+
+    def kill_group(self) -> None:
+        """SIGKILL to the gateway and its workers at once, as a crash or an OOM kill would."""
+        import os
+        import signal
+
+        assert self.own_group, "start it with own_group=True"
+        process, self.process = self.process, None
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
 
     def __enter__(self) -> GatewayProcess:
         return self.start()

@@ -282,3 +282,32 @@ def test_serve_says_when_it_runs_without_a_config_file(tmp_path: Path) -> None:
     note = log.read_text().splitlines()[0]
     assert note.startswith(f"note: no config file (config/gateway.yaml not found in {tmp_path})"), note
     assert "no model aliases, declared teams or declared keys" in note and "GATEWAY_CONFIG" in note
+
+
+def test_serve_refuses_workers_on_the_memory_store(tmp_path: Path) -> None:
+    """Each worker would hold its own keys, limits and budgets: a key made through one would be
+    unknown to the others."""
+    result = run_gateway(tmp_path, "serve", "--workers", "2", "--port", str(free_port()), GATEWAY_STORE="memory")
+    assert result.returncode == 2
+    assert "problem: store: the memory store lives inside one process" in result.stderr
+    assert "its own keys, limits and budgets" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_unusable_data_directory_is_one_clear_line(tmp_path: Path) -> None:
+    """The default store is a file in the data directory: one that cannot be made is a problem
+    `check` reports and `serve` refuses to start on."""
+    (tmp_path / "taken").write_text("a file where the data directory should be")
+    checked = run_gateway(tmp_path, "check", GATEWAY_DATA_DIR=str(tmp_path / "taken"))
+    assert checked.returncode == 1
+    assert f"problem: store: cannot use sqlite {tmp_path / 'taken' / 'gateway.db'}:" in checked.stderr
+    served = run_gateway(tmp_path, "serve", "--port", str(free_port()), GATEWAY_DATA_DIR=str(tmp_path / "taken"))
+    assert served.returncode == 2 and "refusing to start" in served.stderr
+    for result in (checked, served):
+        assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_the_default_store_is_a_file_in_the_data_directory(tmp_path: Path) -> None:
+    result = run_gateway(tmp_path, "check")  # GATEWAY_STORE and GATEWAY_DATA_DIR unset
+    assert result.returncode == 0, result.stderr
+    assert "store sqlite" in result.stdout
+    assert (tmp_path / "data" / "gateway.db").is_file()  # `data` in the working directory

@@ -33,7 +33,8 @@ def test_defaults() -> None:
     settings = Settings(config_file=None)
     assert (settings.host, settings.port) == ("0.0.0.0", 8080)
     assert settings.upstream.base_url == "https://openrouter.ai/api/v1"
-    assert settings.upstream.api_key is None and settings.store == "memory"
+    assert settings.upstream.api_key is None
+    assert (settings.store, settings.data_dir) == ("sqlite", "data")  # a file that survives restarts
 
 
 def test_env_over_yaml_over_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -90,13 +91,16 @@ def test_shipped_example_config_is_valid() -> None:
 
 
 def run_check(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(GATEWAY), "check", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin", **(env or {})},
-    )
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as data_dir:  # `check` opens the default store's file
+        return subprocess.run(
+            [str(GATEWAY), "check", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PATH": "/usr/bin:/bin", "GATEWAY_DATA_DIR": data_dir, **(env or {})},
+        )
 
 
 def test_check_names_every_problem_path(tmp_path: Path) -> None:

@@ -142,7 +142,7 @@ class Registry:
             existing = await self.store.get_key(key.id)
             if existing is None:
                 holder = await self.store.create_key(key)
-                if holder is not None:
+                if holder is not None and holder != key.id:  # itself: another worker loaded it just now
                     raise ConflictError(f"keys: '{key.name}' of team '{key.team}' is taken by key {holder}")
             else:
                 await self.store.update_key(key.model_copy(update={"created_at": existing.created_at}), existing.name)

@@ -130,7 +130,7 @@ def _store_problem(settings: Settings) -> str | None:
         return None
     from urllib.parse import urlsplit
 
-    from app.store import open_store
+    from app.store import open_store, sqlite_path
 
     async def ping() -> None:
         store = open_store(settings)
@@ -142,6 +142,9 @@ def _store_problem(settings: Settings) -> str | None:
     try:
         asyncio.run(ping())
     except Exception as exc:  # any failure to reach it is the problem reported
+        path = sqlite_path(settings)
+        if path is not None:  # the error names the file
+            return f"store: cannot use {exc}" if str(exc) else f"store: cannot use sqlite {path} (timed out)"
         try:
             parts = urlsplit(settings.store)
             shown = f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
@@ -241,6 +244,13 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     if args.demo and args.workers > 1:
         print("problem: --demo runs one process; drop --workers", file=sys.stderr)
+        return 2
+    if args.workers > 1 and settings.store == "memory":
+        print(
+            "problem: store: the memory store lives inside one process, so each of the --workers would have its "
+            "own keys, limits and budgets; use the sqlite store (the default) or Redis, or drop --workers",
+            file=sys.stderr,
+        )
         return 2
     if args.workers > 1 and settings.admin_port is not None:
         print("problem: admin_port: a separate admin listener needs one process; drop --workers", file=sys.stderr)

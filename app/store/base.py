@@ -1,6 +1,6 @@
-"""The store interface (DESIGN §7): one Protocol, two backends (memory, Redis), the same
-contract tests for both. This layer holds key and team records and announces changes so
-every replica can drop what it cached."""
+"""The store interface (DESIGN §7): one Protocol, three backends (SQLite, memory, Redis), the
+same contract tests for all. This layer holds key and team records and announces changes so
+every worker and replica can drop what it cached."""
 
 from __future__ import annotations
 

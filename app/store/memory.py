@@ -1,4 +1,4 @@
-"""The embedded store: one process, nothing shared. The default."""
+"""The memory store: one process, nothing shared, gone at exit. For `serve --demo` and tests."""
 
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ class MemoryStore:
         self._limits.renew(leases, lease_ms)
 
     async def budget_spent(self, check: Check) -> int:
-        return self._limits.spent(check)
+        return self._limits.spent(check.name)
 
     async def sweep(self) -> int:
         return self._limits.sweep()

@@ -1,0 +1,218 @@
+"""The SQLite store's file: opening it, its schema, and what the store's calls on records, the
+ledger and the change feed do to it, run on the store's thread (`app/store/sqlite.py`; the
+limits are `sqlite_limits.py`).
+
+Durability: WAL with `synchronous=NORMAL`. A commit is in the WAL file when it returns, so a
+killed process (even `kill -9`) loses nothing it committed; only an OS crash or a power cut can
+undo the last commits before the next checkpoint. `FULL` would add an fsync to every admission
+and settlement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from app.store.base import LedgerBatch
+
+SCHEMA_VERSION = 1
+CHANGES_KEEP_MS = 60_000  # change rows older than this are pruned
+LEDGER_BATCHES_KEEP_MS = 7 * 86_400_000  # as long as the Redis store keeps them
+
+_SCHEMA = """
+CREATE TABLE teams (name TEXT PRIMARY KEY, record TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE keys (
+  id TEXT PRIMARY KEY, team TEXT NOT NULL, name TEXT NOT NULL, record TEXT NOT NULL,
+  last_used_us INTEGER, UNIQUE (team, name)
+) WITHOUT ROWID;
+CREATE TABLE buckets (name TEXT PRIMARY KEY, tokens REAL NOT NULL, stamp INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE leases (
+  name TEXT NOT NULL, member TEXT NOT NULL, expiry INTEGER NOT NULL, weight INTEGER NOT NULL,
+  PRIMARY KEY (name, member)
+) WITHOUT ROWID;
+CREATE INDEX leases_by_expiry ON leases (name, expiry);
+CREATE TABLE spend (name TEXT PRIMARY KEY, total INTEGER NOT NULL, expires INTEGER) WITHOUT ROWID;
+CREATE TABLE settled (batch TEXT PRIMARY KEY, at INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX settled_by_age ON settled (at);
+CREATE TABLE ledger (
+  day TEXT NOT NULL, field TEXT NOT NULL, value INTEGER NOT NULL, PRIMARY KEY (day, field)
+) WITHOUT ROWID;
+CREATE TABLE ledger_batches (id TEXT PRIMARY KEY, at INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX ledger_batches_by_age ON ledger_batches (at);
+CREATE TABLE key_names (id TEXT PRIMARY KEY, name TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE changes (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT, origin TEXT NOT NULL, change TEXT NOT NULL, at INTEGER NOT NULL
+);
+"""
+
+
+def now_ms() -> int:
+    """Wall-clock ms: every process sharing the file reads the same clock (monotonic is per boot
+    and per process on some systems). Read inside a transaction, times follow commit order."""
+    return int(time.time() * 1000)
+
+
+def connect(path: Path, open_timeout_s: float, busy_ms: int) -> sqlite3.Connection:
+    """Open (creating the directory, the file and the schema if missing) in WAL mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, timeout=open_timeout_s, isolation_level=None)
+    try:
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode != "wal":  # e.g. some network file systems
+            raise sqlite3.OperationalError(f"cannot use WAL mode here (journal mode {mode})")
+        db.execute("PRAGMA synchronous=NORMAL")
+        with transaction(db):
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(
+                    f"made by a newer gateway (schema {version}; this one has {SCHEMA_VERSION})"
+                )
+            if version < SCHEMA_VERSION:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.execute(f"PRAGMA busy_timeout = {busy_ms}")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction, holding the file's write lock from its start (BEGIN IMMEDIATE): what
+    it reads no other process changes before it commits."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.rollback()
+        raise
+    db.execute("COMMIT")
+
+
+def ping(db: sqlite3.Connection) -> None:
+    db.execute("SELECT 1").fetchone()
+
+
+# -- teams and keys --------------------------------------------------------------------------------
+def create_team(db: sqlite3.Connection, name: str, record: str) -> bool:
+    return db.execute("INSERT INTO teams VALUES (?, ?) ON CONFLICT DO NOTHING", (name, record)).rowcount == 1
+
+
+def get_team(db: sqlite3.Connection, name: str) -> str | None:
+    row = db.execute("SELECT record FROM teams WHERE name = ?", (name,)).fetchone()
+    return row[0] if row else None
+
+
+def list_teams(db: sqlite3.Connection) -> list[str]:
+    return [row[0] for row in db.execute("SELECT record FROM teams ORDER BY name")]
+
+
+def update_team(db: sqlite3.Connection, name: str, record: str) -> bool:
+    return db.execute("UPDATE teams SET record = ? WHERE name = ?", (record, name)).rowcount == 1
+
+
+def delete_team(db: sqlite3.Connection, name: str) -> bool:
+    return db.execute("DELETE FROM teams WHERE name = ?", (name,)).rowcount == 1
+
+
+_PUT_KEY = """
+INSERT INTO keys (id, team, name, record) VALUES (?, ?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET team = excluded.team, name = excluded.name, record = excluded.record
+"""
+
+
+def _holder(db: sqlite3.Connection, team: str, name: str) -> str | None:
+    row = db.execute("SELECT id FROM keys WHERE team = ? AND name = ?", (team, name)).fetchone()
+    return row[0] if row else None
+
+
+def create_key(db: sqlite3.Connection, key_id: str, team: str, name: str, record: str) -> str | None:
+    with transaction(db):
+        holder = _holder(db, team, name)
+        if holder is None:
+            db.execute(_PUT_KEY, (key_id, team, name, record))
+    return holder
+
+
+def update_key(db: sqlite3.Connection, key_id: str, team: str, name: str, old_name: str, record: str) -> str | None:
+    with transaction(db):
+        if name != old_name:
+            holder = _holder(db, team, name)
+            if holder is not None and holder != key_id:
+                return holder
+        db.execute(_PUT_KEY, (key_id, team, name, record))
+    return None
+
+
+def get_key(db: sqlite3.Connection, key_id: str) -> tuple[str, int | None] | None:
+    row: tuple[str, int | None] | None = db.execute(
+        "SELECT record, last_used_us FROM keys WHERE id = ?", (key_id,)
+    ).fetchone()
+    return row
+
+
+def list_keys(db: sqlite3.Connection, team: str | None) -> list[tuple[str, int | None]]:
+    if team is None:
+        return db.execute("SELECT record, last_used_us FROM keys").fetchall()
+    return db.execute("SELECT record, last_used_us FROM keys WHERE team = ?", (team,)).fetchall()
+
+
+def delete_key(db: sqlite3.Connection, key_id: str) -> bool:
+    return db.execute("DELETE FROM keys WHERE id = ?", (key_id,)).rowcount == 1
+
+
+def touch_keys(db: sqlite3.Connection, stamps: list[tuple[int, str]]) -> None:
+    """Last-used times in µs, never moved back (as the memory store)."""
+    with transaction(db):
+        db.executemany("UPDATE keys SET last_used_us = max(coalesce(last_used_us, ?1), ?1) WHERE id = ?2", stamps)
+
+
+# -- the usage ledger ------------------------------------------------------------------------------
+def ledger_apply(db: sqlite3.Connection, batch: LedgerBatch) -> None:
+    with transaction(db):
+        if not db.execute("INSERT OR IGNORE INTO ledger_batches VALUES (?, ?)", (batch.id, now_ms())).rowcount:
+            return  # applied before
+        db.executemany(
+            "INSERT INTO ledger VALUES (?, ?, ?) ON CONFLICT (day, field) DO UPDATE SET value = value + excluded.value",
+            [(day, f"{group}|{measure}", delta) for day, group, measure, delta in batch.increments],
+        )
+        db.executemany("INSERT OR REPLACE INTO key_names VALUES (?, ?)", list(batch.key_names.items()))
+
+
+def ledger_read(db: sqlite3.Connection, days: list[str]) -> tuple[dict[str, dict[str, int]], dict[str, str]]:
+    stored: dict[str, dict[str, int]] = {}
+    if days:
+        wanted = ",".join("?" * len(days))
+        for day, name, value in db.execute(f"SELECT day, field, value FROM ledger WHERE day IN ({wanted})", days):
+            stored.setdefault(day, {})[name] = value
+    return stored, dict(db.execute("SELECT id, name FROM key_names").fetchall())
+
+
+# -- changes ---------------------------------------------------------------------------------------
+def publish(db: sqlite3.Connection, origin: str, change: str) -> None:
+    db.execute("INSERT INTO changes (origin, change, at) VALUES (?, ?, ?)", (origin, change, now_ms()))
+
+
+def last_change(db: sqlite3.Connection) -> int:
+    return int(db.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0])
+
+
+def changes_after(db: sqlite3.Connection, seq: int) -> list[tuple[int, str, str]]:
+    rows: list[tuple[int, str, str]] = db.execute(
+        "SELECT seq, origin, change FROM changes WHERE seq > ? ORDER BY seq", (seq,)
+    ).fetchall()
+    return rows
+
+
+def prune(db: sqlite3.Connection) -> None:
+    """Forget ledger batch ids and changes kept long enough."""
+    with transaction(db):
+        now = now_ms()
+        db.execute("DELETE FROM ledger_batches WHERE at <= ?", (now - LEDGER_BATCHES_KEEP_MS,))
+        db.execute("DELETE FROM changes WHERE at <= ?", (now - CHANGES_KEEP_MS,))

@@ -1,0 +1,162 @@
+"""The default store keeps its data and is shared by workers: `gateway serve --workers 2` with
+GATEWAY_STORE unset (the SQLite file in GATEWAY_DATA_DIR) answers a key made through either
+worker on every request, holds an RPM limit exactly across both, refuses a revoked key on both
+within a second, and after `kill -9` of the whole process group starts again with every team,
+key, revocation, settled spend and usage total as it was."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from app.simulator import SimulatorThread
+from tests.support import ADMIN_KEY, UPSTREAM_KEY, GatewayProcess, wait_until
+
+HELLO = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}]}
+
+
+def gateway_env(simulator: SimulatorThread, data_dir: Path, metrics_dir: Path) -> dict[str, str]:
+    return {  # no GATEWAY_STORE: the default store
+        "OPENROUTER_BASE_URL": simulator.base_url,
+        "OPENROUTER_API_KEY": UPSTREAM_KEY,
+        "GATEWAY_ADMIN_KEY": ADMIN_KEY,
+        "GATEWAY_CONFIG": "/dev/null",
+        "GATEWAY_DATA_DIR": str(data_dir),
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+    }
+
+
+@pytest.fixture
+def workers(simulator: SimulatorThread, tmp_path: Path) -> Any:
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    env = gateway_env(simulator, tmp_path / "data", metrics)
+    with GatewayProcess(env, str(tmp_path / "gateway.log"), args=("--workers", "2")) as gateway:
+        yield gateway, metrics
+
+
+def admin(gateway: GatewayProcess) -> httpx.Client:
+    return httpx.Client(base_url=gateway.url + "/admin", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
+
+
+def new_key(gateway: GatewayProcess, **limits: Any) -> dict[str, Any]:
+    team = "team-" + uuid.uuid4().hex[:8]
+    with admin(gateway) as client:
+        assert client.post("/teams", json={"name": team}).status_code == 201
+        response = client.post("/keys", json={"name": "bot", "team": team, **limits})
+        assert response.status_code == 201, response.text
+        created: dict[str, Any] = response.json()
+        return created
+
+
+def burst(gateway: GatewayProcess, key: str, count: int) -> list[httpx.Response]:
+    """`count` requests at once, each on a new connection (so the kernel spreads them over the
+    workers)."""
+
+    async def send() -> list[httpx.Response]:
+        limits = httpx.Limits(max_keepalive_connections=0)
+        headers = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30, limits=limits, headers=headers) as client:
+            return list(await asyncio.gather(*(client.post("/v1/chat/completions", json=HELLO) for _ in range(count))))
+
+    return asyncio.run(send())
+
+
+def served_by_worker(metrics_dir: Path) -> dict[str, float]:
+    """Requests each worker process has answered, from its own multiprocess counter file."""
+    served = {}
+    for path in metrics_dir.glob("counter_*.db"):
+        families = MultiProcessCollector.merge([str(path)], accumulate=False)
+        served[path.stem.split("_")[-1]] = sum(
+            s.value for f in families for s in f.samples if s.name == "gateway_requests_total"
+        )
+    return served
+
+
+def test_two_workers_share_keys_limits_and_revocations(workers: tuple[GatewayProcess, Path]) -> None:
+    gateway, metrics = workers
+    key = new_key(gateway)
+    statuses = [r.status_code for r in burst(gateway, key["key"], 10)]
+    assert statuses == [200] * 10  # with a store per worker: 401 from the one that did not make it
+    for _ in range(10):  # the kernel may give one worker a whole burst: until both have served
+        if len([n for n in served_by_worker(metrics).values() if n]) == 2:
+            break
+        assert [r.status_code for r in burst(gateway, key["key"], 10)] == [200] * 10
+    assert len([n for n in served_by_worker(metrics).values() if n]) == 2, "both workers served the key"
+
+    for _ in range(5):  # an RPM limit of 6: exactly 6 of 12 at once, on a burst both workers took part in
+        before = served_by_worker(metrics)
+        limited = new_key(gateway, rpm=6)
+        answered = [r.status_code for r in burst(gateway, limited["key"], 12)]
+        assert sorted(answered) == [200] * 6 + [429] * 6
+        after = served_by_worker(metrics)
+        if all(after[pid] > before.get(pid, 0) for pid in after):
+            break
+    else:
+        pytest.fail("no burst reached both workers")
+
+    with admin(gateway) as client:
+        assert client.post(f"/keys/{key['id']}/revoke").status_code == 200
+    revoked_at = time.monotonic()
+    while True:  # each burst reaches both workers' caches (they hold the key from above)
+        started = time.monotonic()
+        if all(r.status_code == 401 for r in burst(gateway, key["key"], 10)):
+            break
+        assert started - revoked_at < 2.0, "a worker still admits the revoked key"
+    assert started - revoked_at < 1.0
+
+
+def test_a_kill_9_loses_nothing_settled(simulator: SimulatorThread, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    env = gateway_env(simulator, data, metrics)
+    first = GatewayProcess(env, str(tmp_path / "first.log"), args=("--workers", "2"), own_group=True).start()
+    try:
+        spender = new_key(first, budget_usd=5)
+        gone = new_key(first)
+        with admin(first) as client:
+            assert client.post(f"/keys/{gone['id']}/revoke").status_code == 200
+        replies = burst(first, spender["key"], 8)
+        assert [r.status_code for r in replies] == [200] * 8
+        cost = sum(r.json()["usage"]["cost"] for r in replies)
+        assert cost > 0
+
+        def settled() -> tuple[dict[str, Any], dict[str, Any]] | None:
+            with admin(first) as client:
+                shown = client.get(f"/keys/{spender['id']}").json()
+                total = client.get("/usage").json()["total"]
+            if abs(shown["budget"]["spent_usd"] - cost) < 1e-9 and total["requests"] == 8:
+                return shown, total
+            return None
+
+        shown, total = wait_until(settled, 10, "the spend and the ledger to settle")
+    finally:
+        first.kill_group()
+
+    with GatewayProcess(env, str(tmp_path / "second.log"), args=("--workers", "2")) as second, admin(second) as client:
+        again = client.get(f"/keys/{spender['id']}").json()
+        assert again["budget"] == shown["budget"]  # the period's settled spend, to the nano-dollar
+        assert {k: v for k, v in again.items() if k != "last_used_at"} == {
+            k: v
+            for k, v in shown.items()
+            if k != "last_used_at"  # (flushed every few seconds)
+        }
+        assert client.get("/usage").json()["total"] == total
+        teams = {t["name"] for t in client.get("/teams").json()["data"]}
+        assert {spender["team"], gone["team"]} <= teams
+        assert client.get(f"/keys/{gone['id']}").json()["revoked"] is True
+        assert [r.status_code for r in burst(second, gone["key"], 4)] == [401] * 4
+        assert [r.status_code for r in burst(second, spender["key"], 4)] == [200] * 4
+
+    stored = b"".join(p.read_bytes() for p in data.iterdir())
+    assert spender["id"].encode() in stored
+    for secret in (spender["key"].rsplit("-", 1)[1], gone["key"].rsplit("-", 1)[1], ADMIN_KEY, UPSTREAM_KEY):
+        assert secret.encode() not in stored  # keys are stored by hash only
