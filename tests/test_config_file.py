@@ -151,13 +151,15 @@ def test_check_refuses_a_declared_key_whose_team_is_declared_nowhere(tmp_path: P
     """With the memory store nothing is stored before the start: only the file's teams count."""
     path = tmp_path / "gateway.yaml"
     path.write_text("teams:\n  - name: ops\nkeys:\n" + key_entry("ops") + key_entry("nowhere"))
-    result = gateway(tmp_path, "check", "--config", str(path))
+    result = gateway(tmp_path, "check", "--config", str(path), GATEWAY_STORE="memory")
     assert result.returncode == 1
     problems = [line for line in result.stderr.splitlines() if line.startswith("problem:")]
     assert len(problems) == 1 and problems[0].startswith("problem: keys.1.team: no team 'nowhere' under teams:")
     assert "memory store starts empty" in problems[0]
+    stored = gateway(tmp_path, "check", "--config", str(path))  # the default store: a (new, empty) SQLite file
+    assert stored.returncode == 1 and "no team 'nowhere' under teams: in the file, nor in the store" in stored.stderr
     path.write_text("teams:\n  - name: ops\nkeys:\n" + key_entry("ops"))
-    assert gateway(tmp_path, "check", "--config", str(path)).returncode == 0
+    assert gateway(tmp_path, "check", "--config", str(path), GATEWAY_STORE="memory").returncode == 0
 
 
 def test_serve_refuses_a_declared_key_whose_team_is_declared_nowhere(tmp_path: Path) -> None:
