@@ -201,7 +201,9 @@ def shipped_with_a_key(tmp_path: Path) -> Iterator[tuple[Path, str]]:
 
 def test_a_generated_key_gets_in(shipped_with_a_key: tuple[Path, str], simulator: SimulatorThread) -> None:
     config, key = shipped_with_a_key
-    settings = Settings(config_file=str(config), upstream={"base_url": simulator.base_url, "api_key": UPSTREAM_KEY})
+    settings = Settings(
+        config_file=str(config), store="memory", upstream={"base_url": simulator.base_url, "api_key": UPSTREAM_KEY}
+    )
     with GatewayServer(settings) as server:
         assert models_status(server.url, key) == 200
         assert models_status(server.url, key[:-1] + ("A" if key[-1] != "A" else "B")) == 401

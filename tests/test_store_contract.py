@@ -134,6 +134,20 @@ async def test_declared_entries_are_loaded_and_read_only(store: Store) -> None:
     assert await store.get_key("gggggggggggg") is None and await store.get_team("gitops") is None
 
 
+async def test_a_declared_key_replaced_under_its_name_loads(store: Store) -> None:
+    """A key regenerated (`gateway keys generate`) and put in the file in place of the old one has
+    the old one's name and a new id: the old one goes first, so the new one takes its name."""
+    registry = Registry(store)
+    declared_team = TeamRecord(name="gitops", declared=True)
+    old = KeyRecord(id="oooooooooooo", name="ci", team="gitops", hash="1" * 64, declared=True)
+    new = KeyRecord(id="nnnnnnnnnnnn", name="ci", team="gitops", hash="2" * 64, declared=True)
+    await registry.load_declared([declared_team], [old])
+    await registry.load_declared([declared_team], [new])
+    assert await store.get_key("oooooooooooo") is None
+    loaded = await store.get_key("nnnnnnnnnnnn")
+    assert loaded is not None and loaded.name == "ci" and loaded.hash == "2" * 64
+
+
 async def test_expiry_must_be_in_the_future(store: Store) -> None:
     registry = Registry(store)
     await registry.create_team("ml", TeamFields())

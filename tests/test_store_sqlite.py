@@ -220,7 +220,7 @@ def test_the_store_setting_names_the_file(store: str | None, path: str, monkeypa
 
 @pytest.mark.parametrize("store", ["sqlite://rel.db", "sqlite:", "sqlite:///", "sqlite:dir/", "sqlite::memory:", ""])
 def test_a_malformed_sqlite_store_is_refused(store: str) -> None:
-    with pytest.raises(ConfigError, match="store: Value error"):
+    with pytest.raises(ConfigError, match=r"^store: .*sqlite"):
         load_settings(config_file=None, store=store)
 
 

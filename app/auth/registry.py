@@ -138,6 +138,9 @@ class Registry:
                 stamp = held.created_at if held else team.created_at
                 await self.store.update_team(team.model_copy(update={"created_at": stamp}))
         declared_keys = {k.id for k in keys}
+        for stale in await self.store.list_keys():  # first: a key declared anew may reuse its name
+            if stale.declared and stale.id not in declared_keys:
+                await self.store.delete_key(stale.id)
         for key in keys:
             existing = await self.store.get_key(key.id)
             if existing is None:
@@ -146,9 +149,6 @@ class Registry:
                     raise ConflictError(f"keys: '{key.name}' of team '{key.team}' is taken by key {holder}")
             else:
                 await self.store.update_key(key.model_copy(update={"created_at": existing.created_at}), existing.name)
-        for stale in await self.store.list_keys():
-            if stale.declared and stale.id not in declared_keys:
-                await self.store.delete_key(stale.id)
         for stale_team in await self.store.list_teams():
             if stale_team.declared and stale_team.name not in declared_teams:
                 await self.store.delete_team(stale_team.name)
