@@ -309,5 +309,5 @@ def test_an_unusable_data_directory_is_one_clear_line(tmp_path: Path) -> None:
 def test_the_default_store_is_a_file_in_the_data_directory(tmp_path: Path) -> None:
     result = run_gateway(tmp_path, "check")  # GATEWAY_STORE and GATEWAY_DATA_DIR unset
     assert result.returncode == 0, result.stderr
-    assert "store sqlite" in result.stdout
+    assert "store sqlite data/gateway.db," in result.stdout  # the file, named
     assert (tmp_path / "data" / "gateway.db").is_file()  # `data` in the working directory

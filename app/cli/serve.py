@@ -173,7 +173,7 @@ def _check(args: argparse.Namespace) -> int:
     if settings.store == "memory":
         print(
             "warning: store: memory keeps teams, keys, usage and spend in this process only: a restart loses "
-            "them and workers do not share them; set GATEWAY_STORE for a lasting store",
+            "them and workers do not share them; leave GATEWAY_STORE unset (SQLite) or use Redis",
             file=sys.stderr,
         )
     if problems:
@@ -182,12 +182,20 @@ def _check(args: argparse.Namespace) -> int:
     source = f"no file: {missing}, defaults and environment only" if missing else settings.config_file or "no file"
     print(
         f"config OK ({source}): upstream {settings.upstream.base_url}, "
-        f"store {settings.store.split('://', 1)[0]}, "
+        f"store {_store_label(settings)}, "
         f"{_count(settings.teams, 'team')}, {_count(settings.keys, 'key')}, "
         f"{_count(settings.models.aliases, 'alias', 'aliases')}, "
         f"{_count(settings.models.per_model, 'per-model setting')}"
     )
     return 0
+
+
+def _store_label(settings: Settings) -> str:
+    """Which store, without a URL's password: `sqlite data/gateway.db`, `redis`, `memory`."""
+    from app.store import sqlite_path
+
+    path = sqlite_path(settings)
+    return f"sqlite {path}" if path is not None else settings.store.split("://", 1)[0]
 
 
 def _count(things: Sized, one: str, many: str = "") -> str:
