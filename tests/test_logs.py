@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import httpx
 import pytest
 
 from app.simulator import SimulatorThread
-from tests.support import ADMIN_KEY, CLIENT_KEY, UPSTREAM_KEY, GatewayProcess, wait_until
+from tests.support import ADMIN_KEY, CLIENT_KEY, METRICS_KEY, UPSTREAM_KEY, GatewayProcess, scrape, wait_until
 
 SECRET_PROMPT = "my-private-prompt-" + uuid.uuid4().hex
 
@@ -142,13 +143,15 @@ def test_bodies_only_when_enabled(simulator: SimulatorThread, tmp_path: Path) ->
 
 
 def test_a_refused_secret_of_a_known_key_is_logged_under_its_id(simulator: SimulatorThread, tmp_path: Path) -> None:
-    """A rotated-out or revoked secret still names its key (the public id is part of it): the
-    401's request line says whose it is, so an old secret left in some script can be found."""
+    """A rotated-out, revoked or expired key still names its key (the public id is part of it):
+    the 401's request line and its count say whose it is, so an old secret left in some script
+    can be found."""
     log = tmp_path / "refused.log"
     env = {
         "OPENROUTER_BASE_URL": simulator.base_url,
         "OPENROUTER_API_KEY": UPSTREAM_KEY,
         "GATEWAY_ADMIN_KEY": ADMIN_KEY,
+        "GATEWAY_METRICS_KEY": METRICS_KEY,
         "GATEWAY_CONFIG": "/dev/null",
     }
     rid = "refused-" + uuid.uuid4().hex
@@ -158,6 +161,8 @@ def test_a_refused_secret_of_a_known_key_is_logged_under_its_id(simulator: Simul
         assert http.post("/admin/teams", json={"name": "ml"}, headers=admin).status_code == 201
         key = http.post("/admin/keys", json={"name": "alice", "team": "ml"}, headers=admin).json()
         rotated = http.post(f"/admin/keys/{key['id']}/rotate", json={"grace_period_s": 0}, headers=admin).json()
+        soon = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
+        brief = http.post("/admin/keys", json={"name": "bob", "team": "ml", "expires_at": soon}, headers=admin).json()
 
         def send(secret: str, suffix: str) -> int:
             headers = {"Authorization": f"Bearer {secret}", "x-request-id": rid + suffix}
@@ -167,14 +172,25 @@ def test_a_refused_secret_of_a_known_key_is_logged_under_its_id(simulator: Simul
         assert http.post(f"/admin/keys/{key['id']}/revoke", headers=admin).status_code == 200
         assert send(rotated["key"], "-revoked") == 401
         assert send("sk-gw-nobodyatall-" + "x" * 32, "-unknown") == 401
+        wait_until(lambda: datetime.now(UTC).isoformat() > soon, 5, "bob's key to expire")
+        assert send(brief["key"], "-expired") == 401
 
         def refusals() -> dict[str, dict[str, Any]]:
             found = {e["request_id"]: e for e in lines(log) if e.get("request_id", "").startswith(rid)}
-            return found if len(found) == 3 else {}
+            return found if len(found) == 4 else {}
 
-        entries = wait_until(refusals, 10, "the three request lines")
-    for suffix in ("-old", "-revoked"):
+        entries = wait_until(refusals, 10, "the four request lines")
+        counted = scrape(gateway.url).text
+    for suffix, refused in (("-old", key), ("-revoked", key), ("-expired", brief)):
         entry = entries[rid + suffix]
-        assert (entry["status"], entry["key_id"], entry["key"], entry["team"]) == (401, key["id"], "alice", "ml")
+        assert (entry["status"], entry["key_id"], entry["key"], entry["team"]) == (
+            401,
+            refused["id"],
+            refused["name"],
+            "ml",
+        )
     assert entries[rid + "-unknown"]["key_id"] == ""  # no such key: nobody to name
+    for name, count in (("alice", 2.0), ("bob", 1.0)):  # counted under the key too, not only logged
+        labels = f'endpoint="chat.completions",key="{name}",model="",status="401",team="ml"'
+        assert f"gateway_requests_total{{{labels}}} {count}" in counted
     assert key["key"] not in log.read_text() and rotated["key"] not in log.read_text()
