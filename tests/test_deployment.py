@@ -28,19 +28,7 @@ def compose_env() -> dict[str, str]:
 
 
 def test_compose_file_validates(tmp_path: Path) -> None:
-    compose = require_tool("docker-compose", "docker-compose")
-    env = compose_env()
-    result = subprocess.run(
-        [compose, "-f", str(ROOT / "docker-compose.yml"), "config"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr
-    stack = yaml.safe_load(result.stdout)
-    services = stack["services"]
+    services = compose_stack()["services"]
     assert {"gateway", "lb", "redis", "prometheus", "grafana"} <= set(services)
     gateway = services["gateway"]
     assert gateway["deploy"]["replicas"] == 2
@@ -54,24 +42,9 @@ def test_compose_file_validates(tmp_path: Path) -> None:
     assert "redis-cli" in " ".join(redis["healthcheck"]["test"])
     mounts = json.dumps(services["prometheus"]["volumes"]) + json.dumps(services["grafana"]["volumes"])
     assert "prometheus.yml" in mounts and "provisioning" in mounts and "dashboards" in mounts
-    missing = subprocess.run(
-        [compose, "-f", str(ROOT / "docker-compose.yml"), "config"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        env={k: v for k, v in env.items() if k != "OPENROUTER_API_KEY"},
-    )
-    assert missing.returncode != 0 and "OPENROUTER_API_KEY" in missing.stderr  # secrets are required, not defaulted
-    no_password = subprocess.run(
-        [compose, "-f", str(ROOT / "docker-compose.yml"), "config"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        env={k: v for k, v in env.items() if k != "GRAFANA_ADMIN_PASSWORD"},
-    )
-    assert no_password.returncode != 0 and "GRAFANA_ADMIN_PASSWORD" in no_password.stderr
+    for required in ("OPENROUTER_API_KEY", "GRAFANA_ADMIN_PASSWORD"):  # required, never defaulted
+        missing = compose_config({k: v for k, v in compose_env().items() if k != required})
+        assert missing.returncode != 0 and required in missing.stderr
 
 
 @pytest.mark.parametrize("path", ["config/nginx/nginx.conf", "config/prometheus/prometheus.yml"])
@@ -89,10 +62,9 @@ def test_the_published_port_does_not_serve_metrics() -> None:
     assert text.index("location = /metrics") < text.index("location / {")
 
 
-def compose_stack() -> dict[str, Any]:
+def compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     compose = require_tool("docker-compose", "docker-compose")
-    env = compose_env()
-    result = subprocess.run(
+    return subprocess.run(
         [compose, "-f", str(ROOT / "docker-compose.yml"), "config"],
         capture_output=True,
         text=True,
@@ -100,6 +72,10 @@ def compose_stack() -> dict[str, Any]:
         env=env,
         cwd=ROOT,
     )
+
+
+def compose_stack() -> dict[str, Any]:
+    result = compose_config(compose_env())
     assert result.returncode == 0, result.stderr
     stack: dict[str, Any] = yaml.safe_load(result.stdout)
     return stack
