@@ -171,6 +171,7 @@ def test_demo_refuses_workers_before_printing_its_keys(tmp_path: Path) -> None:
 
 
 STRONG_ADMIN = "sk-admin-0123456789abcdef0123456789abcdef"
+STRONG_METRICS = "sk-metrics-0123456789abcdef0123456789abcdef"
 OPENROUTER = "sk-or-v1-0123456789"
 
 
@@ -188,6 +189,21 @@ OPENROUTER = "sk-or-v1-0123456789"
         (
             {"GATEWAY_ADMIN_KEY": OPENROUTER * 2, "OPENROUTER_API_KEY": OPENROUTER * 2},
             "admin_key: GATEWAY_ADMIN_KEY equals",
+        ),
+        # the scrape key opens /metrics (every key's and team's spend): as hard to guess as the admin key
+        (
+            {"GATEWAY_METRICS_KEY": "metrics-0123456789"},
+            "metrics_key: GATEWAY_METRICS_KEY has 18 characters; use at least 32",
+        ),
+        ({"GATEWAY_METRICS_KEY": "m" * 40}, "metrics_key: GATEWAY_METRICS_KEY repeats a few characters"),
+        ({"GATEWAY_METRICS_KEY": STRONG_ADMIN}, "metrics_key: GATEWAY_METRICS_KEY equals GATEWAY_ADMIN_KEY"),
+        (
+            {"GATEWAY_METRICS_KEY": STRONG_METRICS, "GATEWAY_API_KEY": STRONG_METRICS},
+            "metrics_key: GATEWAY_METRICS_KEY equals GATEWAY_API_KEY; every client holding the bootstrap key",
+        ),
+        (
+            {"GATEWAY_METRICS_KEY": OPENROUTER * 2, "OPENROUTER_API_KEY": OPENROUTER * 2},
+            "metrics_key: GATEWAY_METRICS_KEY equals OPENROUTER_API_KEY",
         ),
     ],
 )

@@ -10,9 +10,21 @@ import sys
 from collections.abc import Sized
 from typing import Any
 
+from app.config_file import SECRETS
 from app.settings import ConfigError, Settings, load_settings, read_secret
 
-MIN_ADMIN_KEY = 32
+MIN_KEY_LENGTH = 32
+# The secrets that open something by themselves: the admin API, /metrics (all spend)
+_STRONG = ("admin_key", "metrics_key")
+# Why two secrets must differ, told at the one of the two to change
+_SHARED = {
+    ("api_key", "admin_key"): "a client key must not open the admin API",
+    ("api_key", "upstream.api_key"): "clients must never hold the OpenRouter key",
+    ("admin_key", "upstream.api_key"): "give each its own secret",
+    ("metrics_key", "admin_key"): "Prometheus's credentials file must not open the admin API",
+    ("metrics_key", "api_key"): "every client holding the bootstrap key could read all spend on /metrics",
+    ("metrics_key", "upstream.api_key"): "Prometheus's credentials file must not hold the OpenRouter key",
+}
 
 
 def add_command(commands: Any) -> None:
@@ -54,26 +66,23 @@ def problems(settings: Settings) -> list[str]:
 
 
 def _secret_problems(settings: Settings) -> list[str]:
-    """The admin key must be hard to guess, and each secret used for one thing only: a client key
-    equal to the admin key opens the admin API, one equal to the OpenRouter key hands it out."""
-    admin, client, upstream = (
-        secret.get_secret_value() if secret else None
-        for secret in (settings.admin_key, settings.api_key, settings.upstream.api_key)
-    )
+    """A secret that opens something on its own must be hard to guess, and each secret used for
+    one thing only (see `_SHARED`)."""
+    values = {secret.name: secret.value(settings) for secret in SECRETS}
+    env = {secret.name: secret.env for secret in SECRETS}
     found = []
-    if admin is not None and len(admin) < MIN_ADMIN_KEY:
-        found.append(
-            f"admin_key: GATEWAY_ADMIN_KEY has {len(admin)} characters; use at least {MIN_ADMIN_KEY}, "
-            "e.g. $(openssl rand -hex 32)"
-        )
-    elif admin is not None and len(set(admin)) < 8:
-        found.append("admin_key: GATEWAY_ADMIN_KEY repeats a few characters; use e.g. $(openssl rand -hex 32)")
-    if client is not None and client == admin:
-        found.append("api_key: GATEWAY_API_KEY equals GATEWAY_ADMIN_KEY; a client key must not open the admin API")
-    if client is not None and client == upstream:
-        found.append("api_key: GATEWAY_API_KEY equals OPENROUTER_API_KEY; clients must never hold the OpenRouter key")
-    if admin is not None and admin == upstream:
-        found.append("admin_key: GATEWAY_ADMIN_KEY equals OPENROUTER_API_KEY; give each its own secret")
+    for name in _STRONG:
+        value = values[name]
+        if value is not None and len(value) < MIN_KEY_LENGTH:
+            found.append(
+                f"{name}: {env[name]} has {len(value)} characters; use at least {MIN_KEY_LENGTH}, "
+                "e.g. $(openssl rand -hex 32)"
+            )
+        elif value is not None and len(set(value)) < 8:
+            found.append(f"{name}: {env[name]} repeats a few characters; use e.g. $(openssl rand -hex 32)")
+    for (name, other), why in _SHARED.items():
+        if values[name] is not None and values[name] == values[other]:
+            found.append(f"{name}: {env[name]} equals {env[other]}; {why}")
     return found
 
 
