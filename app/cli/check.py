@@ -8,6 +8,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Sized
+from pathlib import Path
 from typing import Any
 
 from app.config_file import SECRETS
@@ -94,12 +95,13 @@ def team_problems(settings: Settings, store_answers: bool) -> list[str]:
 
     teams = [team.record() for team in settings.teams]
     keys = [key.record() for key in settings.keys]
-    if settings.store == "memory" or not store_answers:
-        hint = (
-            "under teams: in the file, and a memory store starts empty: declare it there"
-            if settings.store == "memory"
-            else "under teams: in the file (the store does not answer, so its teams were not counted)"
-        )
+    if settings.store == "memory" or _unborn(settings) or not store_answers:
+        if settings.store == "memory":
+            hint = "under teams: in the file, and a memory store starts empty: declare it there"
+        elif store_answers:  # not opened: that would create it
+            hint = "under teams: in the file, nor in the store (created empty at first start): declare it there"
+        else:
+            hint = "under teams: in the file (the store does not answer, so its teams were not counted)"
         return undeclared_teams(keys, {t.name for t in teams}, hint)
 
     async def read() -> list[str]:
@@ -112,14 +114,20 @@ def team_problems(settings: Settings, store_answers: bool) -> list[str]:
     return asyncio.run(read())
 
 
-def store_problem(settings: Settings) -> str | None:
+def store_problem(settings: Settings, create: bool) -> str | None:
     """Whether the store answers: keys, teams and limits live there, so a gateway cannot start
-    without it (one line, not a traceback from inside the server's start-up)."""
+    without it (one line, not a traceback from inside the server's start-up). Without `create`,
+    a SQLite file not there yet is not made (`check` run under sudo would leave it root's), only
+    where it would be checked."""
     if settings.store == "memory":
         return None
     from urllib.parse import urlsplit
 
     from app.store import open_store, sqlite_path
+
+    path = sqlite_path(settings)
+    if path is not None and not create and not path.exists():
+        return _place_problem(path)
 
     async def ping() -> None:
         store = open_store(settings)
@@ -131,7 +139,6 @@ def store_problem(settings: Settings) -> str | None:
     try:
         asyncio.run(ping())
     except Exception as exc:  # any failure to reach it is the problem reported
-        path = sqlite_path(settings)
         if path is not None:  # the error names the file
             return f"store: cannot use {exc}" if str(exc) else f"store: cannot use sqlite {path} (timed out)"
         try:
@@ -143,6 +150,30 @@ def store_problem(settings: Settings) -> str | None:
     return None
 
 
+def _unborn(settings: Settings) -> bool:
+    """Whether the store is a SQLite file not created yet."""
+    from app.store import sqlite_path
+
+    path = sqlite_path(settings)
+    return path is not None and not path.exists()
+
+
+def _place_problem(path: Path) -> str | None:
+    """Whether the SQLite file `path` can be created: the nearest of its directories that exists
+    must be a directory we may write in (those under it are made at the first start)."""
+    try:
+        nearest = path.absolute().parent
+        while not nearest.exists():
+            nearest = nearest.parent
+        if not nearest.is_dir():
+            return f"store: cannot use sqlite {path}: {nearest} is not a directory"
+        if not os.access(nearest, os.W_OK | os.X_OK):
+            return f"store: cannot use sqlite {path}: {nearest} is not writable"
+    except OSError as exc:  # a directory above it we may not look into
+        return f"store: cannot use sqlite {path}: {exc.strerror or exc}"
+    return None
+
+
 def _check(args: argparse.Namespace) -> int:
     try:
         settings = settings_from(args)
@@ -150,7 +181,7 @@ def _check(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"problem: {problem}", file=sys.stderr)
         return 1
-    store = store_problem(settings)
+    store = store_problem(settings, create=False)
     found = [*problems(settings), *([store] if store else []), *team_problems(settings, store is None)]
     if args.online and settings.upstream.api_key is not None:
         refused, report = _try_upstream_key(settings, settings.upstream.api_key.get_secret_value())
@@ -184,7 +215,9 @@ def _store_label(settings: Settings) -> str:
     from app.store import sqlite_path
 
     path = sqlite_path(settings)
-    return f"sqlite {path}" if path is not None else settings.store.split("://", 1)[0]
+    if path is None:
+        return settings.store.split("://", 1)[0]
+    return f"sqlite {path}" + (" (created at first start)" if not path.exists() else "")
 
 
 def _count(things: Sized, one: str, many: str = "") -> str:

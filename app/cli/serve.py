@@ -83,7 +83,7 @@ def _start_problems(settings: Settings, demo: bool) -> list[str]:
     the rest is right). The demo makes its own secrets and store."""
     found = [] if demo else problems(settings)
     if not found and not demo:
-        found = [p for p in [store_problem(settings)] if p]
+        found = [p for p in [store_problem(settings, create=True)] if p]
     return found or team_problems(settings, store_answers=True)
 
 
