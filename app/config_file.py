@@ -11,14 +11,40 @@ import difflib
 import types
 from collections.abc import Hashable
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin
+from typing import Any, NamedTuple, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-# Secrets, read from the environment (or `<NAME>_FILE`) only, never from the file
-SECRET_PATHS = (("api_key",), ("admin_key",), ("metrics_key",), ("upstream", "api_key"))
+
+class Secret(NamedTuple):
+    """A secret setting: read from the environment (or the file `<env>_FILE` names) only, never
+    from the config file. `name` is its path in the settings, dotted, as problems name it."""
+
+    name: str
+    env: str
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        return tuple(self.name.split("."))
+
+    def value(self, settings: BaseModel) -> str | None:
+        """Its value in `settings` (a `SecretStr` opened), or None when unset."""
+        value: Any = settings
+        for part in self.path:
+            value = getattr(value, part)
+        return value.get_secret_value() if value is not None else None
+
+
+# Every secret, the one list: the file sources, the config file's refusal, the error messages
+# that never show a value and `gateway check`'s secret policy all read it
+SECRETS = (
+    Secret("api_key", "GATEWAY_API_KEY"),
+    Secret("admin_key", "GATEWAY_ADMIN_KEY"),
+    Secret("metrics_key", "GATEWAY_METRICS_KEY"),
+    Secret("upstream.api_key", "OPENROUTER_API_KEY"),
+)
 
 
 class ConfigError(Exception):
@@ -55,9 +81,9 @@ def parse_config(text: str, path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: the top level must be a mapping"])
     problems = [
-        f"{'.'.join(parts)}: secrets are read from the environment only, remove it from the file"
-        for parts in SECRET_PATHS
-        if _dig(data, parts) is not None
+        f"{secret.name}: secrets are read from the environment only, remove it from the file"
+        for secret in SECRETS
+        if _dig(data, secret.path) is not None
     ]
     if problems:
         raise ConfigError(problems)
@@ -137,7 +163,7 @@ def _describe(err: ErrorDetails, root: type[BaseModel]) -> str:
     where = ".".join(str(part) for part in loc)
     ctx = {k: f"{v:g}" if isinstance(v, float) else v for k, v in (err.get("ctx") or {}).items()}
     if err["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(str(loc[-1]), _names_at(root, loc[:-1]), n=1)
+        close = difflib.get_close_matches(str(loc[-1]), names_at(root, loc[:-1]), n=1)
         return f"{where}: unknown setting" + (f"; did you mean '{close[0]}'?" if close else "")
     if err["type"] in ("value_error", "assertion_error") and "error" in ctx:
         return f"{where}: {ctx['error']}" if where else str(ctx["error"])  # a whole-file check names its paths
@@ -146,13 +172,13 @@ def _describe(err: ErrorDetails, root: type[BaseModel]) -> str:
         return f"{where}: {err['msg']}"
     meaning = meaning.format_map(ctx)
     shown = err.get("input")
-    secret = any(tuple(str(p) for p in loc[-len(parts) :]) == parts for parts in SECRET_PATHS)
+    secret = any(tuple(str(p) for p in loc[-len(s.path) :]) == s.path for s in SECRETS)
     if isinstance(shown, str | int | float) and not secret and ", not " not in meaning:
         meaning += f", not {shown!r}"
     return f"{where}: {meaning}"
 
 
-def _names_at(root: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+def names_at(root: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
     """The setting names a section accepts (its aliases too), for "did you mean"."""
     kind: Any = root
     for part in loc:

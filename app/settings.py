@@ -1,8 +1,8 @@
 """Settings: environment (`GATEWAY_*`, nested with `__`) over the YAML file over defaults.
 
-Nothing else in the gateway reads the environment. Secrets come only from the environment
-(`OPENROUTER_API_KEY`, `GATEWAY_API_KEY`, `GATEWAY_ADMIN_KEY`, `GATEWAY_METRICS_KEY`, or a file
-named by `<NAME>_FILE`, the Docker-secrets way), never from the YAML file.
+Nothing else in the gateway reads the environment. Secrets (`config_file.SECRETS`) come only from
+the environment or a file named by `<NAME>_FILE`, the Docker-secrets way (so can `GATEWAY_STORE`,
+whose URL may hold a password), never from the YAML file. An empty variable counts as unset.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from app.auth.records import KEY_ID, KeyFields, KeyRecord, LimitValues, Name, TeamFields, TeamRecord
+from app.config_file import SECRETS, describe, names_at, parse_config, read_yaml
 from app.config_file import ConfigError as ConfigError  # known to callers as the settings' error
-from app.config_file import describe, parse_config, read_yaml
 
 DEFAULT_CONFIG_FILE = "config/gateway.yaml"
 _PLACEHOLDERS = re.compile(
@@ -25,13 +25,8 @@ _PLACEHOLDERS = re.compile(
     re.IGNORECASE,
 )
 _CATEGORY = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
-# `<NAME>_FILE` names a file holding the secret `<NAME>` (Docker and compose secrets); `<NAME>` wins
-_SECRET_FILES = {
-    "GATEWAY_API_KEY": ("api_key",),
-    "GATEWAY_ADMIN_KEY": ("admin_key",),
-    "GATEWAY_METRICS_KEY": ("metrics_key",),
-    "OPENROUTER_API_KEY": ("upstream", "api_key"),
-}
+# `<NAME>_FILE` names a file holding `<NAME>` (Docker and compose secrets); `<NAME>` wins
+_FROM_FILES = {secret.env: secret.path for secret in SECRETS} | {"GATEWAY_STORE": ("store",)}
 
 
 class _Section(BaseModel):
@@ -209,7 +204,11 @@ class Settings(BaseSettings):
     """Everything the gateway is told; built once and passed to `create_app`."""
 
     model_config = SettingsConfigDict(
-        env_prefix="GATEWAY_", env_nested_delimiter="__", extra="forbid", validate_default=True
+        env_prefix="GATEWAY_",
+        env_nested_delimiter="__",
+        env_ignore_empty=True,  # `NAME=` is unset: its `NAME_FILE`, or its default, applies
+        extra="forbid",
+        validate_default=True,
     )
 
     config_file: str | None = Field(DEFAULT_CONFIG_FILE, description="YAML file (GATEWAY_CONFIG)")
@@ -304,14 +303,14 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         init_kwargs = getattr(init_settings, "init_kwargs", {})
-        from_env = os.environ.get("GATEWAY_CONFIG") or os.environ.get("GATEWAY_CONFIG_FILE")
+        from_env = os.environ.get("GATEWAY_CONFIG") or os.environ.get("GATEWAY_CONFIG_FILE") or None
         explicit = "config_file" in init_kwargs or from_env is not None
         path = init_kwargs.get("config_file", from_env or DEFAULT_CONFIG_FILE)
         return (
             init_settings,
             env_settings,
             _OpenRouterEnvSource(settings_cls),
-            _SecretFileSource(settings_cls),
+            _FileSource(settings_cls),
             _YamlSource(settings_cls, path, explicit),
         )
 
@@ -331,21 +330,23 @@ class _OpenRouterEnvSource(PydanticBaseSettingsSource):
         return {"upstream": upstream} if upstream else {}
 
 
-class _SecretFileSource(PydanticBaseSettingsSource):
-    """Each secret from the file `<NAME>_FILE` names (its content, stripped), unless `<NAME>` is set."""
+class _FileSource(PydanticBaseSettingsSource):
+    """Each secret, and the store URL, from the file `<NAME>_FILE` names (its content, stripped),
+    unless `<NAME>` is set. Any other setting's `GATEWAY_<NAME>_FILE` is refused: ignored, it
+    would leave the setting at its default without a word."""
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
         data: dict[str, Any] = {}
-        problems = []
-        for name, parts in _SECRET_FILES.items():
+        problems = _other_files(self.settings_cls)
+        for name, parts in _FROM_FILES.items():
             path = os.environ.get(f"{name}_FILE")
             if not path or os.environ.get(name):
                 continue
             try:
-                secret = Path(path).read_text(encoding="utf-8").strip()
+                value = Path(path).read_text(encoding="utf-8").strip()
             except FileNotFoundError:
                 problems.append(f"{name}_FILE: {path}: file not found")
                 continue
@@ -357,10 +358,25 @@ class _SecretFileSource(PydanticBaseSettingsSource):
             section = data
             for part in outer:
                 section = section.setdefault(part, {})
-            section[last] = secret
+            section[last] = value
         if problems:
             raise ConfigError(problems)
         return data
+
+
+def _other_files(settings_cls: type[BaseModel]) -> list[str]:
+    """`GATEWAY_<setting>_FILE` for a real setting (nested with `__`) that is neither a secret nor
+    the store. GATEWAY_CONFIG_FILE is `config_file`'s own variable, another name for GATEWAY_CONFIG."""
+    readable = {name.lower() for name in _FROM_FILES}
+    problems = []
+    for variable in sorted(os.environ):
+        name = variable.lower()  # as pydantic-settings reads the environment
+        if not (name.startswith("gateway_") and name.endswith("_file")) or name.removesuffix("_file") in readable:
+            continue
+        *outer, last = name.removeprefix("gateway_").removesuffix("_file").split("__")
+        if last in names_at(settings_cls, tuple(outer)):
+            problems.append(f"{variable}: only secrets and the store URL can come from a file")
+    return problems
 
 
 class _YamlSource(PydanticBaseSettingsSource):

@@ -4,6 +4,7 @@ simulator on its own port, with `GET /generation` answering after its brief 404.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -171,6 +172,7 @@ def test_demo_refuses_workers_before_printing_its_keys(tmp_path: Path) -> None:
 
 
 STRONG_ADMIN = "sk-admin-0123456789abcdef0123456789abcdef"
+STRONG_METRICS = "sk-metrics-0123456789abcdef0123456789abcdef"
 OPENROUTER = "sk-or-v1-0123456789"
 
 
@@ -188,6 +190,21 @@ OPENROUTER = "sk-or-v1-0123456789"
         (
             {"GATEWAY_ADMIN_KEY": OPENROUTER * 2, "OPENROUTER_API_KEY": OPENROUTER * 2},
             "admin_key: GATEWAY_ADMIN_KEY equals",
+        ),
+        # the scrape key opens /metrics (every key's and team's spend): as hard to guess as the admin key
+        (
+            {"GATEWAY_METRICS_KEY": "metrics-0123456789"},
+            "metrics_key: GATEWAY_METRICS_KEY has 18 characters; use at least 32",
+        ),
+        ({"GATEWAY_METRICS_KEY": "m" * 40}, "metrics_key: GATEWAY_METRICS_KEY repeats a few characters"),
+        ({"GATEWAY_METRICS_KEY": STRONG_ADMIN}, "metrics_key: GATEWAY_METRICS_KEY equals GATEWAY_ADMIN_KEY"),
+        (
+            {"GATEWAY_METRICS_KEY": STRONG_METRICS, "GATEWAY_API_KEY": STRONG_METRICS},
+            "metrics_key: GATEWAY_METRICS_KEY equals GATEWAY_API_KEY; every client holding the bootstrap key",
+        ),
+        (
+            {"GATEWAY_METRICS_KEY": OPENROUTER * 2, "OPENROUTER_API_KEY": OPENROUTER * 2},
+            "metrics_key: GATEWAY_METRICS_KEY equals OPENROUTER_API_KEY",
         ),
     ],
 )
@@ -307,7 +324,77 @@ def test_an_unusable_data_directory_is_one_clear_line(tmp_path: Path) -> None:
 
 
 def test_the_default_store_is_a_file_in_the_data_directory(tmp_path: Path) -> None:
+    """`check` creates no database (run under sudo, it would leave a root-owned file the service
+    user's `serve` cannot open): it says the file is created at first start, and `serve` does."""
     result = run_gateway(tmp_path, "check")  # GATEWAY_STORE and GATEWAY_DATA_DIR unset
     assert result.returncode == 0, result.stderr
-    assert "store sqlite data/gateway.db," in result.stdout  # the file, named
+    assert "store sqlite data/gateway.db (created at first start)," in result.stdout  # the file, named
+    assert not (tmp_path / "data").exists()
+    port = free_port()
+    env = {**clean_env(), "GATEWAY_ADMIN_KEY": STRONG_ADMIN, "OPENROUTER_API_KEY": OPENROUTER}
+    process = subprocess.Popen(
+        [str(GATEWAY), "serve", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def ready() -> bool:
+            assert process.poll() is None, "serve exited"
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, 30, "gateway start")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
     assert (tmp_path / "data" / "gateway.db").is_file()  # `data` in the working directory
+    again = run_gateway(tmp_path, "check")  # the file exists now: opened, and named as it is
+    assert again.returncode == 0 and "store sqlite data/gateway.db, " in again.stdout, again.stderr
+
+
+def test_check_creates_no_data_directory_however_deep(tmp_path: Path) -> None:
+    """Nor the directories above the file; a declared key's team is looked for in the file only
+    (the store is empty until it is created), and said so."""
+    (tmp_path / "gateway.yaml").write_text(f"keys: [{{id: aaaaaaaaaaaa, name: ci, team: ml, hash: {'a' * 64}}}]\n")
+    deep = tmp_path / "var" / "lib" / "gateway"
+    result = run_gateway(tmp_path, "check", "--config", "gateway.yaml", GATEWAY_DATA_DIR=str(deep))
+    assert result.returncode == 1
+    assert "no team 'ml' under teams: in the file, nor in the store (created empty at first start)" in result.stderr
+    assert not (tmp_path / "var").exists()
+    (tmp_path / "gateway.yaml").write_text("teams: [{name: ml}]\n")
+    result = run_gateway(tmp_path, "check", "--config", "gateway.yaml", GATEWAY_DATA_DIR=str(deep))
+    assert result.returncode == 0, result.stderr
+    assert f"store sqlite {deep / 'gateway.db'} (created at first start)" in result.stdout
+    assert not (tmp_path / "var").exists()
+
+
+def test_check_refuses_a_data_directory_it_could_not_create(tmp_path: Path) -> None:
+    """Where the file would go must be writable; as root, `check` runs without the capability
+    that lets root write anywhere, as a service user would."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    command = [str(GATEWAY), "check"]
+    if os.geteuid() == 0:
+        drop = "-dac_override,-dac_read_search"
+        command = ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", *command]
+        if shutil.which("setpriv") is None or subprocess.run([*command[:3], "true"]).returncode != 0:
+            pytest.skip("root, and setpriv cannot drop its capabilities here")
+    env = {**clean_env(), "GATEWAY_ADMIN_KEY": STRONG_ADMIN, "OPENROUTER_API_KEY": OPENROUTER}
+    result = subprocess.run(
+        command,
+        cwd=tmp_path,
+        env={**env, "GATEWAY_DATA_DIR": str(locked / "data")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    problem = f"problem: store: cannot use sqlite {locked / 'data' / 'gateway.db'}: {locked} is not writable"
+    assert problem in result.stderr, result.stderr
+    assert not (locked / "data").exists()

@@ -177,6 +177,30 @@ def test_generate_leaves_a_file_it_cannot_use_alone(tmp_path: Path) -> None:
     assert bad_name.returncode == 1 and "problem: --name: 1-64 letters" in bad_name.stderr
 
 
+def test_generate_edits_the_file_a_symlink_points_to(tmp_path: Path) -> None:
+    """A config reached through symlinks (a Kubernetes ConfigMap's `..data`, stow) stays a
+    symlink: the file it points to gets the key and keeps its mode (and owner, where we may)."""
+    real = tmp_path / "..2030_01_01" / "gateway.yaml"
+    real.parent.mkdir()
+    real.write_text("teams: [{name: ops}]\nkeys: []\n")
+    real.chmod(0o640)
+    owner = (65534, 65534) if os.geteuid() == 0 else (os.geteuid(), os.getegid())  # nobody's, if we may
+    os.chown(real, *owner)
+    (tmp_path / "..data").symlink_to("..2030_01_01")
+    (tmp_path / "etc").mkdir()
+    config = tmp_path / "etc" / "gateway.yaml"
+    config.symlink_to("../..data/gateway.yaml")
+    result = gateway("keys", "generate", "--name", "ci", "--team", "ops", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert config.is_symlink() and os.readlink(config) == "../..data/gateway.yaml"
+    assert (tmp_path / "..data").is_symlink()
+    key = result.stdout.strip()
+    assert [(k.id, k.hash) for k in Settings(config_file=str(real)).keys] == [(key[6:18], hash_key(key))]
+    status = real.stat()
+    assert (status.st_mode & 0o7777, status.st_uid, status.st_gid) == (0o640, *owner)
+    assert sorted(p.name for p in real.parent.iterdir()) == ["gateway.yaml"]  # no temporary file left
+
+
 def test_generate_without_a_file_prints_only_the_item(tmp_path: Path) -> None:
     """The item goes on stdout, ready to paste under `keys:`; the key on stderr (a redirect
     never writes the secret into a file)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -130,3 +131,10 @@ def test_prometheus_scrapes_with_the_secret_the_gateway_reads() -> None:
     assert gateway["environment"]["GATEWAY_METRICS_KEY_FILE"] == credentials_file
     assert "GATEWAY_METRICS_KEY" not in gateway["environment"]
     assert "secrets/" in (ROOT / ".gitignore").read_text().splitlines()  # the key is never committed
+
+
+def test_the_secrets_directory_is_made_private_wherever_it_is_made() -> None:
+    """The README and compose's comments make `secrets/` the same way: readable by its owner only."""
+    for path in ("docker-compose.yml", "README.md"):
+        made = re.findall(r"mkdir [^&\n]*secrets", (ROOT / path).read_text())
+        assert made and set(made) == {"mkdir -p -m 700 secrets"}, (path, made)

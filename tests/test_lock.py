@@ -43,3 +43,10 @@ def test_libraries_whose_internals_we_read_are_bounded() -> None:
     for name in ("uvicorn", "prometheus-client"):
         assert "<" in specs[name], specs[name]
     assert PROJECT["build-system"]["requires"][0].startswith("setuptools==")
+
+
+def test_every_documented_uv_run_refuses_a_stale_lock() -> None:
+    """Without `--locked`, `uv run` re-locks when pyproject.toml changed, and installs that."""
+    for path in [ROOT / "README.md", ROOT / ".ci/run", *sorted((ROOT / "docs").glob("*.md"))]:
+        runs = re.findall(r"uv run(?! --locked)[^\n`]*", path.read_text())
+        assert not runs, f"{path.relative_to(ROOT)}: {runs}"

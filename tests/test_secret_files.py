@@ -105,3 +105,53 @@ def test_serve_refuses_to_start_without_the_file(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert f"GATEWAY_ADMIN_KEY_FILE: {tmp_path / 'run/secrets/admin_key'}: file not found" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_empty_variable_counts_as_unset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`GATEWAY_ADMIN_KEY=` (as an env file or a compose `environment:` with no value leaves it)
+    beside its `_FILE`: the file is read, as for OPENROUTER_API_KEY; an empty setting is its default."""
+    for name, secret in SECRETS.items():
+        (tmp_path / name.lower()).write_text(secret)
+        monkeypatch.setenv(f"{name}_FILE", str(tmp_path / name.lower()))
+        monkeypatch.setenv(name, "")
+    for name in ("GATEWAY_PORT", "GATEWAY_UPSTREAM__DEADLINE_S", "GATEWAY_CONFIG", "GATEWAY_CONFIG_FILE"):
+        monkeypatch.setenv(name, "")
+    monkeypatch.chdir(tmp_path)  # no config/gateway.yaml: the default file, not one named on purpose
+    settings = load_settings()
+    assert secrets_of(settings) == SECRETS
+    assert (settings.port, settings.upstream.deadline_s, settings.config_file) == (8080, 600.0, "config/gateway.yaml")
+
+
+def test_the_store_url_can_come_from_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Redis URL holds its password: a Docker secret is a natural home for it."""
+    url = "redis://:s3cret-pass@redis:6379/0"
+    (tmp_path / "store").write_text(url + "\n")
+    monkeypatch.setenv("GATEWAY_STORE_FILE", str(tmp_path / "store"))
+    monkeypatch.setenv("GATEWAY_STORE", "")
+    assert load_settings(config_file=None).store == url
+    monkeypatch.setenv("GATEWAY_STORE", "memory")  # the variable itself wins, as for a secret
+    assert load_settings(config_file=None).store == "memory"
+    monkeypatch.delenv("GATEWAY_STORE")
+    monkeypatch.setenv("GATEWAY_STORE_FILE", str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config_file=None)
+    assert caught.value.problems == [f"GATEWAY_STORE_FILE: {tmp_path / 'nowhere'}: file not found"]
+
+
+def test_other_settings_cannot_come_from_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`GATEWAY_PORT_FILE` would otherwise be ignored without a word; GATEWAY_CONFIG_FILE stays
+    what it is, another name for GATEWAY_CONFIG."""
+    (tmp_path / "value").write_text("9090\n")
+    for name in ("GATEWAY_PORT_FILE", "gateway_upstream__deadline_s_file"):
+        monkeypatch.setenv(name, str(tmp_path / "value"))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config_file=None)
+    assert caught.value.problems == [
+        "GATEWAY_PORT_FILE: only secrets and the store URL can come from a file",
+        "gateway_upstream__deadline_s_file: only secrets and the store URL can come from a file",
+    ]
+    for name in ("GATEWAY_PORT_FILE", "gateway_upstream__deadline_s_file"):
+        monkeypatch.delenv(name)
+    (tmp_path / "gateway.yaml").write_text("port: 9090\n")
+    monkeypatch.setenv("GATEWAY_CONFIG_FILE", str(tmp_path / "gateway.yaml"))
+    assert load_settings().port == 9090

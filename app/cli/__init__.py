@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from app.cli import admin, serve
+from app.cli import admin, check, serve
 
 SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
 
@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", dest="top_url", help=admin.URL_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
     serve.add_commands(commands)
+    check.add_command(commands)
     admin.add_commands(commands)
     args = parser.parse_args(argv)
     try:

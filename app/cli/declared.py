@@ -4,6 +4,7 @@ written into the file in place (comments and layout kept) or printed as one `key
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -163,13 +164,20 @@ def _next_line(text: str, index: int) -> int:
 
 
 def _replace(path: Path, text: str) -> None:
-    """Write `text` over `path` at once (a crash leaves the old file or the new, never half)."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write `text` over `path` at once (a crash leaves the old file or the new, never half). A
+    symlink (a Kubernetes ConfigMap, stow) stays one: the file it points to is what is replaced,
+    keeping its mode, and its owner where we may give it (root may; another user keeps its own)."""
+    target = path.resolve()
+    status = target.stat()
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
-        os.chmod(temporary, path.stat().st_mode & 0o7777)
-        os.replace(temporary, path)
+        if (status.st_uid, status.st_gid) != (os.geteuid(), os.getegid()):
+            with contextlib.suppress(PermissionError):
+                os.chown(temporary, status.st_uid, status.st_gid)
+        os.chmod(temporary, status.st_mode & 0o7777)  # after chown, which may clear setuid bits
+        os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise

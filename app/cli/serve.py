@@ -1,4 +1,4 @@
-"""`gateway serve` (and `--demo`), `gateway simulate`, `gateway check`."""
+"""`gateway serve` (and `--demo`, against the built-in OpenRouter simulator), `gateway simulate`."""
 
 from __future__ import annotations
 
@@ -10,13 +10,12 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Sized
 from typing import Any
 
-from app.settings import ConfigError, Settings, load_settings, read_secret
+from app.cli.check import missing_config, problems, settings_from, store_problem, team_problems
+from app.settings import ConfigError, Settings
 
 DEMO_UPSTREAM_KEY = "sk-or-simulated-demo-key"
-MIN_ADMIN_KEY = 32
 
 
 def add_commands(commands: Any) -> None:
@@ -36,216 +35,10 @@ def add_commands(commands: Any) -> None:
     simulate.add_argument("--keepalives", type=int, default=2, help="keep-alive comments before each stream")
     simulate.set_defaults(handler=_simulate)
 
-    check = commands.add_parser("check", help="validate the configuration and the environment")
-    check.add_argument("--config", help="YAML config file (default GATEWAY_CONFIG or config/gateway.yaml)")
-    check.add_argument("--online", action="store_true", help="also try the OpenRouter key (GET /key)")
-    check.set_defaults(handler=_check)
-
-
-def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
-    if args.config:
-        overrides["config_file"] = args.config
-    if getattr(args, "host", None):
-        overrides["host"] = args.host
-    if getattr(args, "port", None) is not None:
-        overrides["port"] = args.port
-    return load_settings(**overrides)
-
-
-def _problems(settings: Settings) -> list[str]:
-    problems = []
-    if settings.upstream.api_key is None:
-        problems.append("upstream.api_key: OPENROUTER_API_KEY is not set")
-    if settings.api_key is None and settings.admin_key is None and not settings.keys:
-        problems.append(
-            "admin_key: no client could get in; set GATEWAY_ADMIN_KEY (to create keys), GATEWAY_API_KEY "
-            "(a bootstrap key) or declare keys in the config file; or try `gateway serve --demo`"
-        )
-    problems += _secret_problems(settings)
-    for team in settings.teams:
-        if team.upstream_key_env and read_secret(team.upstream_key_env) is None:
-            problems.append(f"teams.{team.name}.upstream_key_env: {team.upstream_key_env} is not set")
-    for alias, target in settings.models.aliases.items():
-        if target in settings.models.aliases:
-            problems.append(f"models.aliases.{alias}: points at another alias ({target}); name an OpenRouter id")
-    return problems
-
-
-def _secret_problems(settings: Settings) -> list[str]:
-    """The admin key must be hard to guess, and each secret used for one thing only: a client key
-    equal to the admin key opens the admin API, one equal to the OpenRouter key hands it out."""
-    admin, client, upstream = (
-        secret.get_secret_value() if secret else None
-        for secret in (settings.admin_key, settings.api_key, settings.upstream.api_key)
-    )
-    problems = []
-    if admin is not None and len(admin) < MIN_ADMIN_KEY:
-        problems.append(
-            f"admin_key: GATEWAY_ADMIN_KEY has {len(admin)} characters; use at least {MIN_ADMIN_KEY}, "
-            "e.g. $(openssl rand -hex 32)"
-        )
-    elif admin is not None and len(set(admin)) < 8:
-        problems.append("admin_key: GATEWAY_ADMIN_KEY repeats a few characters; use e.g. $(openssl rand -hex 32)")
-    if client is not None and client == admin:
-        problems.append("api_key: GATEWAY_API_KEY equals GATEWAY_ADMIN_KEY; a client key must not open the admin API")
-    if client is not None and client == upstream:
-        problems.append(
-            "api_key: GATEWAY_API_KEY equals OPENROUTER_API_KEY; clients must never hold the OpenRouter key"
-        )
-    if admin is not None and admin == upstream:
-        problems.append("admin_key: GATEWAY_ADMIN_KEY equals OPENROUTER_API_KEY; give each its own secret")
-    return problems
-
-
-def _team_problems(settings: Settings, store_answers: bool) -> list[str]:
-    """Declared keys whose team is declared nowhere: not in the file, not in the store (when it
-    answers; a memory store starts empty)."""
-    from app.auth.registry import Registry, undeclared_teams
-    from app.store import open_store
-
-    teams = [team.record() for team in settings.teams]
-    keys = [key.record() for key in settings.keys]
-    if settings.store == "memory" or not store_answers:
-        hint = (
-            "under teams: in the file, and a memory store starts empty: declare it there"
-            if settings.store == "memory"
-            else "under teams: in the file (the store does not answer, so its teams were not counted)"
-        )
-        return undeclared_teams(keys, {t.name for t in teams}, hint)
-
-    async def read() -> list[str]:
-        store = open_store(settings)
-        try:
-            return await Registry(store).undeclared_teams(teams, keys)
-        finally:
-            await store.close()
-
-    return asyncio.run(read())
-
-
-def _store_problem(settings: Settings) -> str | None:
-    """Whether the store answers: keys, teams and limits live there, so a gateway cannot start
-    without it (one line, not a traceback from inside the server's start-up)."""
-    if settings.store == "memory":
-        return None
-    from urllib.parse import urlsplit
-
-    from app.store import open_store, sqlite_path
-
-    async def ping() -> None:
-        store = open_store(settings)
-        try:
-            await asyncio.wait_for(store.ping(), settings.store_timeout_s + 1)
-        finally:
-            await store.close()
-
-    try:
-        asyncio.run(ping())
-    except Exception as exc:  # any failure to reach it is the problem reported
-        path = sqlite_path(settings)
-        if path is not None:  # the error names the file
-            return f"store: cannot use {exc}" if str(exc) else f"store: cannot use sqlite {path} (timed out)"
-        try:
-            parts = urlsplit(settings.store)
-            shown = f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
-        except ValueError:  # not even a URL: its scheme only (the rest may hold a password)
-            shown = settings.store.split("://", 1)[0] + "://…"
-        return f"store: {shown} does not answer ({type(exc).__name__}: {exc or 'timed out'})"
-    return None
-
-
-def _check(args: argparse.Namespace) -> int:
-    try:
-        settings = _settings(args)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"problem: {problem}", file=sys.stderr)
-        return 1
-    store = _store_problem(settings)
-    problems = [*_problems(settings), *([store] if store else []), *_team_problems(settings, store is None)]
-    if args.online and settings.upstream.api_key is not None:
-        refused, report = _try_upstream_key(settings, settings.upstream.api_key.get_secret_value())
-        problems += [refused] if refused else []
-        if report:
-            print(report)
-    for problem in problems:
-        print(f"problem: {problem}", file=sys.stderr)
-    if settings.store == "memory":
-        print(
-            "warning: store: memory keeps teams, keys, usage and spend in this process only: a restart loses "
-            "them and workers do not share them; leave GATEWAY_STORE unset (SQLite) or use Redis",
-            file=sys.stderr,
-        )
-    if problems:
-        return 1
-    missing = _missing_config(settings)
-    source = f"no file: {missing}, defaults and environment only" if missing else settings.config_file or "no file"
-    print(
-        f"config OK ({source}): upstream {settings.upstream.base_url}, "
-        f"store {_store_label(settings)}, "
-        f"{_count(settings.teams, 'team')}, {_count(settings.keys, 'key')}, "
-        f"{_count(settings.models.aliases, 'alias', 'aliases')}, "
-        f"{_count(settings.models.per_model, 'per-model setting')}"
-    )
-    return 0
-
-
-def _store_label(settings: Settings) -> str:
-    """Which store, without a URL's password: `sqlite data/gateway.db`, `redis`, `memory`."""
-    from app.store import sqlite_path
-
-    path = sqlite_path(settings)
-    return f"sqlite {path}" if path is not None else settings.store.split("://", 1)[0]
-
-
-def _count(things: Sized, one: str, many: str = "") -> str:
-    return f"{len(things)} {one if len(things) == 1 else many or one + 's'}"
-
-
-def _missing_config(settings: Settings) -> str | None:
-    """`<path> not found` when the default config file is absent (an absent file named on
-    purpose is an error before this)."""
-    if settings.config_file and not os.path.exists(settings.config_file):
-        return f"{settings.config_file} not found in {os.getcwd()}"
-    return None
-
-
-def _try_upstream_key(settings: Settings, key: str) -> tuple[str | None, str | None]:
-    """`GET /key` with the OpenRouter key: (a problem, or a report line). The key is never shown."""
-    from app.errors import UpstreamError
-    from app.upstream.client import OpenRouterClient, open_session
-
-    async def ask() -> tuple[int, Any]:
-        session = open_session(settings.upstream)
-        try:
-            return await OpenRouterClient(session, settings.upstream).get_json(
-                "/key", timeout=settings.upstream.connect_timeout_s + 10
-            )
-        finally:
-            await session.close()
-
-    where = f"{settings.upstream.base_url}/key"
-    try:
-        status, body = asyncio.run(ask())
-    except UpstreamError as exc:
-        return f"upstream.base_url: {where}: {exc.message}", None
-    data = body.get("data") if isinstance(body, dict) else None
-    if status != 200 or not isinstance(data, dict):
-        error = body.get("error") if isinstance(body, dict) else None
-        said = str(error.get("message"))[:200] if isinstance(error, dict) else None
-        said = said and said.replace(key, "…")  # in case it is echoed
-        return f"upstream.api_key: {where} refused the OpenRouter key ({status}{f': {said}' if said else ''})", None
-    limit = data.get("limit")
-    left = data.get("limit_remaining")
-    return None, (
-        f"OpenRouter key OK: label {data.get('label')!r}, "
-        + (f"limit {limit} USD ({left} left)" if limit is not None else "no credit limit")
-    )
-
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        settings = _demo_settings(args) if args.demo else _settings(args)
+        settings = _demo_settings(args) if args.demo else settings_from(args)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"problem: {problem}", file=sys.stderr)
@@ -263,14 +56,14 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers > 1 and settings.admin_port is not None:
         print("problem: admin_port: a separate admin listener needs one process; drop --workers", file=sys.stderr)
         return 2
-    if missing := _missing_config(settings):
+    if missing := missing_config(settings):
         print(
             f"note: no config file ({missing}): running on defaults and the environment only, with no model "
             "aliases, declared teams or declared keys; name the file with --config FILE or GATEWAY_CONFIG",
             file=sys.stderr,
         )
-    if problems := _start_problems(settings, args.demo):
-        for problem in problems:
+    if found := _start_problems(settings, args.demo):
+        for problem in found:
             print(f"problem: {problem}", file=sys.stderr)
         print("refusing to start; see `gateway check`", file=sys.stderr)
         return 2
@@ -288,10 +81,10 @@ def _serve(args: argparse.Namespace) -> int:
 def _start_problems(settings: Settings, demo: bool) -> list[str]:
     """Why the gateway must not start, in the order worth fixing (the store is asked only once
     the rest is right). The demo makes its own secrets and store."""
-    problems = [] if demo else _problems(settings)
-    if not problems and not demo:
-        problems = [p for p in [_store_problem(settings)] if p]
-    return problems or _team_problems(settings, store_answers=True)
+    found = [] if demo else problems(settings)
+    if not found and not demo:
+        found = [p for p in [store_problem(settings, create=True)] if p]
+    return found or team_problems(settings, store_answers=True)
 
 
 def _run(args: argparse.Namespace, settings: Settings, sockets: list[socket.socket]) -> int:
@@ -341,7 +134,7 @@ def _demo_settings(args: argparse.Namespace) -> Settings:
 
     if not args.host:
         args.host = "127.0.0.1"
-    settings = _settings(args)
+    settings = settings_from(args)
     return settings.model_copy(
         update={
             "api_key": settings.api_key or SecretStr("sk-gw-demo-" + secrets.token_hex(16)),
