@@ -265,19 +265,9 @@ class Settings(BaseSettings):
     @field_validator("store")
     @classmethod
     def _store_url(cls, value: str) -> str:
-        if value in ("sqlite", "memory") or value.startswith(("redis://", "rediss://", "unix://")):
-            return value
-        if value.startswith("sqlite:"):
-            path = value.removeprefix("sqlite://") if value.startswith("sqlite://") else value.removeprefix("sqlite:")
-            if value.startswith("sqlite://") and not path.startswith("/"):
-                raise ValueError("sqlite:///absolute/path.db (three slashes) or sqlite:relative/path.db")
-            if not path.strip("/") or path.endswith("/") or path == ":memory:":
-                raise ValueError("name the database file: sqlite:///absolute/path.db or sqlite:relative/path.db")
-            return value
-        raise ValueError(
-            "'sqlite' (the default), sqlite:///absolute/path.db, sqlite:relative/path.db, 'memory', "
-            "or a redis://, rediss:// or unix:// URL"
-        )
+        from app.store.location import check_store  # the store reads its setting's forms in one place
+
+        return check_store(value)
 
     @model_validator(mode="after")
     def _declared_entries_agree(self) -> Settings:
