@@ -226,7 +226,9 @@ class Settings(BaseSettings):
     )
     data_dir: str = Field("data", min_length=1, description="the sqlite store's directory (created if missing)")
     store_prefix: str = Field("gw", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="namespace of our Redis keys")
-    store_timeout_s: float = Field(0.5, gt=0, le=30, description="longest wait for one store call")
+    store_timeout_s: float = Field(
+        0.5, gt=0, le=30, description="longest wait for one store call, queueing and locks included"
+    )
     store_max_connections: int = Field(64, ge=1, description="Redis connections per process")
     auth_cache_ttl_s: float = Field(30.0, ge=0, description="re-read a cached key at least this often")
     last_used_flush_s: float = Field(5.0, gt=0, description="how often last-used times reach the store")
@@ -264,19 +266,9 @@ class Settings(BaseSettings):
     @field_validator("store")
     @classmethod
     def _store_url(cls, value: str) -> str:
-        if value in ("sqlite", "memory") or value.startswith(("redis://", "rediss://", "unix://")):
-            return value
-        if value.startswith("sqlite:"):
-            path = value.removeprefix("sqlite://") if value.startswith("sqlite://") else value.removeprefix("sqlite:")
-            if value.startswith("sqlite://") and not path.startswith("/"):
-                raise ValueError("sqlite:///absolute/path.db (three slashes) or sqlite:relative/path.db")
-            if not path.strip("/") or path.endswith("/") or path == ":memory:":
-                raise ValueError("name the database file: sqlite:///absolute/path.db or sqlite:relative/path.db")
-            return value
-        raise ValueError(
-            "'sqlite' (the default), sqlite:///absolute/path.db, sqlite:relative/path.db, 'memory', "
-            "or a redis://, rediss:// or unix:// URL"
-        )
+        from app.store.location import check_store  # the store reads its setting's forms in one place
+
+        return check_store(value)
 
     @model_validator(mode="after")
     def _declared_entries_agree(self) -> Settings:

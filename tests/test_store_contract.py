@@ -1,4 +1,4 @@
-"""One contract, two stores: every test runs on the memory store and on a real redis-server."""
+"""One contract, three stores: every test runs on the memory store, a SQLite file and a real redis-server."""
 
 from __future__ import annotations
 

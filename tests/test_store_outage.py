@@ -1,11 +1,16 @@
-"""Redis stopped mid-test: admission follows the configured policy per concern (rate limits,
-budgets), logs the outage once, keeps spend to settle later, and recovers by itself."""
+"""The store unreachable mid-test (Redis stopped; the SQLite file's write lock held elsewhere):
+admission follows the configured policy per concern (rate limits, budgets) within about the
+store's timeout, logs the outage once, keeps spend to settle later, and recovers by itself."""
 
 from __future__ import annotations
 
 import logging
+import sqlite3
+import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,7 +18,7 @@ import pytest
 
 from app.simulator import SimulatorThread
 from tests.redis_server import RedisServer
-from tests.support import ADMIN_KEY, GatewayServer, gateway_settings, wait_until
+from tests.support import ADMIN_KEY, GatewayServer, gateway_settings, request_id, wait_until
 
 HELLO = {"model": "deepseek/deepseek-v3.2", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 20}
 
@@ -25,10 +30,9 @@ def redis_on_disk() -> Iterator[RedisServer]:
     server.cleanup()
 
 
-def chat(gateway: GatewayServer, key: str) -> httpx.Response:
-    return httpx.post(
-        gateway.url + "/v1/chat/completions", json=HELLO, headers={"Authorization": f"Bearer {key}"}, timeout=20
-    )
+def chat(gateway: GatewayServer, key: str, body: dict[str, Any] = HELLO, rid: str = "") -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}", **({"x-request-id": rid} if rid else {})}
+    return httpx.post(gateway.url + "/v1/chat/completions", json=body, headers=headers, timeout=20)
 
 
 def setup_keys(gateway: GatewayServer) -> tuple[str, dict[str, Any], float]:
@@ -103,3 +107,64 @@ def test_policy_during_an_outage_and_recovery(
 
         # Whatever was admitted during the outage was still settled once the store returned.
         wait_until(lambda: abs(spent() - paid * cost) < 1e-9, 10, f"spend of {paid} requests")
+
+
+TIMEOUT_S = 0.5
+MARGIN_S = 1.0  # a loaded machine's scheduling and HTTP; less than one more timeout per queued call
+
+
+def spent_usd(gateway: GatewayServer, key_id: str) -> float:
+    shown = httpx.get(gateway.url + f"/admin/keys/{key_id}", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    value: float = shown.json()["budget"]["spent_usd"]
+    return value
+
+
+def test_a_locked_sqlite_file_follows_the_policy_and_loses_no_settlement(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    """Another process holds the SQLite file's write lock (a stuck worker, a backup tool) for
+    longer than store_timeout_s. As with Redis away: budgets (closed) answer 503 within about the
+    timeout, however many wait; rate limits (open) admit, also for a key not cached yet (reads
+    do not wait behind writes). A request settled meanwhile is settled once the lock is gone,
+    and once."""
+    path = tmp_path / "gateway.db"
+    settings = gateway_settings(
+        simulator.base_url,
+        admin_key=ADMIN_KEY,
+        store=f"sqlite://{path}",
+        store_timeout_s=TIMEOUT_S,
+        limits={"admit_ahead": False},  # as above: every request here asks the store
+    )
+    with GatewayServer(settings) as gateway, ThreadPoolExecutor(8) as pool:
+        limited, budgeted, cost = setup_keys(gateway)
+        with httpx.Client(base_url=gateway.url + "/admin", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin:
+            fresh = admin.post("/keys", json={"name": "fresh", "team": "ops", "rpm": 1000}).json()["key"]
+        slow_id = request_id()
+        slow = pool.submit(chat, gateway, budgeted["key"], {**HELLO, "simulator": {"ttfb_ms": 1500}}, slow_id)
+        wait_until(lambda: simulator.find(slow_id), 10, "the slow request admitted")
+
+        locker = sqlite3.connect(path, isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")
+        try:
+            assert slow.result().status_code == 200  # answered; its settlement meets the lock
+            wait_until(lambda: gateway.gateway.admission.pending_settlements, 10, "its settlement held back")
+            started = time.monotonic()
+            refused = list(pool.map(lambda _: chat(gateway, budgeted["key"]), range(4)))
+            assert time.monotonic() - started < TIMEOUT_S + MARGIN_S
+            for response in refused:
+                assert response.status_code == 503 and response.json()["error"]["code"] == "store_unavailable"
+            started = time.monotonic()
+            assert [chat(gateway, key).status_code for key in (fresh, limited)] == [200, 200]
+            assert time.monotonic() - started < TIMEOUT_S + MARGIN_S
+        finally:
+            locker.rollback()
+            locker.close()
+
+        paid = cost + slow.result().json()["usage"]["cost"]
+        wait_until(lambda: abs(spent_usd(gateway, budgeted["id"]) - paid) < 1e-9, 10, "the held-back settlement")
+        again = wait_until(lambda: (r := chat(gateway, budgeted["key"])).status_code == 200 and r, 10, "recovery")
+        paid += again.json()["usage"]["cost"]
+        wait_until(lambda: abs(spent_usd(gateway, budgeted["id"]) - paid) < 1e-9, 10, "every settlement, once")
+        with httpx.Client(base_url=gateway.url + "/admin", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin:
+            wait_until(lambda: admin.get("/usage").json()["total"]["requests"] == 6, 10, "every request in the ledger")
+        assert abs(spent_usd(gateway, budgeted["id"]) - paid) < 1e-9  # and nothing applied twice

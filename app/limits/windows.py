@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -97,11 +97,19 @@ def _take(state: LimitState, check: Check, reading: float, member: str, expiry: 
     """Reserve one check (judged on `reading`); returns (remaining, reset ms)."""
     if check.kind in BUCKET_KINDS:
         level = reading - check.amount
-        state.set_bucket(check.name, level, now)
+        state.set_bucket(check.name, level, _stamp(state, check.name, now))
         reset = math.ceil((check.limit - level) * WINDOW_MS / check.limit) if check.limit > 0 else 0
         return math.floor(level), reset
     state.hold(check.name, member, check.amount, expiry)
     return check.limit - int(reading) - check.amount, 0
+
+
+def _stamp(state: LimitState, name: str, now: int) -> int:
+    """A bucket's new stamp: `now`, never earlier than its old one. After the wall clock stepped
+    back, a level read at `now` is the level at the old stamp (nothing refilled); stamped `now`,
+    the time up to the old stamp would be refilled a second time."""
+    bucket = state.bucket(name)
+    return max(now, bucket[1]) if bucket else now
 
 
 def settle(state: LimitState, settlements: Sequence[Settlement], now: int) -> None:
@@ -113,7 +121,7 @@ def settle(state: LimitState, settlements: Sequence[Settlement], now: int) -> No
             bucket = state.bucket(check.name)
             if bucket is not None and item.value:
                 level = bucket_level(bucket[0], bucket[1], check.limit, now) + item.value
-                state.set_bucket(check.name, min(float(check.limit), level), now)
+                state.set_bucket(check.name, min(float(check.limit), level), max(now, bucket[1]))
         elif check.kind in ("concurrency", "budget"):
             state.release(check.name, item.member)
             if check.kind == "budget":
@@ -123,6 +131,10 @@ def settle(state: LimitState, settlements: Sequence[Settlement], now: int) -> No
 def renew(state: LimitState, leases: Sequence[tuple[Check, str]], lease_ms: int, now: int) -> None:
     for check, member in leases:
         state.extend(check.name, member, now + lease_ms)
+
+
+def _monotonic_ms() -> int:
+    return int(time.monotonic() * 1000)
 
 
 @dataclass
@@ -138,16 +150,14 @@ class _Leases:
 
 
 class MemoryLimits:
-    """The memory store's limits: a `LimitState` in dicts, on this process's monotonic clock."""
+    """The memory store's limits: a `LimitState` in dicts, on `clock` (ms; this process's
+    monotonic clock unless a test gives its own)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], int] | None = None) -> None:
+        self.now_ms = clock or _monotonic_ms
         self._buckets: dict[str, tuple[float, int]] = {}
         self._leases: dict[str, _Leases] = {}
         self._spent: dict[str, int] = {}
-
-    @staticmethod
-    def now_ms() -> int:
-        return int(time.monotonic() * 1000)
 
     def admit(self, checks: Sequence[Check], member: str, lease_ms: int, headroom: int = 1) -> Verdict:
         return admit(self, checks, member, lease_ms, headroom, self.now_ms())

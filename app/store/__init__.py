@@ -5,26 +5,21 @@ replicas)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from app.settings import Settings
 from app.store.base import Store, StoreError
+from app.store.location import sqlite_file
 from app.store.memory import MemoryStore
+
+if TYPE_CHECKING:  # settings import `location` from here: at run time, this package needs only their values
+    from app.settings import Settings
 
 __all__ = ["Store", "StoreError", "open_store", "sqlite_path"]
 
-SQLITE_FILE = "gateway.db"
-
 
 def sqlite_path(settings: Settings) -> Path | None:
-    """The SQLite store's file (`sqlite`: gateway.db in `data_dir`), or None for another store."""
-    store = settings.store
-    if store == "sqlite":
-        return Path(settings.data_dir) / SQLITE_FILE
-    if store.startswith("sqlite://"):
-        return Path(store.removeprefix("sqlite://"))  # sqlite:///absolute/path.db
-    if store.startswith("sqlite:"):
-        return Path(store.removeprefix("sqlite:"))  # sqlite:relative/path.db (to the working directory)
-    return None
+    """The SQLite store's file, or None for another store."""
+    return sqlite_file(settings.store, settings.data_dir)
 
 
 def open_store(settings: Settings) -> Store:

@@ -5,6 +5,7 @@ a statement costs a few µs, more than the arithmetic around it (as a Redis call
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 from collections.abc import Iterator, Sequence
 
@@ -23,6 +24,10 @@ ON CONFLICT (name) DO UPDATE SET
 """
 
 
+_HOLD = "INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?)"
+_RELEASE = "DELETE FROM leases WHERE name = ? AND member = ?"
+
+
 class Tables:
     """A `windows.LimitState` over an open transaction at one moment (`now`). What it has read
     it keeps, and keeps equal to what the tables will hold once `flush` writes its changes."""
@@ -33,8 +38,7 @@ class Tables:
         self._held: dict[str, int] = {}
         self._spent: dict[str, int] = {}
         self._changed: set[str] = set()  # buckets to write
-        self._holds: list[tuple[str, str, int, int]] = []
-        self._releases: list[tuple[str, str]] = []
+        self._leases: list[tuple[str, tuple[str, str, int, int] | tuple[str, str]]] = []  # in call order
         self._spends: list[tuple[str, int, int | None, int]] = []
 
     def load(self, checks: Sequence[Check]) -> None:
@@ -81,12 +85,12 @@ class Tables:
         return self._held[name]
 
     def hold(self, name: str, member: str, weight: int, expiry: int) -> None:
-        self._holds.append((name, member, expiry, weight))
+        self._leases.append((_HOLD, (name, member, expiry, weight)))
         if name in self._held:
             self._held[name] += weight  # members are unique: a new lease
 
     def release(self, name: str, member: str) -> None:
-        self._releases.append((name, member))
+        self._leases.append((_RELEASE, (name, member)))
         self._held.pop(name, None)  # by how much is known once written: read again if needed
 
     def extend(self, name: str, member: str, expiry: int) -> None:
@@ -106,16 +110,14 @@ class Tables:
 
     def flush(self) -> None:
         db = self.db
-        if self._releases:
-            db.executemany("DELETE FROM leases WHERE name = ? AND member = ?", self._releases)
-        if self._holds:
-            db.executemany("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?)", self._holds)
+        for statement, ops in itertools.groupby(self._leases, key=lambda op: op[0]):  # runs of one kind, in order
+            db.executemany(statement, [row for _, row in ops])
         if self._spends:
             db.executemany(_ADD_SPENT, self._spends)
         if self._changed:
             rows = [(name, *bucket) for name in self._changed if (bucket := self._buckets[name]) is not None]
             db.executemany("INSERT OR REPLACE INTO buckets VALUES (?, ?, ?)", rows)
-        self._releases, self._holds, self._spends = [], [], []
+        self._leases, self._spends = [], []
         self._changed.clear()
 
 

@@ -1,12 +1,6 @@
-"""The SQLite store's file: opening it, its schema, and what the store's calls on records, the
-ledger and the change feed do to it, run on the store's thread (`app/store/sqlite.py`; the
-limits are `sqlite_limits.py`).
-
-Durability: WAL with `synchronous=NORMAL`. A commit is in the WAL file when it returns, so a
-killed process (even `kill -9`) loses nothing it committed; only an OS crash or a power cut can
-undo the last commits before the next checkpoint. `FULL` would add an fsync to every admission
-and settlement.
-"""
+"""What the SQLite store's calls on records, the ledger and the change feed do to its file,
+run on the store's threads (`app/store/sqlite.py`; the limits are `sqlite_limits.py`, the file
+and its schema `sqlite_schema.py`)."""
 
 from __future__ import annotations
 
@@ -14,72 +8,17 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 from app.store.base import LedgerBatch
 
-SCHEMA_VERSION = 1
 CHANGES_KEEP_MS = 60_000  # change rows older than this are pruned
 LEDGER_BATCHES_KEEP_MS = 7 * 86_400_000  # as long as the Redis store keeps them
-
-_SCHEMA = """
-CREATE TABLE teams (name TEXT PRIMARY KEY, record TEXT NOT NULL) WITHOUT ROWID;
-CREATE TABLE keys (
-  id TEXT PRIMARY KEY, team TEXT NOT NULL, name TEXT NOT NULL, record TEXT NOT NULL,
-  last_used_us INTEGER, UNIQUE (team, name)
-) WITHOUT ROWID;
-CREATE TABLE buckets (name TEXT PRIMARY KEY, tokens REAL NOT NULL, stamp INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE leases (
-  name TEXT NOT NULL, member TEXT NOT NULL, expiry INTEGER NOT NULL, weight INTEGER NOT NULL,
-  PRIMARY KEY (name, member)
-) WITHOUT ROWID;
-CREATE INDEX leases_by_expiry ON leases (name, expiry);
-CREATE TABLE spend (name TEXT PRIMARY KEY, total INTEGER NOT NULL, expires INTEGER) WITHOUT ROWID;
-CREATE TABLE settled (batch TEXT PRIMARY KEY, at INTEGER NOT NULL) WITHOUT ROWID;
-CREATE INDEX settled_by_age ON settled (at);
-CREATE TABLE ledger (
-  day TEXT NOT NULL, field TEXT NOT NULL, value INTEGER NOT NULL, PRIMARY KEY (day, field)
-) WITHOUT ROWID;
-CREATE TABLE ledger_batches (id TEXT PRIMARY KEY, at INTEGER NOT NULL) WITHOUT ROWID;
-CREATE INDEX ledger_batches_by_age ON ledger_batches (at);
-CREATE TABLE key_names (id TEXT PRIMARY KEY, name TEXT NOT NULL) WITHOUT ROWID;
-CREATE TABLE changes (
-  seq INTEGER PRIMARY KEY AUTOINCREMENT, origin TEXT NOT NULL, change TEXT NOT NULL, at INTEGER NOT NULL
-);
-"""
 
 
 def now_ms() -> int:
     """Wall-clock ms: every process sharing the file reads the same clock (monotonic is per boot
     and per process on some systems). Read inside a transaction, times follow commit order."""
     return int(time.time() * 1000)
-
-
-def connect(path: Path, open_timeout_s: float, busy_ms: int) -> sqlite3.Connection:
-    """Open (creating the directory, the file and the schema if missing) in WAL mode."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, timeout=open_timeout_s, isolation_level=None)
-    try:
-        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode != "wal":  # e.g. some network file systems
-            raise sqlite3.OperationalError(f"cannot use WAL mode here (journal mode {mode})")
-        db.execute("PRAGMA synchronous=NORMAL")
-        with transaction(db):
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(
-                    f"made by a newer gateway (schema {version}; this one has {SCHEMA_VERSION})"
-                )
-            if version < SCHEMA_VERSION:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        db.execute(f"PRAGMA busy_timeout = {busy_ms}")
-    except BaseException:
-        db.close()
-        raise
-    return db
 
 
 @contextlib.contextmanager
