@@ -4,19 +4,27 @@ bad admin input (never a 500)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from app.auth.keys import hash_key, new_key, new_key_id
+from app.auth.keys import KeyAuthenticator, hash_key, new_key, new_key_id
+from app.auth.records import KeyFields, TeamFields
+from app.auth.registry import Registry
+from app.auth.teams import TeamPolicyFactory
+from app.errors import AuthenticationError
+from app.settings import AttributionSettings
 from app.simulator import SimulatorThread
+from app.store.sqlite import SqliteStore
 from tests.support import (
     ADMIN_KEY,
     CLIENT_KEY,
@@ -475,3 +483,28 @@ def test_bootstrap_key_still_works(keyed: GatewayServer) -> None:
     with sdk(keyed, CLIENT_KEY) as client:
         assert client.chat.completions.create(model="deepseek/deepseek-v3.2", messages=HELLO).choices
     assert time.time() > 0
+
+
+@pytest.mark.anyio
+async def test_a_record_read_while_a_change_lands_is_not_kept(tmp_path: Path) -> None:
+    """A key read from the store while a change is announced (another worker revoking it) may be
+    the record from before the change: it serves the request under way, but is not cached, or a
+    revoked key would keep working until the cache's TTL."""
+    store = SqliteStore(tmp_path / "gateway.db")  # its reads suspend (a thread): the load is really under way
+    try:
+        registry = Registry(store)
+        await registry.create_team("ml", TeamFields())
+        record, plaintext = await registry.create_key("bot", "ml", KeyFields())
+        teams = TeamPolicyFactory(AttributionSettings(), "Bearer sk-or-upstream", lambda _: None)
+        authenticator = KeyAuthenticator(store, teams, cache_ttl_s=30)
+        first = asyncio.ensure_future(authenticator.authenticate(f"Bearer {plaintext}"))
+        await asyncio.sleep(0)  # authenticate starts the load ...
+        await asyncio.sleep(0)  # ... which asks the store's thread for the record
+        authenticator.invalidate(f"key:{record.id}")  # as the change feed does, mid-load
+        assert (await first).key_id == record.id
+        # The change itself, announced too early above (or its announcement lost in a crash):
+        await store.update_key(record.model_copy(update={"revoked": True}), record.name)
+        with pytest.raises(AuthenticationError, match="revoked"):
+            await authenticator.authenticate(f"Bearer {plaintext}")
+    finally:
+        await store.close()

@@ -103,7 +103,15 @@ async def test_registry_key_lifecycle(store: Store) -> None:
     assert [p.hash for p in rotated.previous] == [record.hash]
     revoked = await registry.revoke_key(record.id)
     assert revoked.revoked and revoked.revoked_at is not None
+    heard: list[str] = []
+    store.on_change(heard.append)
     assert (await registry.revoke_key(record.id)).revoked_at == revoked.revoked_at  # idempotent
+    # ... and announced again, so a retry heals a worker that missed the first announcement
+    for _ in range(200):
+        if f"key:{record.id}" in heard:
+            break
+        await asyncio.sleep(0.01)
+    assert f"key:{record.id}" in heard
     with pytest.raises(ConflictError):
         await registry.rotate_key(record.id, 0)
     await registry.delete_team("ml")  # only revoked keys left

@@ -407,3 +407,30 @@ async def test_a_listener_that_fails_does_not_end_the_change_feed(
     finally:
         await one.close()
         await other.close()
+
+
+async def test_a_backlog_of_expired_rows_is_swept_in_short_transactions(tmp_path: Path) -> None:
+    """After a long stop, markers and leases past their time may number millions: they go in
+    transactions of a bounded size, each well inside a call's deadline, and one process a minute
+    sweeps (the others are told it is not their turn)."""
+    path = tmp_path / "gateway.db"
+    store, other = SqliteStore(path, timeout_s=0.1), SqliteStore(path, timeout_s=0.1)
+    try:
+        await store.ping()
+        await other.ping()
+        old = int(time.time() * 1000) - 8 * 86_400_000
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            db.executemany("INSERT INTO ledger_batches VALUES (?, ?)", ((f"{n:024x}", old) for n in range(600_000)))
+            db.executemany("INSERT INTO settled VALUES (?, ?)", ((f"s{n}", old) for n in range(50_000)))
+            db.executemany("INSERT INTO leases VALUES ('c', ?, ?, 1)", ((f"m{n}", old) for n in range(50_000)))
+            db.execute("INSERT INTO ledger_batches VALUES ('recent', ?)", (int(time.time() * 1000),))
+            db.commit()
+        assert await store.sweep() == 1  # one limit (the lease set) was there to look at
+        assert await other.sweep() == 0  # not its turn: one process a minute
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            left = [db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("settled", "leases")]
+            assert left == [0, 0]
+            assert db.execute("SELECT id FROM ledger_batches").fetchall() == [("recent",)]
+    finally:
+        await store.close()
+        await other.close()

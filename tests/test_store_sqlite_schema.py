@@ -19,7 +19,7 @@ from app.store.sqlite import SqliteStore
 from app.store.sqlite_schema import MIGRATIONS
 
 pytestmark = pytest.mark.anyio
-V2 = ("ALTER TABLE teams ADD COLUMN note TEXT", "CREATE TABLE extra (x INTEGER)")  # a made-up next version
+NEXT = ("ALTER TABLE teams ADD COLUMN note TEXT", "CREATE TABLE extra (x INTEGER)")  # a made-up next version
 
 
 async def a_file_of_today(path: Path) -> None:
@@ -45,7 +45,7 @@ async def test_a_file_of_an_earlier_schema_is_migrated_in_place(tmp_path: Path) 
     await a_file_of_today(path)
     assert pragma(path, "user_version") == len(MIGRATIONS)
     for _ in range(2):  # the second time it is up to date: nothing is applied again
-        sqlite_schema.connect(path, 1.0, migrations=[*MIGRATIONS, V2]).close()
+        sqlite_schema.connect(path, 1.0, migrations=[*MIGRATIONS, NEXT]).close()
         assert pragma(path, "user_version") == len(MIGRATIONS) + 1
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT name, note FROM teams").fetchall() == [("ml", None)]  # kept, with the new column
@@ -57,8 +57,8 @@ async def test_a_migration_that_fails_leaves_the_file_as_it_was(tmp_path: Path) 
     await a_file_of_today(path)
     broken = ("CREATE TABLE third (x INTEGER)", "ALTER TABLE nowhere ADD COLUMN y")
     with pytest.raises(sqlite3.OperationalError, match="nowhere"):
-        sqlite_schema.connect(path, 1.0, migrations=[*MIGRATIONS, V2, broken])
-    assert pragma(path, "user_version") == len(MIGRATIONS)  # not even V2: one transaction for all
+        sqlite_schema.connect(path, 1.0, migrations=[*MIGRATIONS, NEXT, broken])
+    assert pragma(path, "user_version") == len(MIGRATIONS)  # not even NEXT: one transaction for all
     assert not {"extra", "third"} & tables(path)
     store = SqliteStore(path)  # and today's gateway still uses it
     try:
@@ -67,18 +67,22 @@ async def test_a_migration_that_fails_leaves_the_file_as_it_was(tmp_path: Path) 
         await store.close()
 
 
-async def test_a_file_made_before_the_marker_is_ours(tmp_path: Path) -> None:
-    """Schema-1 files were made without the application id: their tables say they are ours."""
+async def test_a_file_made_before_the_marker_is_ours_and_brought_up_to_date(tmp_path: Path) -> None:
+    """Schema-1 files were made without the application id: their tables say they are ours, and
+    today's gateway migrates them (schema 2 added the sweep's turn and the expiry indexes)."""
     path = tmp_path / "gateway.db"
-    await a_file_of_today(path)
+    sqlite_schema.connect(path, 1.0, migrations=MIGRATIONS[:1]).close()
     with sqlite3.connect(path) as db:
         db.execute("PRAGMA application_id = 0")
+        db.execute("INSERT INTO teams VALUES ('ml', ?)", (TeamRecord(name="ml").model_dump_json(),))
+    assert "marks" not in tables(path)
     store = SqliteStore(path)
     try:
         assert (await store.get_team("ml")) is not None
+        assert await store.sweep() == 0  # the marks table is there: the sweep takes its turn
     finally:
         await store.close()
-    sqlite_schema.connect(path, 1.0, migrations=[*MIGRATIONS, V2]).close()
+    assert pragma(path, "user_version") == len(MIGRATIONS) and "marks" in tables(path)
     assert pragma(path, "application_id") == sqlite_schema.APPLICATION_ID  # marked once migrated
 
 

@@ -121,6 +121,7 @@ class KeyAuthenticator:
         self._miss_ttl = miss_ttl_s
         self._cache: dict[str, _Entry] = {}
         self._pending: dict[str, asyncio.Future[_Entry]] = {}
+        self._changes = 0  # changes heard: a record read before one may be stale, so is not kept
         self.last_used: dict[str, float] = {}  # key id -> unix time, flushed to the store in batches
         store.on_change(self.invalidate)
 
@@ -150,6 +151,7 @@ class KeyAuthenticator:
         return principal
 
     def invalidate(self, change: str) -> None:
+        self._changes += 1
         kind, _, name = change.partition(":")
         if kind == "key":
             self._cache.pop(name, None)
@@ -170,6 +172,7 @@ class KeyAuthenticator:
         return await asyncio.shield(pending)
 
     async def _load(self, key_id: str, stale: _Entry | None) -> _Entry:
+        changes = self._changes
         try:
             record = await self._store.get_key(key_id)
             team = await self._store.get_team(record.team) if record else None
@@ -184,7 +187,8 @@ class KeyAuthenticator:
             principal = Principal(key_id, record.name, policy, tuple(record.models), record)
         expires = record.expires_at.timestamp() if record is not None and record.expires_at is not None else None
         entry = _Entry(time.monotonic(), record, principal, expires)
-        self._cache[key_id] = entry
+        if self._changes == changes:  # else a change (a revocation) may have landed between the reads
+            self._cache[key_id] = entry
         return entry
 
     def take_last_used(self) -> dict[str, float]:

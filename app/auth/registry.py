@@ -106,7 +106,8 @@ class Registry:
 
     async def revoke_key(self, key_id: str) -> KeyRecord:
         key = _writable(await self.key(key_id))
-        if key.revoked:
+        if key.revoked:  # announced again: a revocation whose announcement was lost is healed by a retry
+            await self.store.publish(f"key:{key_id}")
             return key
         return await self.update_key(key_id, {"revoked": True, "revoked_at": now()})
 

@@ -186,8 +186,16 @@ class SqliteStore:
         return await self._read(limits.budget_spent, check.name)
 
     async def sweep(self) -> int:
-        await self._write(tables.prune)
-        return await self._write(limits.sweep)
+        """One process a minute drops what says nothing any more, in short transactions of a
+        bounded number of rows each (a backlog never holds the write lock past a deadline)."""
+        seen = await self._write(limits.sweep_turn)
+        if seen is None:
+            return 0  # another process's turn
+        now = tables.now_ms()
+        for table, key, column, cutoff in [*limits.expired(now), *tables.expired(now)]:
+            while await self._write(tables.delete_expired, table, key, column, cutoff) == tables.DELETE_CHUNK:
+                pass
+        return seen
 
     # -- the usage ledger ----------------------------------------------------------------------
     async def ledger_apply(self, batch: LedgerBatch) -> None:
@@ -267,7 +275,11 @@ def _micros(when: datetime) -> int:
 
 
 def _fail(asked: list[_Asked], exc: BaseException) -> None:
-    error = exc if isinstance(exc, StoreError) else StoreError(f"sqlite: {exc}")
+    """The batch's error to each admission: the store's (its policy applies), or a bug's, as it is
+    (a bug must not pass for an outage, which rate limits answer by letting requests in)."""
+    error = exc
+    if not isinstance(exc, StoreError):
+        log.error("admission failed on a bug, not on the store", exc_info=exc)
     for _, waiter in asked:
         if not waiter.done():
             waiter.set_exception(error)

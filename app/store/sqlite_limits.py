@@ -15,6 +15,7 @@ from app.store.sqlite_tables import now_ms, transaction
 
 CHUNK = 500  # names per IN (...): old SQLite builds take at most 999 variables a statement
 SETTLED_KEEP_MS = 10 * 60_000  # settlement batch markers: a retry comes within seconds
+SWEEP_EVERY_MS = 60_000
 
 _ADD_SPENT = """
 INSERT INTO spend (name, total, expires) VALUES (?1, ?2, ?3)
@@ -169,16 +170,29 @@ def budget_spent(db: sqlite3.Connection, name: str) -> int:
     return state.spent(name, state.now)
 
 
-def sweep(db: sqlite3.Connection) -> int:
-    """Drop what says nothing any more (idle buckets, expired leases and spends, old settlement
-    markers); returns how many limits it looked at."""
+def sweep_turn(db: sqlite3.Connection) -> int | None:
+    """Whether it is this process's turn to sweep (one process a minute over all that share the
+    file, as on Redis): then how many limits there are, else None."""
     with transaction(db):
         now = now_ms()
+        turn = db.execute(
+            "INSERT INTO marks VALUES ('sweep', ?1) ON CONFLICT (name) DO UPDATE SET at = ?1 WHERE at <= ?2",
+            (now, now - SWEEP_EVERY_MS),
+        ).rowcount
+        if not turn:
+            return None
         seen: int = db.execute(
             "SELECT (SELECT count(*) FROM buckets) + (SELECT count(DISTINCT name) FROM leases)"
         ).fetchone()[0]
-        db.execute("DELETE FROM buckets WHERE stamp <= ?", (now - windows.IDLE_MS,))
-        db.execute("DELETE FROM leases WHERE expiry <= ?", (now,))
-        db.execute("DELETE FROM spend WHERE expires <= ?", (now,))
-        db.execute("DELETE FROM settled WHERE at <= ?", (now - SETTLED_KEEP_MS,))
     return seen
+
+
+def expired(now: int) -> list[tuple[str, str, str, int]]:
+    """What the limits keep no longer (idle buckets, expired leases and spends, old settlement
+    markers): (table, key, column, cutoff)."""
+    return [
+        ("buckets", "name", "stamp", now - windows.IDLE_MS),
+        ("leases", "name, member", "expiry", now),
+        ("spend", "name", "expires", now),
+        ("settled", "batch", "at", now - SETTLED_KEEP_MS),
+    ]

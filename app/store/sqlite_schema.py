@@ -55,7 +55,14 @@ def _statements(script: str) -> tuple[str, ...]:
 # MIGRATIONS[n] takes a file from schema version n to n + 1 (its statements, in order). Append
 # only: a file at version n gets MIGRATIONS[n:] in one transaction, so an upgrade is all or nothing.
 Migration = Sequence[str]
-MIGRATIONS: tuple[Migration, ...] = (_statements(_V1),)
+# v2: whose turn it is to sweep (one process a minute), and leases found by expiry alone.
+_V2 = """
+CREATE TABLE marks (name TEXT PRIMARY KEY, at INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX leases_by_age ON leases (expiry);
+CREATE INDEX spend_by_age ON spend (expires);
+CREATE INDEX buckets_by_age ON buckets (stamp)
+"""
+MIGRATIONS: tuple[Migration, ...] = (_statements(_V1), _statements(_V2))
 
 
 class SchemaError(sqlite3.DatabaseError):

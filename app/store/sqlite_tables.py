@@ -12,7 +12,11 @@ from collections.abc import Iterator
 from app.store.base import LedgerBatch
 
 CHANGES_KEEP_MS = 60_000  # change rows older than this are pruned
-LEDGER_BATCHES_KEEP_MS = 7 * 86_400_000  # as long as the Redis store keeps them
+# A ledger batch is sent again within a second of a try whose answer was lost, or when the store
+# is back from an outage; a day covers both. (Under steady traffic a process writes ~4 a second:
+# a week of markers, as Redis keeps, would be ~200 MB per process.)
+LEDGER_BATCHES_KEEP_MS = 86_400_000
+DELETE_CHUNK = 2000  # rows per pruning transaction: ~7 ms, well inside a call's deadline
 
 
 def now_ms() -> int:
@@ -149,9 +153,21 @@ def changes_after(db: sqlite3.Connection, seq: int) -> list[tuple[int, str, str]
     return rows
 
 
-def prune(db: sqlite3.Connection) -> None:
-    """Forget ledger batch ids and changes kept long enough."""
+def delete_expired(db: sqlite3.Connection, table: str, key: str, column: str, cutoff: int) -> int:
+    """Delete up to DELETE_CHUNK rows of `table` whose `column` is at most `cutoff`, in one short
+    transaction (a backlog of millions after a long stop goes in many, never past a deadline);
+    returns how many went."""
     with transaction(db):
-        now = now_ms()
-        db.execute("DELETE FROM ledger_batches WHERE at <= ?", (now - LEDGER_BATCHES_KEEP_MS,))
-        db.execute("DELETE FROM changes WHERE at <= ?", (now - CHANGES_KEEP_MS,))
+        deleted: int = db.execute(
+            f"DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table} WHERE {column} <= ? LIMIT ?)",
+            (cutoff, DELETE_CHUNK),
+        ).rowcount
+    return deleted
+
+
+def expired(now: int) -> list[tuple[str, str, str, int]]:
+    """What the records, the ledger and the change feed keep no longer: (table, key, column, cutoff)."""
+    return [
+        ("ledger_batches", "id", "at", now - LEDGER_BATCHES_KEEP_MS),
+        ("changes", "seq", "at", now - CHANGES_KEEP_MS),
+    ]

@@ -82,6 +82,8 @@ class DbThread:
             if self._db is not None and self._db.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     self._db.rollback()
+                if self._db.in_transaction:  # never let the next call's statements commit half a job
+                    self._close_db()
             if time.monotonic() >= call.deadline:
                 raise call.late_error(str(exc)) from exc
             raise StoreError(f"sqlite {self.path}: {exc}") from exc
