@@ -328,17 +328,20 @@ def test_the_default_store_is_a_file_in_the_data_directory(tmp_path: Path) -> No
     user's `serve` cannot open): it says the file is created at first start, and `serve` does."""
     result = run_gateway(tmp_path, "check")  # GATEWAY_STORE and GATEWAY_DATA_DIR unset
     assert result.returncode == 0, result.stderr
-    assert "store sqlite data/gateway.db (created at first start)," in result.stdout  # the file, named
+    db = tmp_path / "data" / "gateway.db"
+    assert f"store sqlite {db} (created at first start)," in result.stdout  # the file, by its absolute path
     assert not (tmp_path / "data").exists()
     port = free_port()
     env = {**clean_env(), "GATEWAY_ADMIN_KEY": STRONG_ADMIN, "OPENROUTER_API_KEY": OPENROUTER}
-    process = subprocess.Popen(
-        [str(GATEWAY), "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(GATEWAY), "serve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=out,
+        )
     try:
 
         def ready() -> bool:
@@ -352,9 +355,12 @@ def test_the_default_store_is_a_file_in_the_data_directory(tmp_path: Path) -> No
     finally:
         process.terminate()
         process.wait(timeout=30)
-    assert (tmp_path / "data" / "gateway.db").is_file()  # `data` in the working directory
+    assert db.is_file()  # `data` in the working directory
+    said = log.read_text()  # where it listens, which store, and that the store is new and empty
+    assert f"listening on http://127.0.0.1:{port}; store sqlite {db}" in said
+    assert f"store: {db} did not exist: starting with a new, empty store" in said
     again = run_gateway(tmp_path, "check")  # the file exists now: opened, and named as it is
-    assert again.returncode == 0 and "store sqlite data/gateway.db, " in again.stdout, again.stderr
+    assert again.returncode == 0 and f"store sqlite {db}, " in again.stdout, again.stderr
 
 
 def test_check_creates_no_data_directory_however_deep(tmp_path: Path) -> None:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import subprocess
 import sys
 import uuid
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,14 @@ def test_keys_of_the_same_name_in_two_teams_are_reported_apart(keyed: GatewaySer
         assert list(table[0])[:3] == ["team", "key", "key_id"]
         mine = {(r["team"], r["key"], r["key_id"]): r["requests"] for r in table if r["team"] in (ml, ops)}
         assert mine == {(ml, "alice", keys[ml]["id"]): "1", (ops, "alice", keys[ops]["id"]): "2"}
+        costs = [r["cost_usd"] for r in table]  # plain decimals a spreadsheet reads, never 7.56e-05
+        assert all(re.fullmatch(r"\d+\.\d+", cost) for cost in costs), costs
+        json_costs = {r["key_id"]: r["cost_usd"] for r in rows()}
+        assert all(
+            Decimal(r["cost_usd"]) == Decimal(repr(json_costs[r["key_id"]]))
+            for r in table[:-1]
+            if r["team"] in (ml, ops)
+        )
 
     env = {**os.environ, "GATEWAY_ADMIN_KEY": ADMIN_KEY, "GATEWAY_URL": keyed.url}
     result = subprocess.run(

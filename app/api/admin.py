@@ -6,6 +6,7 @@ import csv
 import hmac
 import io
 from datetime import UTC, date, datetime
+from decimal import Decimal
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Security
@@ -260,7 +261,12 @@ def _csv(columns: list[str], data: list[dict[str, Any]], total: dict[str, Any]) 
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow([*columns, *measures])
     for row in data:
-        writer.writerow([row.get(c) or "" for c in columns] + [row[m] for m in measures])
-    sums = [total[m] for m in measures]
+        writer.writerow([row.get(c) or "" for c in columns] + [_plain(row[m]) for m in measures])
+    sums = [_plain(total[m]) for m in measures]
     writer.writerow(["total", *[""] * (len(columns) - 1), *sums] if columns else sums)
     return buffer.getvalue()
+
+
+def _plain(value: Any) -> Any:
+    """A cost as a spreadsheet reads it: 0.0000756, never 7.56e-05."""
+    return format(Decimal(repr(value)), "f") if isinstance(value, float) else value

@@ -301,7 +301,8 @@ def _run(handler: Any, args: argparse.Namespace) -> int:
         # A new secret alone on stdout, so `KEY=$(gateway keys create …)` holds it; the rest is for the eye.
         print(record({k: v for k, v in result.items() if k != "key"}) + "\n", file=sys.stderr)
         print(result["key"], flush=True)
-        print("(the key above is shown once: store it now; the gateway keeps only its hash)", file=sys.stderr)
+        where = "above" if sys.stdout.isatty() else "on standard output"
+        print(f"(the key {where} is shown once: store it now; the gateway keeps only its hash)", file=sys.stderr)
     else:
         print(record(result))
     return 0

@@ -202,7 +202,7 @@ def _check(args: argparse.Namespace) -> int:
     source = f"no file: {missing}, defaults and environment only" if missing else settings.config_file or "no file"
     print(
         f"config OK ({source}): upstream {settings.upstream.base_url}, "
-        f"store {_store_label(settings)}, "
+        f"store {store_label(settings)}, "
         f"{_count(settings.teams, 'team')}, {_count(settings.keys, 'key')}, "
         f"{_count(settings.models.aliases, 'alias', 'aliases')}, "
         f"{_count(settings.models.per_model, 'per-model setting')}"
@@ -210,14 +210,16 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store_label(settings: Settings) -> str:
-    """Which store, without a URL's password: `sqlite data/gateway.db`, `redis`, `memory`."""
+def store_label(settings: Settings) -> str:
+    """Which store, without a URL's password: `sqlite /abs/data/gateway.db`, `redis`, `memory`.
+    The file's absolute path: `data_dir` is relative to the working directory, and a gateway
+    started elsewhere opens another (new, empty) store."""
     from app.store import sqlite_path
 
     path = sqlite_path(settings)
     if path is None:
         return settings.store.split("://", 1)[0]
-    return f"sqlite {path}" + (" (created at first start)" if not path.exists() else "")
+    return f"sqlite {path.absolute()}" + (" (created at first start)" if not path.exists() else "")
 
 
 def _count(things: Sized, one: str, many: str = "") -> str:

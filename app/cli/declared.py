@@ -59,7 +59,8 @@ def _generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         print(
-            "The key above is shown once and stored nowhere (the file holds its hash): hand it over now.",
+            f"The key {'above' if sys.stdout.isatty() else 'on standard output'} is shown once and stored nowhere "
+            "(the file holds its hash): hand it over now.",
             file=sys.stderr,
         )
     else:

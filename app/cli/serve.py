@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import secrets
 import shutil
 import socket
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
-from app.cli.check import missing_config, problems, settings_from, store_problem, team_problems
+from app.cli.check import missing_config, problems, settings_from, store_label, store_problem, team_problems
 from app.settings import ConfigError, Settings
 
 DEMO_UPSTREAM_KEY = "sk-or-simulated-demo-key"
@@ -62,6 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
             "aliases, declared teams or declared keys; name the file with --config FILE or GATEWAY_CONFIG",
             file=sys.stderr,
         )
+    fresh = _new_store_file(settings)  # before the checks below open (and so create) it
     if found := _start_problems(settings, args.demo):
         for problem in found:
             print(f"problem: {problem}", file=sys.stderr)
@@ -75,7 +78,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"problem: {exc}", file=sys.stderr)
         return 2
     settings = settings.model_copy(update={"port": sockets[0].getsockname()[1]})  # port 0: the one given
-    return _run(args, settings, sockets)
+    return _run(args, settings, sockets, fresh)
 
 
 def _start_problems(settings: Settings, demo: bool) -> list[str]:
@@ -87,12 +90,13 @@ def _start_problems(settings: Settings, demo: bool) -> list[str]:
     return found or team_problems(settings, store_answers=True)
 
 
-def _run(args: argparse.Namespace, settings: Settings, sockets: list[socket.socket]) -> int:
+def _run(args: argparse.Namespace, settings: Settings, sockets: list[socket.socket], fresh: Path | None) -> int:
     from app import server
     from app.logs import configure_logging
     from app.main import create_admin_app, create_app
 
     configure_logging(settings)
+    _announce(settings, sockets, fresh)
     simulator = None
     if args.demo:
         from app.simulator import SimulatorThread
@@ -117,6 +121,35 @@ def _run(args: argparse.Namespace, settings: Settings, sockets: list[socket.sock
         if simulator is not None:
             simulator.stop()
     return 0 if started else 2  # not started: its start was refused, and said why
+
+
+def _announce(settings: Settings, sockets: list[socket.socket], fresh: Path | None) -> None:
+    """One line saying where the gateway listens and which store it uses; a warning when that
+    store is a new, empty file (started from another directory, `data_dir` points elsewhere)."""
+    log = logging.getLogger("gateway")
+    urls = [f"http://{_shown_host(sock)}:{sock.getsockname()[1]}" for sock in sockets]
+    store = store_label(settings).replace(" (created at first start)", "")
+    admin = f", admin API on {urls[1]}" if len(urls) > 1 else ""
+    log.info(f"listening on {urls[0]}{admin}; store {store}", extra={"url": urls[0], "store": store})
+    if fresh is not None:
+        log.warning(
+            f"store: {fresh} did not exist: starting with a new, empty store (no teams, keys or usage). If "
+            "this gateway kept data before, it was elsewhere: set GATEWAY_DATA_DIR, or run from the directory "
+            "it ran from"
+        )
+
+
+def _new_store_file(settings: Settings) -> Path | None:
+    """The SQLite store's file (absolute) if it does not exist yet."""
+    from app.store import sqlite_path
+
+    path = sqlite_path(settings)
+    return path.absolute() if path is not None and not path.exists() else None
+
+
+def _shown_host(sock: socket.socket) -> str:
+    host = str(sock.getsockname()[0])
+    return f"[{host}]" if ":" in host else host
 
 
 def _fresh_metrics_dir() -> None:
