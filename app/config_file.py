@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import types
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, Union, get_args, get_origin
 
@@ -55,6 +55,15 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+class RepeatedKeysError(ConfigError):
+    """Keys given twice in the file (and any other problem found while reading it); `data` is the
+    file as YAML reads it, the last of each repeated key kept, secrets left out, to be checked too."""
+
+    def __init__(self, problems: list[str], data: dict[str, Any]) -> None:
+        super().__init__(problems)
+        self.data = data
+
+
 def read_yaml(path: str, required: bool) -> dict[str, Any]:
     """The YAML config as a dict (see `parse_config`)."""
     file = Path(path)
@@ -68,7 +77,7 @@ def read_yaml(path: str, required: bool) -> dict[str, Any]:
 def parse_config(text: str, path: str) -> dict[str, Any]:
     """The config file's text as a dict; refuses secrets in it, anything but a mapping, and a
     key given twice in one mapping, at every level (YAML keeps only the last, so the first
-    would vanish without a word)."""
+    would vanish without a word): then `RepeatedKeysError`, with the file as YAML reads it."""
     loader = _StrictLoader(text)
     try:
         data = loader.get_single_data() or {}
@@ -76,15 +85,15 @@ def parse_config(text: str, path: str) -> dict[str, Any]:
         raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
     finally:
         loader.dispose()
-    if loader.repeats:
-        raise ConfigError([f"{path}:{line}: {what}" for line, what in sorted(loader.repeats)])
+    problems = [f"{path}:{line}: {what}" for line, what in sorted(loader.repeats)]
     if not isinstance(data, dict):
-        raise ConfigError([f"{path}: the top level must be a mapping"])
-    problems = [
-        f"{secret.name}: secrets are read from the environment only, remove it from the file"
-        for secret in SECRETS
-        if _dig(data, secret.path) is not None
-    ]
+        raise ConfigError([*problems, f"{path}: the top level must be a mapping"])
+    for secret in SECRETS:
+        if _dig(data, secret.path) is not None:
+            problems.append(f"{secret.name}: secrets are read from the environment only, remove it from the file")
+            _drop(data, secret.path)
+    if loader.repeats:
+        raise RepeatedKeysError(problems, data)
     if problems:
         raise ConfigError(problems)
     return data
@@ -123,6 +132,13 @@ def _dig(data: Any, parts: tuple[str, ...]) -> Any:
     return data
 
 
+def _drop(data: dict[str, Any], parts: tuple[str, ...]) -> None:
+    *outer, last = parts
+    section = _dig(data, tuple(outer))
+    if isinstance(section, dict):
+        section.pop(last, None)
+
+
 # What a pydantic error type means, in our words; `{…}` are filled from the error's context.
 _MEANINGS = {
     "missing": "required, and not given",
@@ -153,14 +169,18 @@ _MEANINGS = {
 }
 
 
-def describe(exc: ValidationError, root: type[BaseModel]) -> list[str]:
-    """Each of pydantic's errors as `path: what is wrong`, in our words rather than pydantic's."""
-    return [_describe(err, root) for err in exc.errors()]
+def describe(exc: ValidationError, root: type[BaseModel], origins: Mapping[str, str] | None = None) -> list[str]:
+    """Each of pydantic's errors as `path: what is wrong`, in our words rather than pydantic's. A
+    secret's path also names the variable its value came from (`origins`, by the secret's name):
+    `upstream.api_key (OPENROUTER_API_KEY): ...`."""
+    return [_describe(err, root, origins or {}) for err in exc.errors()]
 
 
-def _describe(err: ErrorDetails, root: type[BaseModel]) -> str:
+def _describe(err: ErrorDetails, root: type[BaseModel], origins: Mapping[str, str]) -> str:
     loc = err["loc"]
     where = ".".join(str(part) for part in loc)
+    if where in origins:
+        where += f" ({origins[where]})"
     ctx = {k: f"{v:g}" if isinstance(v, float) else v for k, v in (err.get("ctx") or {}).items()}
     if err["type"] == "extra_forbidden":
         close = difflib.get_close_matches(str(loc[-1]), names_at(root, loc[:-1]), n=1)
@@ -182,7 +202,7 @@ def names_at(root: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
     """The setting names a section accepts (its aliases too), for "did you mean"."""
     kind: Any = root
     for part in loc:
-        kind = _model_in(kind)
+        kind = unwrap_optional(kind)
         if kind is not None and isinstance(part, str) and issubclass(kind, BaseModel):
             fields = kind.model_fields
             field = fields.get(part) or next((f for f in fields.values() if f.alias == part), None)
@@ -191,13 +211,13 @@ def names_at(root: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
             kind = get_args(kind)[-1]  # a list's item, or a dict's value
         else:
             return []
-    kind = _model_in(kind)
+    kind = unwrap_optional(kind)
     if not (isinstance(kind, type) and issubclass(kind, BaseModel)):
         return []
     return [field.alias or name for name, field in kind.model_fields.items()]
 
 
-def _model_in(kind: Any) -> Any:
+def unwrap_optional(kind: Any) -> Any:
     """`X | None` as `X`: the part of an optional setting's type that has parts."""
     if get_origin(kind) in (Union, types.UnionType):
         kinds = [k for k in get_args(kind) if k is not type(None)]

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from app.auth.records import KEY_ID, KeyFields, KeyRecord, LimitValues, Name, TeamFields, TeamRecord
-from app.config_file import SECRETS, describe, names_at, parse_config, read_yaml
+from app.config_file import SECRETS, RepeatedKeysError, Secret, describe, names_at, parse_config, read_yaml
 from app.config_file import ConfigError as ConfigError  # known to callers as the settings' error
 
 DEFAULT_CONFIG_FILE = "config/gateway.yaml"
@@ -26,7 +26,7 @@ _PLACEHOLDERS = re.compile(
 )
 _CATEGORY = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 # `<NAME>_FILE` names a file holding `<NAME>` (Docker and compose secrets); `<NAME>` wins
-_FROM_FILES = {secret.env: secret.path for secret in SECRETS} | {"GATEWAY_STORE": ("store",)}
+FROM_FILES = {secret.env: secret.path for secret in SECRETS} | {"GATEWAY_STORE": ("store",)}
 
 
 class _Section(BaseModel):
@@ -263,6 +263,17 @@ class Settings(BaseSettings):
     _check_keys = field_validator("api_key", "admin_key")(_refuse_placeholder)
     _check_metrics_key = field_validator("metrics_key")(_refuse_placeholder)
 
+    @field_validator("port", mode="before")
+    @classmethod
+    def _not_a_service_link(cls, value: Any) -> Any:
+        # Kubernetes gives every pod GATEWAY_PORT=tcp://<ip>:<port> for a service named `gateway`
+        if isinstance(value, str) and re.match(r"^(tcp|udp|sctp)://", value.strip(), re.IGNORECASE):
+            raise ValueError(
+                f"GATEWAY_PORT={value}: looks like a Kubernetes service variable (a service named gateway); "
+                "name the service otherwise or set GATEWAY_PORT=8080"
+            )
+        return value
+
     @field_validator("store")
     @classmethod
     def _store_url(cls, value: str) -> str:
@@ -333,7 +344,7 @@ class _FileSource(PydanticBaseSettingsSource):
     def __call__(self) -> dict[str, Any]:
         data: dict[str, Any] = {}
         problems = _other_files(self.settings_cls)
-        for name, parts in _FROM_FILES.items():
+        for name, parts in FROM_FILES.items():
             path = os.environ.get(f"{name}_FILE")
             if not path or os.environ.get(name):
                 continue
@@ -359,7 +370,7 @@ class _FileSource(PydanticBaseSettingsSource):
 def _other_files(settings_cls: type[BaseModel]) -> list[str]:
     """`GATEWAY_<setting>_FILE` for a real setting (nested with `__`) that is neither a secret nor
     the store. GATEWAY_CONFIG_FILE is `config_file`'s own variable, another name for GATEWAY_CONFIG."""
-    readable = {name.lower() for name in _FROM_FILES}
+    readable = {name.lower() for name in FROM_FILES}
     problems = []
     for variable in sorted(os.environ):
         name = variable.lower()  # as pydantic-settings reads the environment
@@ -374,7 +385,10 @@ def _other_files(settings_cls: type[BaseModel]) -> list[str]:
 class _YamlSource(PydanticBaseSettingsSource):
     def __init__(self, settings_cls: type[BaseSettings], path: str | None, explicit: bool) -> None:
         super().__init__(settings_cls)
-        self.data = read_yaml(path, required=explicit) if path else {}
+        try:
+            self.data = read_yaml(path, required=explicit) if path else {}
+        except RepeatedKeysError as exc:
+            raise _as_read(exc) from None
         self.data["config_file"] = path
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
@@ -391,16 +405,43 @@ def read_secret(env_name: str) -> str | None:
 
 def check_config(text: str, path: str) -> None:
     """Whether `text` is a config file the gateway loads (the environment aside)."""
-    data = parse_config(text, path)
+    try:
+        data = parse_config(text, path)
+    except RepeatedKeysError as exc:
+        raise _as_read(exc) from None
+    if problems := _file_problems(data):
+        raise ConfigError(problems)
+
+
+def _as_read(exc: RepeatedKeysError) -> ConfigError:
+    """Keys given twice, and what else is wrong with the file as YAML reads it (the last of each
+    kept, the environment aside): every problem in one run, not the repeats alone."""
+    return ConfigError(exc.problems + _file_problems(exc.data))
+
+
+def _file_problems(data: dict[str, Any]) -> list[str]:
     try:
         Settings.model_validate({**data, "config_file": None})
     except ValidationError as exc:
-        raise ConfigError(describe(exc, Settings)) from None
+        return describe(exc, Settings)
+    return []
+
+
+def secret_origin(secret: Secret) -> str | None:
+    """The variable `secret`'s value came from (`GATEWAY_ADMIN_KEY`, `GATEWAY_ADMIN_KEY_FILE`, ...),
+    or None when it came from no variable."""
+    own = "GATEWAY_" + "__".join(secret.path).upper()  # upstream.api_key: GATEWAY_UPSTREAM__API_KEY outranks
+    for name in dict.fromkeys((own, secret.env)):
+        if os.environ.get(name):
+            return name
+    return f"{secret.env}_FILE" if os.environ.get(f"{secret.env}_FILE") else None
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Build Settings, turning validation failures into a `ConfigError` naming each path."""
+    """Build Settings, turning validation failures into a `ConfigError` naming each path (and,
+    for a secret, the variable it came from)."""
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        raise ConfigError(describe(exc, Settings)) from None
+        origins = {secret.name: origin for secret in SECRETS if (origin := secret_origin(secret))}
+        raise ConfigError(describe(exc, Settings, origins)) from None

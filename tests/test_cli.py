@@ -3,16 +3,21 @@ simulator on its own port, with `GET /generation` answering after its brief 404.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 
+from app.auth.records import KeyFields, TeamFields
+from app.auth.registry import Registry
 from app.simulator import SimulatorThread
+from app.store.sqlite import SqliteStore
 from tests.support import UPSTREAM_KEY, wait_until
 from tests.test_demo import free_port
 
@@ -184,7 +189,10 @@ OPENROUTER = "sk-or-v1-0123456789"
             "admin_key: GATEWAY_ADMIN_KEY has 22 characters; use at least 32",
         ),
         ({"GATEWAY_ADMIN_KEY": "a" * 40}, "admin_key: GATEWAY_ADMIN_KEY repeats a few characters"),
-        ({"GATEWAY_ADMIN_KEY": "changeme"}, "admin_key: looks like a placeholder"),
+        ({"GATEWAY_ADMIN_KEY": "changeme"}, "admin_key (GATEWAY_ADMIN_KEY): looks like a placeholder"),
+        # the bootstrap key has no team and no limits: as hard to guess as the admin key
+        ({"GATEWAY_API_KEY": "sk-gw-short-bootstrap"}, "api_key: GATEWAY_API_KEY has 21 characters; use at least 32"),
+        ({"GATEWAY_API_KEY": "ab" * 20}, "api_key: GATEWAY_API_KEY repeats a few characters"),
         ({"GATEWAY_API_KEY": STRONG_ADMIN}, "api_key: GATEWAY_API_KEY equals GATEWAY_ADMIN_KEY"),
         ({"GATEWAY_API_KEY": OPENROUTER}, "api_key: GATEWAY_API_KEY equals OPENROUTER_API_KEY"),
         (
@@ -227,8 +235,122 @@ def test_check_counts_what_it_loaded_and_warns_about_memory(tmp_path: Path) -> N
     )
     result = run_gateway(tmp_path, "check", "--config", "gateway.yaml", GATEWAY_STORE="memory")
     assert result.returncode == 0, result.stderr
-    assert "2 teams, 1 key, 1 alias," in result.stdout
+    assert "2 declared teams, 1 declared key, 1 alias," in result.stdout
     assert "warning: store: memory" in result.stderr and "a restart loses them" in result.stderr
+
+
+def test_check_says_what_the_store_holds_and_counts_its_keys_as_a_way_in(tmp_path: Path) -> None:
+    """Keys made through the admin API live in the store: with no admin, bootstrap or declared
+    key, an active one there lets clients in, so `check` and `serve` accept it; a revoked or
+    expired one does not. `check` says what it counted where."""
+
+    async def fill() -> str:
+        store = SqliteStore(tmp_path / "data" / "gateway.db")
+        try:
+            registry = Registry(store)
+            for team in ("ml", "ops"):
+                await registry.create_team(team, TeamFields())
+            alice, _ = await registry.create_key("alice", "ml", KeyFields())
+            bob, _ = await registry.create_key("bob", "ml", KeyFields())
+            await registry.revoke_key(bob.id)
+            carol, _ = await registry.create_key("carol", "ops", KeyFields())
+            past = datetime.now(UTC) - timedelta(days=1)
+            await store.update_key(carol.model_copy(update={"expires_at": past}), old_name="carol")
+            return alice.id
+        finally:
+            await store.close()
+
+    alice = asyncio.run(fill())
+    no_admin = {"GATEWAY_ADMIN_KEY": ""}  # empty: unset
+    checked = run_gateway(tmp_path, "check", **no_admin)
+    assert checked.returncode == 0, checked.stderr
+    assert "0 declared teams, 0 declared keys, 0 aliases" in checked.stdout
+    assert "; store holds 2 teams, 3 keys (1 active)" in checked.stdout
+    log = serve_until_ready(tmp_path, **no_admin)
+    assert "no client could get in" not in log
+
+    async def revoke() -> None:
+        store = SqliteStore(tmp_path / "data" / "gateway.db")
+        try:
+            await Registry(store).revoke_key(alice)
+        finally:
+            await store.close()
+
+    asyncio.run(revoke())
+    refused = run_gateway(tmp_path, "check", **no_admin)
+    assert refused.returncode == 1 and "problem: admin_key: no client could get in" in refused.stderr
+
+
+def serve_until_ready(tmp_path: Path, **env: str) -> str:
+    """`gateway serve` started, waited for until it answers, and stopped: what it wrote on stderr."""
+    port = free_port()
+    full = {**clean_env(), "GATEWAY_ADMIN_KEY": STRONG_ADMIN, "OPENROUTER_API_KEY": OPENROUTER, **env}
+    log = tmp_path / "serve.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            [str(GATEWAY), "serve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=tmp_path,
+            env=full,
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+        )
+    try:
+
+        def ready() -> bool:
+            assert process.poll() is None, log.read_text()
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, 30, "gateway start")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    return log.read_text()
+
+
+def test_variables_that_name_no_setting_are_warned_of(tmp_path: Path) -> None:
+    """A typo in a `GATEWAY_*` variable would be ignored without a word: `check`, and `serve`
+    before it serves, warn of each with the setting meant. Other users of the prefix are left
+    alone: the CLI's GATEWAY_URL, the config file's names, the `<NAME>_FILE` forms, and
+    Kubernetes' links to a service named `gateway`."""
+    (tmp_path / "admin_key").write_text(STRONG_ADMIN)
+    env = {
+        "GATEWAY_UPSTREAM_DEADLINE_S": "120",
+        "GATEWAY_ADMINKEY": "x",
+        "GATEWAY_URL": "http://gateway:8080",
+        "GATEWAY_CONFIG": "/dev/null",
+        "GATEWAY_CONFIG_FILE": "/dev/null",
+        "GATEWAY_ADMIN_KEY_FILE": str(tmp_path / "admin_key"),
+        "GATEWAY_SERVICE_HOST": "10.0.0.1",
+        "GATEWAY_SERVICE_PORT": "8080",
+        "GATEWAY_SERVICE_PORT_HTTP": "8080",
+        "GATEWAY_PORT_8080_TCP": "tcp://10.0.0.1:8080",
+        "GATEWAY_PORT_8080_TCP_PROTO": "tcp",
+        "GATEWAY_PORT_8080_TCP_PORT": "8080",
+        "GATEWAY_PORT_8080_TCP_ADDR": "10.0.0.1",
+    }
+    warnings = [
+        "warning: GATEWAY_ADMINKEY is not a setting; did you mean GATEWAY_ADMIN_KEY?",
+        "warning: GATEWAY_UPSTREAM_DEADLINE_S is not a setting; did you mean GATEWAY_UPSTREAM__DEADLINE_S?",
+    ]
+    checked = run_gateway(tmp_path, "check", **env)
+    assert checked.returncode == 0, checked.stderr
+    assert [line for line in checked.stderr.splitlines() if line.startswith("warning:")] == warnings
+    assert serve_until_ready(tmp_path, **env).splitlines()[:2] == warnings
+
+
+def test_kubernetes_port_variable_is_named_as_such(tmp_path: Path) -> None:
+    """Kubernetes sets GATEWAY_PORT=tcp://<ip>:<port> in every pod when a service is named
+    `gateway`: the problem names that cause, not a failed whole-number parse."""
+    checked = run_gateway(tmp_path, "check", GATEWAY_PORT="tcp://10.0.0.1:8080")
+    assert checked.returncode == 1
+    assert (
+        "problem: port: GATEWAY_PORT=tcp://10.0.0.1:8080: looks like a Kubernetes service variable "
+        "(a service named gateway); name the service otherwise or set GATEWAY_PORT=8080"
+    ) in checked.stderr
+    assert "whole number" not in checked.stderr
 
 
 def test_check_online_tries_the_openrouter_key(tmp_path: Path, simulator: SimulatorThread) -> None:
@@ -251,6 +373,25 @@ def test_check_online_tries_the_openrouter_key(tmp_path: Path, simulator: Simula
     for result in (good, refused, unreachable):
         assert UPSTREAM_KEY not in result.stdout + result.stderr and wrong not in result.stdout + result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_a_wrong_base_url_is_not_blamed_on_the_key(tmp_path: Path, simulator: SimulatorThread) -> None:
+    """`GET {base_url}/key` answering 404 means the path is wrong (here `/api/v1` left out), not
+    the key; without `--online`, an openrouter.ai URL off `/api/v1` is warned of."""
+    root = simulator.base_url.removesuffix("/api/v1")
+    lost = run_gateway(tmp_path, "check", "--online", OPENROUTER_BASE_URL=root, OPENROUTER_API_KEY=UPSTREAM_KEY)
+    assert lost.returncode == 1
+    assert (
+        f"problem: upstream.base_url: {root}/key answered 404: is the base URL right? "
+        "OpenRouter's is https://openrouter.ai/api/v1"
+    ) in lost.stderr
+    assert "refused the OpenRouter key" not in lost.stderr
+    for url in ("https://openrouter.ai/v1", "https://openrouter.ai", "https://openrouter.ai/api/v1/chat"):
+        offline = run_gateway(tmp_path, "check", OPENROUTER_BASE_URL=url)
+        assert offline.returncode == 0, offline.stderr
+        assert f"warning: upstream.base_url: {url} is on openrouter.ai, whose API is under /api/v1" in offline.stderr
+    right = run_gateway(tmp_path, "check", OPENROUTER_BASE_URL="https://openrouter.ai/api/v1/")
+    assert right.returncode == 0 and "warning" not in right.stderr, right.stderr
 
 
 def test_serve_on_a_taken_port_is_one_line_before_any_demo_key(tmp_path: Path) -> None:

@@ -72,6 +72,13 @@ def test_teams_commands(keyed: GatewayServer) -> None:
     assert missing.returncode == 1 and "404" in missing.stderr and "team_not_found" in missing.stderr
 
 
+def test_a_zero_rate_limit_is_refused(keyed: GatewayServer) -> None:
+    """0 would refuse every request: the command says how to have no limit instead."""
+    refused = run(keyed, "teams", "create", "cli-" + uuid.uuid4().hex[:8], "--rpm", "0")
+    assert refused.returncode == 1
+    assert "rpm: must be at least 1; leave it out for no limit" in refused.stderr, refused.stderr
+
+
 def test_keys_commands(keyed: GatewayServer) -> None:
     team = "cli-" + uuid.uuid4().hex[:8]
     assert run(keyed, "teams", "create", team).returncode == 0

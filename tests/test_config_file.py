@@ -100,6 +100,24 @@ def test_keys_given_twice_are_found_at_every_level(tmp_path: Path) -> None:
     ]
 
 
+def test_keys_given_twice_do_not_hide_the_other_problems(tmp_path: Path) -> None:
+    """`check` prints every problem: the repeats, and what is wrong with the file as YAML reads
+    it (the last of each kept), in one run."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text("port: 8080\nport: http\nuptream: {deadline_s: 3}\napi_key: sk-gw-in-the-file-0123456789\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config_file=str(path))
+    assert caught.value.problems == [
+        f"{path}:2: 'port' is given twice (first at line 1); YAML keeps only the last",
+        "api_key: secrets are read from the environment only, remove it from the file",
+        "port: expected a whole number, not 'http'",
+        "uptream: unknown setting; did you mean 'upstream'?",
+    ]
+    checked = gateway(tmp_path, "check", "--config", str(path))
+    assert checked.returncode == 1
+    assert [line.removeprefix("problem: ") for line in checked.stderr.splitlines()] == caught.value.problems
+
+
 def test_a_merge_key_may_be_overridden(tmp_path: Path) -> None:
     """`<<: *anchor` then a key of its own is YAML's way to override, not a repeat."""
     path = tmp_path / "gateway.yaml"
@@ -144,6 +162,34 @@ def test_check_says_did_you_mean(tmp_path: Path) -> None:
     result = gateway(tmp_path, "check", "--config", "gateway.yaml")
     assert result.returncode == 1
     assert result.stderr.splitlines()[0] == "problem: uptream: unknown setting; did you mean 'upstream'?"
+
+
+ZERO = "must be at least 1; leave it out for no limit"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("limits:\n  global: {rpm: 0}\n", f"limits.global.rpm: {ZERO}"),
+        ("limits:\n  team_defaults: {tpm: 0}\n", f"limits.team_defaults.tpm: {ZERO}"),
+        ("limits:\n  key_defaults: {max_concurrency: 0}\n", f"limits.key_defaults.max_concurrency: {ZERO}"),
+        ("teams:\n  - {name: ml, rpm: 0}\n", f"teams.0.rpm: {ZERO}"),
+        (
+            "teams: [{name: ml}]\nkeys:\n" + key_entry("ml") + "    max_concurrency: 0\n",
+            f"keys.0.max_concurrency: {ZERO}",
+        ),
+    ],
+)
+def test_a_zero_rate_limit_is_refused(tmp_path: Path, text: str, problem: str) -> None:
+    """0 requests a minute refuses every request, while many mean "no limit" by it: refused,
+    saying how to have no limit. A budget of 0 stays allowed: it is how spend is stopped."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config_file=str(path))
+    assert caught.value.problems == [problem]
+    path.write_text("limits:\n  global: {budget_usd: 0}\nteams:\n  - {name: ml, budget_usd: 0, rpm: 1}\n")
+    assert load_settings(config_file=str(path)).limits.global_.budget_usd == 0
 
 
 # -- declared keys need a team -------------------------------------------------------------------
@@ -209,7 +255,7 @@ def test_a_team_held_by_the_store_counts(tmp_path: Path, redis_server: RedisServ
     env = {"GATEWAY_STORE": redis_server.url, "GATEWAY_STORE_PREFIX": prefix}
     checked = gateway(tmp_path, "check", "--config", str(path), **env)
     assert checked.returncode == 0, checked.stderr
-    assert "1 key" in checked.stdout
+    assert "1 declared key" in checked.stdout
     path.write_text("keys:\n" + key_entry("stored") + key_entry("elsewhere", "bot"))
     checked = gateway(tmp_path, "check", "--config", str(path), **env)
     assert checked.returncode == 1

@@ -353,6 +353,31 @@ def test_team_and_key_updates(admin: httpx.Client) -> None:
     assert admin.get(f"/teams/{team}").status_code == 404
 
 
+def test_a_zero_rate_limit_is_refused(admin: httpx.Client, keyed: GatewayServer) -> None:
+    """0 would refuse every request, while many mean "no limit" by it: refused, saying how to
+    have no limit. A budget of 0 stays allowed (it stops spend). A record stored with a 0
+    before this refusal still loads and is shown."""
+    team = make_team(admin)
+    key = make_key(admin, team)
+    for method, path, body, field in [
+        ("POST", "/teams", {"name": unique("team"), "rpm": 0}, "rpm"),
+        ("PATCH", f"/teams/{team}", {"tpm": 0}, "tpm"),
+        ("POST", "/keys", {"name": unique("key"), "team": team, "max_concurrency": 0}, "max_concurrency"),
+        ("PATCH", f"/keys/{key['id']}", {"rpm": 0}, "rpm"),
+    ]:
+        response = admin.request(method, path, json=body)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["message"] == f"{field}: must be at least 1; leave it out for no limit"
+    assert admin.patch(f"/teams/{team}", json={"budget_usd": 0}).json()["budget_usd"] == 0
+    store = keyed.gateway.registry.store
+    assert keyed.loop is not None
+    stored = asyncio.run_coroutine_threadsafe(store.get_key(key["id"]), keyed.loop).result(10)
+    legacy = stored.model_copy(update={"rpm": 0})
+    asyncio.run_coroutine_threadsafe(store.update_key(legacy, old_name=stored.name), keyed.loop).result(10)
+    assert admin.get(f"/keys/{key['id']}").json()["rpm"] == 0
+    assert any(k["id"] == key["id"] for k in admin.get("/keys", params={"team": team}).json()["data"])
+
+
 @pytest.mark.parametrize(
     "raw", [b"{not json", b'{"name": "\xff"}', b"[" * 3000 + b"]" * 3000, b'{"rpm": 1' + b"0" * 5000 + b"}"]
 )

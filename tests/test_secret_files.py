@@ -76,14 +76,16 @@ def test_a_placeholder_in_a_file_is_refused_like_any_other(tmp_path: Path, monke
         monkeypatch.setenv("GATEWAY_ADMIN_KEY_FILE", str(tmp_path / "admin_key"))
         with pytest.raises(ConfigError) as caught:
             load_settings(config_file=None)
-        assert caught.value.problems == ["admin_key: looks like a placeholder, not a real secret"]
+        assert caught.value.problems == [
+            "admin_key (GATEWAY_ADMIN_KEY_FILE): looks like a placeholder, not a real secret"
+        ]
 
 
 def test_the_metrics_key_is_a_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GATEWAY_METRICS_KEY", "<your metrics key>")
     with pytest.raises(ConfigError) as caught:
         load_settings(config_file=None)
-    assert caught.value.problems == ["metrics_key: looks like a placeholder, not a real secret"]
+    assert caught.value.problems == ["metrics_key (GATEWAY_METRICS_KEY): looks like a placeholder, not a real secret"]
     monkeypatch.setenv("GATEWAY_METRICS_KEY", SECRETS["GATEWAY_METRICS_KEY"])
     assert SECRETS["GATEWAY_METRICS_KEY"] not in repr(load_settings(config_file=None))
     config = tmp_path / "gateway.yaml"

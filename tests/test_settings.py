@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from app.config_file import SECRETS, Secret
 from app.settings import ConfigError, Settings, load_settings
+from app.variables import strays
 
 GATEWAY = Path(sys.executable).with_name("gateway")
 
@@ -85,6 +87,65 @@ def test_placeholder_secrets_are_refused(value: str) -> None:
         load_settings(config_file=None, upstream={"api_key": value})
 
 
+@pytest.mark.parametrize("secret", SECRETS, ids=lambda secret: secret.env)
+def test_a_placeholder_names_the_variable_it_came_from(monkeypatch: pytest.MonkeyPatch, secret: Secret) -> None:
+    monkeypatch.setenv(secret.env, "sk-or-v1-...")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config_file=None)
+    assert caught.value.problems == [f"{secret.name} ({secret.env}): looks like a placeholder, not a real secret"]
+
+
+@pytest.mark.parametrize(
+    ("variable", "warning"),
+    [
+        ("GATEWAY_UPSTREAM_DEADLINE_S", "did you mean GATEWAY_UPSTREAM__DEADLINE_S?"),  # one _ for __
+        ("GATEWAY_ADMINKEY", "did you mean GATEWAY_ADMIN_KEY?"),
+        ("GATEWAY_LIMITS__GLOBAL_RPM", "did you mean GATEWAY_LIMITS__GLOBAL__RPM?"),  # an alias: `global`
+        ("GATEWAY_UPSTREAM__RETRIES_MAX_ATTEMPTS", "did you mean GATEWAY_UPSTREAM__RETRIES__MAX_ATTEMPTS?"),
+        ("GATEWAY_LOG_LEVLE", "did you mean GATEWAY_LOG_LEVEL?"),
+        ("gateway_hots", "did you mean GATEWAY_HOST?"),  # read whatever its case
+        ("GATEWAY_ZZZ", None),
+    ],
+)
+def test_a_variable_naming_no_setting_is_a_warning(variable: str, warning: str | None) -> None:
+    expected = f"{variable} is not a setting" + (f"; {warning}" if warning else "")
+    assert strays({variable: "1", "PATH": "/bin"}) == [expected]
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "GATEWAY_PORT",
+        "GATEWAY_UPSTREAM__DEADLINE_S",
+        "GATEWAY_UPSTREAM__RETRIES__MAX_ATTEMPTS",  # two sections deep
+        "GATEWAY_LIMITS__GLOBAL__RPM",
+        "GATEWAY_LIMITS__ON_STORE_ERROR__BUDGETS",
+        "GATEWAY_MODELS__ALIASES__FAST",  # a mapping's entries
+        "GATEWAY_MODELS__PER_MODEL__GPT4__FALLBACKS",
+        "GATEWAY_UPSTREAM",  # a whole section, as JSON
+        "GATEWAY_URL",  # the CLI's
+        "GATEWAY_CONFIG",
+        "GATEWAY_CONFIG_FILE",
+        "GATEWAY_ADMIN_KEY_FILE",
+        "GATEWAY_METRICS_KEY_FILE",
+        "GATEWAY_API_KEY_FILE",
+        "GATEWAY_STORE_FILE",
+        "GATEWAY_PORT_FILE",  # a problem of its own (only secrets come from files): not warned of twice
+        "GATEWAY_SERVICE_HOST",  # Kubernetes' links to a service named `gateway`
+        "GATEWAY_SERVICE_PORT",
+        "GATEWAY_SERVICE_PORT_HTTP",
+        "GATEWAY_PORT_8080_TCP",
+        "GATEWAY_PORT_8080_TCP_PROTO",
+        "GATEWAY_PORT_8080_TCP_PORT",
+        "GATEWAY_PORT_8080_TCP_ADDR",
+        "OPENROUTER_API_KEY",
+        "GATEWAYS",
+    ],
+)
+def test_known_variables_are_not_warned_of(variable: str) -> None:
+    assert strays({variable: "1"}) == []
+
+
 def test_shipped_example_config_is_valid() -> None:
     settings = Settings(config_file="config/gateway.yaml")
     assert settings.models.per_model["deepseek/deepseek-v3.2"].defaults == {"reasoning": {"enabled": True}}
@@ -137,7 +198,7 @@ port: http
 
 
 def test_check_passes_a_good_config_with_secrets_set(tmp_path: Path) -> None:
-    env = {"OPENROUTER_API_KEY": "sk-or-v1-0123456789abcdef", "GATEWAY_API_KEY": "sk-gw-0123456789abcdef"}
+    env = {"OPENROUTER_API_KEY": "sk-or-v1-0123456789abcdef", "GATEWAY_API_KEY": "sk-gw-bootstrap-0123456789abcdef"}
     result = run_check("--config", "config/gateway.yaml", env=env)
     assert result.returncode == 0, result.stderr
     assert "config OK" in result.stdout

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 KEY_ID = re.compile(r"^[a-z0-9]{12}$")
@@ -95,16 +96,31 @@ Count = Annotated[int, BeforeValidator(_number)]
 Amount = Annotated[float, BeforeValidator(_number)]
 
 
+_MINIMUM_1: dict[str, Any] = {"minimum": 1}
+
+
 class LimitValues(BaseModel):
     """Rate limits and a budget: for a key, a team, or everything (global)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    rpm: Count | None = Field(None, ge=0, le=10**9, description="requests per minute")
-    tpm: Count | None = Field(None, ge=0, le=10**12, description="tokens per minute")
-    max_concurrency: Count | None = Field(None, ge=0, le=10**6, description="requests in flight")
+    rpm: Count | None = Field(None, le=10**9, json_schema_extra=_MINIMUM_1, description="requests per minute")
+    tpm: Count | None = Field(None, le=10**12, json_schema_extra=_MINIMUM_1, description="tokens per minute")
+    max_concurrency: Count | None = Field(
+        None, le=10**6, json_schema_extra=_MINIMUM_1, description="requests in flight"
+    )
     budget_usd: Amount | None = Field(None, ge=0, le=10**9, description="spend allowed per budget period")
     budget_period: Period | None = Field(None, description="day | month | total (calendar, UTC)")
+
+    @field_validator("rpm", "tpm", "max_concurrency")
+    @classmethod
+    def _at_least_one(cls, value: int | None) -> int | None:
+        """0 would refuse every request, while many read it as "no limit": refused wherever a limit
+        is written. A record as stored or shown (it has a `created_at`) written before this
+        refusal still loads, and keeps blocking as it did."""
+        if value is not None and value < 1 and not (value == 0 and "created_at" in cls.model_fields):
+            raise PydanticCustomError("limit_below_one", "must be at least 1; leave it out for no limit")
+        return value
 
     @model_validator(mode="after")
     def _period_with_budget(self) -> LimitValues:

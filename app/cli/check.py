@@ -9,14 +9,17 @@ import os
 import sys
 from collections.abc import Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 from app.config_file import SECRETS
 from app.settings import ConfigError, Settings, load_settings, read_secret
 
 MIN_KEY_LENGTH = 32
-# The secrets that open something by themselves: the admin API, /metrics (all spend)
-_STRONG = ("admin_key", "metrics_key")
+# The secrets that open something by themselves: the admin API, /metrics (all spend), and the
+# bootstrap client key (no team, no limits: all of OpenRouter's models on the gateway's account)
+_STRONG = ("admin_key", "metrics_key", "api_key")
+OPENROUTER_API = "https://openrouter.ai/api/v1"
 # Why two secrets must differ, told at the one of the two to change
 _SHARED = {
     ("api_key", "admin_key"): "a client key must not open the admin API",
@@ -36,7 +39,12 @@ def add_command(commands: Any) -> None:
 
 
 def settings_from(args: argparse.Namespace, **overrides: Any) -> Settings:
-    """The settings, with what the command line overrides (`--config`, `--host`, `--port`)."""
+    """The settings, with what the command line overrides (`--config`, `--host`, `--port`). A
+    warning on stderr first for each `GATEWAY_*` variable that names no setting (a typo)."""
+    from app.variables import strays
+
+    for stray in strays(os.environ):
+        print(f"warning: {stray}", file=sys.stderr)
     if args.config:
         overrides["config_file"] = args.config
     if getattr(args, "host", None):
@@ -52,10 +60,13 @@ def problems(settings: Settings) -> list[str]:
     if settings.upstream.api_key is None:
         found.append("upstream.api_key: OPENROUTER_API_KEY is not set")
     if settings.api_key is None and settings.admin_key is None and not settings.keys:
-        found.append(
-            "admin_key: no client could get in; set GATEWAY_ADMIN_KEY (to create keys), GATEWAY_API_KEY "
-            "(a bootstrap key) or declare keys in the config file; or try `gateway serve --demo`"
-        )
+        held = store_holdings(settings)  # keys made through the admin API before are a way in
+        if not (isinstance(held, Holdings) and held.way_in):
+            found.append(
+                "admin_key: no client could get in; set GATEWAY_ADMIN_KEY (to create keys), GATEWAY_API_KEY "
+                "(a bootstrap key) or declare keys in the config file; or try `gateway serve --demo`"
+                + (f"; {held}" if isinstance(held, str) else "")
+            )
     found += _secret_problems(settings)
     for team in settings.teams:
         if team.upstream_key_env and read_secret(team.upstream_key_env) is None:
@@ -76,7 +87,7 @@ def _secret_problems(settings: Settings) -> list[str]:
         value = values[name]
         if value is not None and len(value) < MIN_KEY_LENGTH:
             found.append(
-                f"{name}: {env[name]} has {len(value)} characters; use at least {MIN_KEY_LENGTH}, "
+                f"{name}: {env[name]} has {_count(value, 'character')}; use at least {MIN_KEY_LENGTH}, "
                 "e.g. $(openssl rand -hex 32)"
             )
         elif value is not None and len(set(value)) < 8:
@@ -114,6 +125,41 @@ def team_problems(settings: Settings, store_answers: bool) -> list[str]:
     return asyncio.run(read())
 
 
+class Holdings(NamedTuple):
+    """What the store holds: teams, keys, the keys neither revoked nor expired, and whether one
+    of those is a way in (one not declared: a declared key goes with the file it came from)."""
+
+    teams: int
+    keys: int
+    active: int
+    way_in: bool
+
+
+def store_holdings(settings: Settings) -> Holdings | str | None:
+    """What the store holds; None when it can hold nothing yet (memory, a SQLite file not
+    created: it is not made here), or why it could not be read."""
+    if settings.store == "memory" or _unborn(settings):
+        return None
+    from app.auth.records import now
+    from app.store import open_store
+
+    async def read() -> Holdings:
+        store = open_store(settings)
+        try:
+            teams = await store.list_teams()
+            keys = await store.list_keys()
+        finally:
+            await store.close()
+        moment = now()
+        active = [k for k in keys if not k.revoked and (k.expires_at is None or k.expires_at > moment)]
+        return Holdings(len(teams), len(keys), len(active), any(not k.declared for k in active))
+
+    try:
+        return asyncio.run(asyncio.wait_for(read(), 2 * settings.store_timeout_s + 1))
+    except Exception as exc:  # any failure to read it: told as such (the store problem says more)
+        return f"the store could not be read ({type(exc).__name__}), so its keys were not counted"
+
+
 def store_problem(settings: Settings, create: bool) -> str | None:
     """Whether the store answers: keys, teams and limits live there, so a gateway cannot start
     without it (one line, not a traceback from inside the server's start-up). Without `create`,
@@ -121,8 +167,6 @@ def store_problem(settings: Settings, create: bool) -> str | None:
     where it would be checked."""
     if settings.store == "memory":
         return None
-    from urllib.parse import urlsplit
-
     from app.store import open_store, sqlite_path
 
     path = sqlite_path(settings)
@@ -174,6 +218,24 @@ def _place_problem(path: Path) -> str | None:
     return None
 
 
+def warnings(settings: Settings) -> list[str]:
+    """What may well be a mistake, though the gateway would run: `check` says it, without failing."""
+    found = []
+    if settings.store == "memory":
+        found.append(
+            "store: memory keeps teams, keys, usage and spend in this process only: a restart loses "
+            "them and workers do not share them; leave GATEWAY_STORE unset (SQLite) or use Redis"
+        )
+    url = urlsplit(settings.upstream.base_url)
+    host = (url.hostname or "").lower()
+    if (host == "openrouter.ai" or host.endswith(".openrouter.ai")) and url.path.rstrip("/") != "/api/v1":
+        found.append(
+            f"upstream.base_url: {settings.upstream.base_url} is on openrouter.ai, whose API is under /api/v1: "
+            f"OpenRouter's is {OPENROUTER_API}"
+        )
+    return found
+
+
 def _check(args: argparse.Namespace) -> int:
     try:
         settings = settings_from(args)
@@ -190,22 +252,24 @@ def _check(args: argparse.Namespace) -> int:
             print(report)
     for problem in found:
         print(f"problem: {problem}", file=sys.stderr)
-    if settings.store == "memory":
-        print(
-            "warning: store: memory keeps teams, keys, usage and spend in this process only: a restart loses "
-            "them and workers do not share them; leave GATEWAY_STORE unset (SQLite) or use Redis",
-            file=sys.stderr,
-        )
+    for warning in warnings(settings):
+        print(f"warning: {warning}", file=sys.stderr)
     if found:
         return 1
     missing = missing_config(settings)
     source = f"no file: {missing}, defaults and environment only" if missing else settings.config_file or "no file"
+    held = store_holdings(settings)
     print(
         f"config OK ({source}): upstream {settings.upstream.base_url}, "
         f"store {store_label(settings)}, "
-        f"{_count(settings.teams, 'team')}, {_count(settings.keys, 'key')}, "
+        f"{_count(settings.teams, 'declared team')}, {_count(settings.keys, 'declared key')}, "
         f"{_count(settings.models.aliases, 'alias', 'aliases')}, "
         f"{_count(settings.models.per_model, 'per-model setting')}"
+        + (
+            f"; store holds {_count(held.teams, 'team')}, {_count(held.keys, 'key')} ({held.active} active)"
+            if isinstance(held, Holdings)
+            else ""
+        )
     )
     return 0
 
@@ -222,8 +286,9 @@ def store_label(settings: Settings) -> str:
     return f"sqlite {path.absolute()}" + (" (created at first start)" if not path.exists() else "")
 
 
-def _count(things: Sized, one: str, many: str = "") -> str:
-    return f"{len(things)} {one if len(things) == 1 else many or one + 's'}"
+def _count(things: Sized | int, one: str, many: str = "") -> str:
+    count = things if isinstance(things, int) else len(things)
+    return f"{count} {one if count == 1 else many or one + 's'}"
 
 
 def missing_config(settings: Settings) -> str | None:
@@ -253,6 +318,8 @@ def _try_upstream_key(settings: Settings, key: str) -> tuple[str | None, str | N
         status, body = asyncio.run(ask())
     except UpstreamError as exc:
         return f"upstream.base_url: {where}: {exc.message}", None
+    if status == 404:  # the path is wrong, not the key: OpenRouter answers an unknown key with 401
+        return f"upstream.base_url: {where} answered 404: is the base URL right? OpenRouter's is {OPENROUTER_API}", None
     data = body.get("data") if isinstance(body, dict) else None
     if status != 200 or not isinstance(data, dict):
         error = body.get("error") if isinstance(body, dict) else None
