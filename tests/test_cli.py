@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -413,31 +414,8 @@ def test_serve_on_a_taken_port_is_one_line_before_any_demo_key(tmp_path: Path) -
 def test_serve_says_when_it_runs_without_a_config_file(tmp_path: Path) -> None:
     """Run from a directory without config/gateway.yaml, `serve` says at start that it has no
     aliases nor declared entries, and how to name the file."""
-    port = free_port()
-    env = {**clean_env(), "GATEWAY_ADMIN_KEY": STRONG_ADMIN, "OPENROUTER_API_KEY": OPENROUTER}
-    log = tmp_path / "serve.log"
-    with log.open("w") as sink:
-        process = subprocess.Popen(
-            [str(GATEWAY), "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=sink,
-        )
-    try:
-
-        def ready() -> bool:
-            assert process.poll() is None, log.read_text()
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(ready, 30, "gateway start")
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-    note = log.read_text().splitlines()[0]
+    said = serve_until_ready(tmp_path)
+    note = said.splitlines()[0]
     assert note.startswith(f"note: no config file (config/gateway.yaml not found in {tmp_path})"), note
     assert "no model aliases, declared teams or declared keys" in note and "GATEWAY_CONFIG" in note
 
@@ -472,36 +450,14 @@ def test_the_default_store_is_a_file_in_the_data_directory(tmp_path: Path) -> No
     db = tmp_path / "data" / "gateway.db"
     assert f"store sqlite {db} (created at first start)," in result.stdout  # the file, by its absolute path
     assert not (tmp_path / "data").exists()
-    port = free_port()
-    env = {**clean_env(), "GATEWAY_ADMIN_KEY": STRONG_ADMIN, "OPENROUTER_API_KEY": OPENROUTER}
-    log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [str(GATEWAY), "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=out,
-        )
-    try:
-
-        def ready() -> bool:
-            assert process.poll() is None, "serve exited"
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(ready, 30, "gateway start")
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    said = serve_until_ready(tmp_path)
     assert db.is_file()  # `data` in the working directory
-    said = log.read_text()  # where it listens, which store, and that the store is new and empty
-    assert f"listening on http://127.0.0.1:{port}; store sqlite {db}" in said
+    # where it listens, which store, and that the store is new and empty
+    assert re.search(rf"listening on http://127\.0\.0\.1:\d+; store sqlite {re.escape(str(db))}", said), said
     assert f"store: {db} did not exist: starting with a new, empty store" in said
     again = run_gateway(tmp_path, "check")  # the file exists now: opened, and named as it is
     assert again.returncode == 0 and f"store sqlite {db}, " in again.stdout, again.stderr
+    assert "did not exist" not in serve_until_ready(tmp_path)  # the store it kept: no warning
 
 
 def test_check_creates_no_data_directory_however_deep(tmp_path: Path) -> None:
