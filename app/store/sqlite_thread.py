@@ -1,6 +1,9 @@
 """One sqlite3 connection on a thread of its own (sqlite3 blocks; the event loop must not), and
-the deadline each call to it gets: past it the caller hears a `StoreError`, a call still queued
-is not run, and a running one stops (its wait for a lock included) and rolls back."""
+the deadline each call to it gets: past it the caller hears a `StoreError` at once, a call still
+queued is not run, and a running one stops at its next statement step or lock wait and rolls
+back. (Between statements the thread needs the GIL back from the event loop: under a busy loop
+that can take a switch interval, 5 ms, per statement, so a running call may end later than its
+deadline; its caller has heard by then, and what it committed is handed to `late`.)"""
 
 from __future__ import annotations
 
