@@ -4,6 +4,7 @@ every worker and replica can drop what it cached."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,6 +23,14 @@ class LedgerBatch:
     id: str
     increments: list[tuple[str, str, str, int]]  # (day YYYYMMDD, "team|key_id|model", measure, delta)
     key_names: dict[str, str] = field(default_factory=dict)
+
+
+async def notify(listeners: list[ChangeListener], change: str) -> None:
+    """Tell this process's listeners (its caches) that `change` is stale; every store's one way."""
+    for listener in listeners:
+        result = listener(change)
+        if inspect.isawaitable(result):
+            await result
 
 
 class StoreError(Exception):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from datetime import datetime
 
 from app.auth.records import KeyRecord, TeamRecord
 from app.limits.checks import Check, Reserve, Settlement, Verdict
 from app.limits.windows import MemoryLimits
-from app.store.base import ChangeListener, LedgerBatch
+from app.store.base import ChangeListener, LedgerBatch, notify
 
 
 class MemoryStore:
@@ -138,10 +137,7 @@ class MemoryStore:
         return {d: dict(self._ledger[d]) for d in days if d in self._ledger}, dict(self._key_names)
 
     async def publish(self, change: str) -> None:
-        for listener in self._listeners:
-            result = listener(change)
-            if inspect.isawaitable(result):
-                await result
+        await notify(self._listeners, change)
 
     def on_change(self, listener: ChangeListener) -> None:
         self._listeners.append(listener)

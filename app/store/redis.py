@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import secrets
 from collections.abc import Iterator, Sequence
@@ -23,7 +22,7 @@ from redis.exceptions import RedisError
 from app.auth.records import KeyRecord, TeamRecord
 from app.limits.checks import WINDOW_MS, Check, Reserve, Settlement, Verdict
 from app.store import lua, resp
-from app.store.base import ChangeListener, LedgerBatch, StoreError
+from app.store.base import ChangeListener, LedgerBatch, StoreError, notify
 
 log = logging.getLogger(__name__)
 SWEEP_EVERY_MS = 60_000
@@ -524,18 +523,12 @@ class RedisStore:
     # -- changes ---------------------------------------------------------------------------
     async def publish(self, change: str) -> None:
         await self._do(self.redis.publish(self.channel, change))
-        await self._notify(change)  # this replica too, without waiting for the round trip
+        await notify(self._listeners, change)  # this replica too, without waiting for the round trip
 
     def on_change(self, listener: ChangeListener) -> None:
         self._listeners.append(listener)
         if self._listener_task is None:
             self._listener_task = asyncio.ensure_future(self._listen())
-
-    async def _notify(self, change: str) -> None:
-        for listener in self._listeners:
-            result = listener(change)
-            if inspect.isawaitable(result):
-                await result
 
     async def _listen(self) -> None:
         """Follow the change channel for as long as the store is open, reconnecting as needed."""
@@ -547,11 +540,11 @@ class RedisStore:
                 if lost:
                     log.warning("change channel restored")
                     lost = False
-                await self._notify("*")  # anything could have changed while we were not listening
+                await notify(self._listeners, "*")  # anything could have changed while we were not listening
                 while not self._closed:
                     message = await pubsub.get_message(timeout=1.0)
                     if message and message.get("type") == "message":
-                        await self._notify(message["data"].decode())
+                        await notify(self._listeners, message["data"].decode())
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the listener must outlive any Redis trouble

@@ -6,7 +6,6 @@ processes through a table each one reads every `POLL_S`."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import secrets
 import sqlite3
@@ -22,7 +21,7 @@ from app.limits.checks import Check, Reserve, Settlement, Verdict
 from app.store import sqlite_limits as limits
 from app.store import sqlite_schema as schema
 from app.store import sqlite_tables as tables
-from app.store.base import ChangeListener, LedgerBatch, StoreError
+from app.store.base import ChangeListener, LedgerBatch, StoreError, notify
 from app.store.sqlite_thread import DbThread
 
 log = logging.getLogger(__name__)
@@ -209,18 +208,12 @@ class SqliteStore:
         try:
             await self._write(tables.publish, self._origin, change)
         finally:  # this process at once (if the write failed, at least its own cache is fresh)
-            await self._notify(change)  # the others within POLL_S
+            await notify(self._listeners, change)  # the others within POLL_S
 
     def on_change(self, listener: ChangeListener) -> None:
         self._listeners.append(listener)
         if self._follower is None:
             self._follower = asyncio.ensure_future(self._follow())
-
-    async def _notify(self, change: str) -> None:
-        for listener in self._listeners:
-            result = listener(change)
-            if inspect.isawaitable(result):
-                await result
 
     async def _follow(self) -> None:
         """Hear the changes other processes made, for as long as the store is open. After any
@@ -232,11 +225,11 @@ class SqliteStore:
             try:
                 if cursor is None or time.monotonic() - heard > tables.CHANGES_KEEP_MS / 2000:
                     cursor = await self._read(tables.last_change)
-                    await self._notify("*")
+                    await notify(self._listeners, "*")
                 for seq, origin, change in await self._read(tables.changes_after, cursor):
                     cursor = seq
                     if origin != self._origin:
-                        await self._notify(change)
+                        await notify(self._listeners, change)
                 heard = time.monotonic()
                 if lost:
                     log.warning("change feed followed again")
