@@ -223,14 +223,17 @@ def test_a_stream_that_fails_or_is_cut_ends_with_an_error_event(
         assert blocks[-1].startswith("event: error\ndata: "), blocks[-1]
         assert json.loads(blocks[-1].split("data: ", 1)[1])["type"] == "error"
         assert "message_stop" not in answer.text
-    with sdk(gateway, key["key"], marker) as client, pytest.raises(anthropic.APIStatusError):
-        with client.messages.stream(
+    with (
+        sdk(gateway, key["key"], marker) as client,
+        pytest.raises(anthropic.APIStatusError),
+        client.messages.stream(
             model=CLAUDE,
             max_tokens=200,
-            messages=HELLO,
-            extra_body={"simulator": {"stream_error": 1}},  # type: ignore[arg-type]
-        ) as stream:
-            stream.get_final_message()
+            messages=HELLO,  # type: ignore[arg-type]
+            extra_body={"simulator": {"stream_error": 1}},
+        ) as stream,
+    ):
+        stream.get_final_message()
     wait_for_ledger(gateway, simulator, key, marker)
 
 
