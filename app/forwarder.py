@@ -14,6 +14,7 @@ import asyncio
 import math
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import orjson
 
@@ -24,8 +25,26 @@ from app.settings import UpstreamSettings
 from app.upstream.breaker import CircuitBreaker
 from app.upstream.client import OpenRouterClient, UpstreamResponse
 from app.upstream.retry import RetryBudget, backoff_s, is_retryable, retry_after_s
+from app.usage.record import Usage
 
-Outcome = UpstreamResponse | bytes  # an open stream, or a whole checked JSON body
+
+class BodyAnswer:
+    """A whole JSON answer, checked: its bytes as received, and what it says for metering."""
+
+    __slots__ = ("data_events", "model", "provider", "raw", "usage")
+
+    def __init__(self, raw: bytes, parsed: dict[str, Any], usage: Usage | None) -> None:
+        self.raw = raw
+        self.usage = usage
+        self.model = parsed["model"] if isinstance(parsed.get("model"), str) else None
+        self.provider = parsed["provider"] if isinstance(parsed.get("provider"), str) else None
+        self.data_events = 0
+
+    def billed(self) -> Usage | None:
+        return self.usage
+
+
+Outcome = UpstreamResponse | BodyAnswer  # an open stream, or a whole checked JSON body
 
 
 class Forwarder:
@@ -140,20 +159,15 @@ class Forwarder:
             raise UpstreamError(
                 "OpenRouter returned a body that is not JSON.", code="upstream_invalid_response"
             ) from None
-        usage = None
-        if isinstance(parsed, dict):
-            usage = call.endpoint.usage_of(parsed)
-            call.model_served = parsed["model"] if isinstance(parsed.get("model"), str) else call.model_served
-            call.provider = parsed["provider"] if isinstance(parsed.get("provider"), str) else call.provider
+        usage = call.endpoint.usage_of(parsed) if isinstance(parsed, dict) else None
         if usage is None:
             call.usage_unread()
-        else:  # read usage first: a 200 carrying an error may still be billed
-            call.add_usage(usage)
         error = body_error(parsed, call.endpoint.expect)
         if error is not None:
+            call.add_usage(usage)  # a 200 carrying an error may still be billed: this try's part
             raise error
         call.parsed = parsed
-        return raw
+        return BodyAnswer(raw, parsed, usage)
 
 
 def _reason(error: GatewayError) -> str:

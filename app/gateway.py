@@ -16,7 +16,7 @@ from app.auth.keys import KeyAuthenticator, Principal, hash_key
 from app.auth.registry import Registry
 from app.call import ProxyCall
 from app.catalog.models import Catalog
-from app.dialects import Dialect
+from app.dialects import Answer, Dialect
 from app.errors import (
     GatewayError,
     ModelNotAllowedError,
@@ -251,8 +251,13 @@ class Gateway:
             self.waiting.discard(task)
 
     # 8. meter
-    def finish(self, call: ProxyCall, error: GatewayError | None = None) -> None:
+    def finish(self, call: ProxyCall, error: GatewayError | None = None, answer: Answer | None = None) -> None:
+        """The request ended (answered, refused or failed): what OpenRouter's answer said, if it
+        answered, goes on the call, and the call is metered."""
         call.finished = time.perf_counter()
+        if answer is not None:
+            call.add_usage(answer.billed())
+            call.model_served, call.provider, call.data_events = answer.model, answer.provider, answer.data_events
         if error is not None:
             call.status, call.error_code = error.status, error.code
             if error.status == 429 and isinstance(error.metadata, dict):

@@ -24,6 +24,7 @@ from app.call import ANSWERING
 from app.dialects import DIALECTS, MESSAGES, Dialect
 from app.dialects.messages import count_tokens
 from app.errors import AuthenticationError, GatewayError
+from app.forwarder import BodyAnswer
 from app.gateway import Gateway, response_headers
 from app.usage.meter import BODY_LOG_LIMIT
 
@@ -82,9 +83,9 @@ async def proxy(
         body = gateway.to_upstream(call, payload, raw)
         await gateway.admit(call, payload)
         outcome = await gateway.forward(call, body, payload, headers)
-        if isinstance(outcome, bytes):
+        if isinstance(outcome, BodyAnswer):
             await gateway.admission.free_slots(call.reservation)  # before the answer: see there
-            return JSONBytes(outcome, response_headers(call, None), partial(gateway.finish, call))
+            return JSONBytes(outcome.raw, response_headers(call, None), partial(gateway.finish, call, None, outcome))
         relayed = response_headers(call, outcome.headers)
         relay = endpoint.relay(call.include_usage)
         return SSEResponse(outcome, relay, call, relayed, gateway.finish, gateway.streams)

@@ -13,7 +13,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app.call import ProxyCall
-from app.dialects import CHAT, Dialect, Relay
+from app.dialects import CHAT, Answer, Dialect, Relay
 from app.errors import GatewayError, ServerShuttingDownError, UpstreamError
 from app.upstream.client import UpstreamResponse
 from app.usage.meter import BODY_LOG_LIMIT
@@ -76,7 +76,7 @@ class SSEResponse(Response):
         relay: Relay,
         call: ProxyCall,
         headers: dict[str, str],
-        on_end: Callable[[ProxyCall, GatewayError | None], None],
+        on_end: Callable[[ProxyCall, GatewayError | None, Answer], None],
         streams: set[SSEResponse] | None = None,
     ) -> None:
         self.upstream = upstream
@@ -132,11 +132,7 @@ class SSEResponse(Response):
             else:
                 self.upstream.close()
             self.call.upstream_done = self.call.upstream_done or time.perf_counter()
-            self.call.add_usage(self.relay.billed())
-            self.call.model_served = self.relay.model
-            self.call.provider = self.relay.provider
-            self.call.data_events = self.relay.data_events
-            self.on_end(self.call, self.relay.error)
+            self.on_end(self.call, self.relay.error, self.relay)
 
     def stop(self) -> None:
         """The server is going away: end this stream now, with an error event."""

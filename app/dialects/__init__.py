@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.dialects.base import Dialect, Relay
+from app.dialects.base import Answer, Dialect, Relay
 from app.dialects.chat import CHAT, COMPLETIONS
 from app.dialects.embeddings import EMBEDDINGS
 from app.dialects.messages import MESSAGES
@@ -23,6 +23,7 @@ __all__ = [
     "PREFIXES",
     "RESPONSES",
     "ROUTES",
+    "Answer",
     "Dialect",
     "Relay",
 ]

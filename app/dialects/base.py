@@ -19,21 +19,28 @@ from app.usage.record import Usage
 Required = tuple[tuple[str, type | tuple[type, ...]], ...]
 
 
-class Relay(Protocol):
+class Answer(Protocol):
+    """What OpenRouter's answer said, as metering reads it once the request ends: a JSON body's
+    (`forwarder.BodyAnswer`) or a stream's (its `Relay`)."""
+
+    model: str | None  # as OpenRouter named it
+    provider: str | None
+    data_events: int  # streams: events that carried output (a cut stream's completion is estimated from these)
+
+    def billed(self) -> Usage | None: ...
+
+
+class Relay(Answer, Protocol):
     """Upstream SSE bytes in, client SSE bytes out; pure, no I/O. What it read for metering is
     on it when the stream ends."""
 
     done: bool  # the stream ended (its last event, an error, or a failure of ours)
     error: GatewayError | None  # how it failed, if it did
     saw_data: bool  # a data event went out (the first token's time)
-    data_events: int  # events that carried output (a cut stream's completion is estimated from these)
-    model: str | None  # as OpenRouter named it
-    provider: str | None
 
     def feed(self, data: bytes) -> bytes: ...
     def end(self) -> bytes: ...
     def fail(self, error: GatewayError) -> bytes: ...
-    def billed(self) -> Usage | None: ...
 
 
 class Dialect:
