@@ -1,4 +1,4 @@
-"""One request on its way through the gateway, and the endpoints it can be for."""
+"""One request on its way through the gateway."""
 
 from __future__ import annotations
 
@@ -10,21 +10,9 @@ from app.auth.keys import Principal
 from app.usage.record import Usage
 
 if TYPE_CHECKING:
+    from app.dialects import Dialect
     from app.limits.admission import Reservation
 
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    name: str
-    path: str  # below the upstream base URL
-    required: tuple[tuple[str, type | tuple[type, ...]], ...]
-    expect: str  # the list a successful response carries
-    streams: bool = True
-
-
-CHAT = Endpoint("chat.completions", "/chat/completions", (("messages", list),), "choices")
-COMPLETIONS = Endpoint("completions", "/completions", (("prompt", (str, list)),), "choices")
-EMBEDDINGS = Endpoint("embeddings", "/embeddings", (("input", (str, list)),), "data", streams=False)
 
 # The scope entry holding a request's ProxyCall while it is answered: the server marks the call
 # when the client hangs up before its answer is complete (server.py).
@@ -36,7 +24,7 @@ class ProxyCall:
     """What the gateway knows about one request; metering reads it when the request ends."""
 
     request_id: str
-    endpoint: Endpoint
+    endpoint: Dialect  # the API it speaks
     principal: Principal
     started: float = field(default_factory=time.perf_counter)
     wall_time: float = field(default_factory=time.time)

@@ -1,4 +1,5 @@
-"""One error tree for the whole gateway, rendered once as OpenAI's error envelope.
+"""One error tree for the whole gateway, rendered once per dialect: OpenAI's error envelope
+(`render`), and Anthropic's on the Messages routes (`render_anthropic`).
 
     GatewayError                      500 server_error / internal_error
     ├── InvalidRequestError           400 invalid_request_error / specific code
@@ -27,6 +28,9 @@
 
 `code` is always a string reason; OpenAI SDKs choose their exception class from the status.
 The README's error table lists every code (tests/test_error_table.py keeps the two together).
+Anthropic's twin of each row: the type its status stands for at Anthropic (`ANTHROPIC_TYPES`),
+503 as Anthropic's 529 `overloaded_error`, other 5xx but 504 as 500 `api_error`; our `code`
+kept beside it, a budget refusal typed `billing_error`.
 """
 
 from __future__ import annotations
@@ -77,6 +81,43 @@ class GatewayError(Exception):
     def sse_event(self) -> bytes:
         """The error as the one SSE event OpenAI SDKs raise on in the middle of a stream."""
         return b"data: " + self.render() + b"\n\n"
+
+    # -- Anthropic's dialect (the Messages routes) ------------------------------------------------
+    @property
+    def anthropic_status(self) -> int:
+        if self.status == 503:
+            return 529
+        if self.status >= 500 and self.status != 504:
+            return 500
+        return self.status
+
+    def anthropic_body(self) -> dict[str, Any]:
+        kind = "billing_error" if self.code == "insufficient_quota" else None
+        error: dict[str, Any] = {
+            "type": kind or ANTHROPIC_TYPES.get(self.anthropic_status, "invalid_request_error"),
+            "message": self.message,
+            "code": self.code,
+        }
+        if self.metadata:
+            error["metadata"] = self.metadata
+        return {"type": "error", "error": error}
+
+    def render_anthropic(self) -> bytes:
+        return orjson.dumps(self.anthropic_body())
+
+
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
 
 
 class InvalidRequestError(GatewayError):

@@ -24,7 +24,6 @@ from app.settings import UpstreamSettings
 from app.upstream.breaker import CircuitBreaker
 from app.upstream.client import OpenRouterClient, UpstreamResponse
 from app.upstream.retry import RetryBudget, backoff_s, is_retryable, retry_after_s
-from app.usage.record import Usage
 
 Outcome = UpstreamResponse | bytes  # an open stream, or a whole checked JSON body
 
@@ -125,7 +124,7 @@ class Forwarder:
         per_try = (self._first_byte_timeout(model) if model else None) or self.settings.first_byte_timeout_s
         call.upstream_started = call.upstream_started or time.perf_counter()
         read_within = None if call.stream else max(0.001, left)
-        response = await self.client.post(call.endpoint.path, body, headers, min(per_try, left), read_within)
+        response = await self.client.post(call.endpoint.upstream_path, body, headers, min(per_try, left), read_within)
         call.first_byte = time.perf_counter()
         call.generation_id = response.headers.get("x-generation-id")
         if response.status >= 300:
@@ -143,7 +142,7 @@ class Forwarder:
             ) from None
         usage = None
         if isinstance(parsed, dict):
-            usage = Usage.from_openrouter(parsed.get("usage"))
+            usage = call.endpoint.usage_of(parsed)
             call.model_served = parsed["model"] if isinstance(parsed.get("model"), str) else call.model_served
             call.provider = parsed["provider"] if isinstance(parsed.get("provider"), str) else call.provider
         if usage is None:

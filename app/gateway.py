@@ -14,11 +14,11 @@ from typing import Any
 
 from app.auth.keys import KeyAuthenticator, Principal, hash_key
 from app.auth.registry import Registry
-from app.call import EMBEDDINGS, Endpoint, ProxyCall
+from app.call import ProxyCall
 from app.catalog.models import Catalog
+from app.dialects import Dialect
 from app.errors import (
     GatewayError,
-    InvalidRequestError,
     ModelNotAllowedError,
     ServerShuttingDownError,
     UpstreamUnavailableError,
@@ -101,7 +101,7 @@ class Gateway:
             "Content-Type": "application/json",
         }
 
-    def new_call(self, request_id: str, endpoint: Endpoint, principal: Principal) -> ProxyCall:
+    def new_call(self, request_id: str, endpoint: Dialect, principal: Principal) -> ProxyCall:
         call = ProxyCall(request_id, endpoint, principal)
         call.deadline = call.started + self.settings.upstream.deadline_s
         return call
@@ -123,12 +123,9 @@ class Gateway:
         return await self.authenticator.authenticate(authorization)
 
     # 2. parse
-    def parse(self, raw: bytes, endpoint: Endpoint) -> dict[str, Any]:
+    def parse(self, raw: bytes, endpoint: Dialect) -> dict[str, Any]:
         payload = normalize.parse_object(raw, self.settings.max_json_depth)
-        normalize.require_fields(payload, endpoint.required)
-        normalize.check_types(payload)
-        if not endpoint.streams and payload.get("stream"):
-            raise InvalidRequestError("This endpoint does not stream.", code="invalid_value", param="stream")
+        endpoint.check(payload)
         return payload
 
     # 3. resolve
@@ -137,7 +134,7 @@ class Gateway:
         model = self.catalog.resolve(requested)
         call.model_requested, call.model = requested, model
         call.stream = payload.get("stream") is True
-        call.include_usage = call.stream and normalize.wants_usage(payload)
+        call.include_usage = call.stream and call.endpoint.wants_usage(payload)
         principal = call.principal
         fallbacks = payload.get("models")
         if model is not None:
@@ -165,13 +162,14 @@ class Gateway:
         if isinstance(fallbacks, list) and any(self.catalog.resolve(m) != m for m in fallbacks if isinstance(m, str)):
             payload["models"] = [self.catalog.resolve(m) if isinstance(m, str) else m for m in fallbacks]
             changed = True
-        if call.endpoint is not EMBEDDINGS:
-            changed |= normalize.fold_reasoning_effort(payload)
+        dialect = call.endpoint
+        changed |= dialect.fold_reasoning(payload)
         team = call.principal.team
         if team is not None and team.defaults:
-            changed |= normalize.merge_defaults(payload, team.defaults)
+            changed |= normalize.merge_defaults(payload, dialect.defaults(team.defaults))
         if call.model is not None:
-            changed |= normalize.merge_defaults(payload, self.catalog.settings_for(call.model).defaults)
+            model_defaults = self.catalog.settings_for(call.model).defaults
+            changed |= normalize.merge_defaults(payload, dialect.defaults(model_defaults))
         if team is not None and team.provider:
             changed |= normalize.impose_policy(payload, {"provider": team.provider})
         return normalize.encode(payload) if changed else raw
@@ -190,7 +188,10 @@ class Gateway:
         prices = [self.catalog.cached_prices(m) for m in models]
         known = [p for p in prices if p is not None]
         worst = max(known, key=lambda p: p.prompt + p.completion) if len(known) == len(prices) and known else None
-        return demand_of(payload, entry, worst or self.catalog.max_prices(), call.endpoint is EMBEDDINGS)
+        dialect = call.endpoint
+        return demand_of(
+            payload, entry, worst or self.catalog.max_prices(), not dialect.writes_tokens, dialect.output_limits
+        )
 
     def _models(self, call: ProxyCall) -> list[str | None]:
         """The asked model, then its configured fallbacks that this key may use."""
@@ -216,6 +217,8 @@ class Gateway:
             value = client_headers.get(name)
             if value is not None:
                 headers[name] = value
+        for name, value in call.endpoint.upstream_headers(client_headers, payload).items():
+            headers.setdefault(name, value)  # (the client's own x-session-id or x-anthropic-beta wins)
         if call.stream:
             headers["Accept"] = "text/event-stream"
 

@@ -27,7 +27,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
-from app.api import admin, chat, health, models
+from app.api import admin, health, inference, models
 from app.api.docs import add_docs
 from app.api.edge import EdgeMiddleware
 from app.api.responses import error_response, gateway_error_handler
@@ -92,7 +92,7 @@ def create_app(settings: Settings | None = None) -> GatewayApp:
 
     app = _fastapi(settings, lifespan)
     for prefix in ("/v1", "/api/v1"):
-        app.include_router(chat.router, prefix=prefix, include_in_schema=prefix == "/v1")
+        app.include_router(inference.router(), prefix=prefix, include_in_schema=prefix == "/v1")
         app.include_router(models.router, prefix=prefix, include_in_schema=prefix == "/v1")
     if not separate_admin:
         app.include_router(admin.router)

@@ -3,9 +3,9 @@ routes' fast lane.
 
 Every response carries `x-request-id` (the client's, when sane). Requests with too many or too
 large headers get 431; /metrics without the scrape or admin key gets 401 (403 with neither set).
-POSTs to the OpenAI endpoints go straight to `proxy`, skipping all of FastAPI (its middleware
-stack, router and dependency solving: a measurable share of each request); everything else,
-including these routes' OpenAPI documentation, stays FastAPI's.
+POSTs to the inference routes (`dialects.ROUTES`) go straight to `inference.answer`, skipping
+all of FastAPI (its middleware stack, router and dependency solving: a measurable share of each
+request); everything else, including these routes' OpenAPI documentation, stays FastAPI's.
 """
 
 from __future__ import annotations
@@ -17,21 +17,23 @@ from collections.abc import Iterable
 from starlette.datastructures import State
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.chat import proxy
+from app.api.inference import COUNT_TOKENS, answer
 from app.api.responses import error_response
 from app.auth.keys import bearer_token, hash_key
-from app.call import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint
+from app.dialects import CHAT, MESSAGES, PREFIXES, ROUTES, Dialect
 from app.errors import AuthenticationError, GatewayError, InvalidRequestError, MetricsDisabledError
 from app.gateway import Gateway
 from app.request_ids import request_id_of
 
 log = logging.getLogger("gateway")
 
-ROUTES: dict[str, Endpoint] = {
-    f"{prefix}{path}": endpoint
-    for prefix in ("/v1", "/api/v1")
-    for path, endpoint in (("/chat/completions", CHAT), ("/completions", COMPLETIONS), ("/embeddings", EMBEDDINGS))
-}
+# POST paths answered before FastAPI: every API's routes, and count_tokens (None).
+FAST_LANE: dict[str, Dialect | None] = {**ROUTES, **{prefix + COUNT_TOKENS: None for prefix in PREFIXES}}
+
+
+def dialect_of(path: str) -> Dialect:
+    """Whose error envelope a refusal on this path wears (count_tokens: Anthropic's)."""
+    return MESSAGES if path.endswith(COUNT_TOKENS) else CHAT
 
 
 class EdgeMiddleware:
@@ -63,8 +65,8 @@ class EdgeMiddleware:
         scope["request_id"] = rid
         id_header = (b"x-request-id", rid.encode())
         refusal = self._refusal(scope)
-        endpoint = ROUTES.get(scope["path"]) if self.inference and scope["method"] == "POST" else None
-        if refusal is None and endpoint is None:
+        fast = self.inference and scope["method"] == "POST" and scope["path"] in FAST_LANE
+        if refusal is None and not fast:
 
             async def send_with_id(message: Message) -> None:
                 if message["type"] == "http.response.start":
@@ -74,19 +76,12 @@ class EdgeMiddleware:
             await self.app(scope, receive, send_with_id)
             return
         if refusal is not None:
-            response = error_response(refusal)
+            response = error_response(refusal, FAST_LANE.get(scope["path"]) or dialect_of(scope["path"]))
         else:
-            assert endpoint is not None
             gateway: Gateway = self.state.gateway
             # the first of repeated headers, as Starlette's own routes read them (and uvicorn lowercases names)
             headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in reversed(raw_headers)}
-            try:
-                response = await proxy(gateway, endpoint, headers, receive, rid, scope)
-            except GatewayError as error:
-                response = error_response(error)
-            except Exception:
-                log.exception("unhandled error on POST %s", scope["path"])
-                response = error_response(GatewayError())
+            response = await answer(gateway, FAST_LANE[scope["path"]], headers, receive, rid, scope)
         response.raw_headers.append(id_header)  # our own responses: no wrapper around every send
         await response(scope, receive, send)
 

@@ -1,5 +1,5 @@
 """ASGI responses of the request path: JSON bytes as received, SSE relayed as received,
-and the one renderer of GatewayError as an OpenAI error response."""
+and GatewayError as an error response in the dialect of the route asked."""
 
 from __future__ import annotations
 
@@ -13,11 +13,10 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app.call import ProxyCall
+from app.dialects import CHAT, Dialect, Relay
 from app.errors import GatewayError, ServerShuttingDownError, UpstreamError
-from app.normalize.stream import StreamRelay
 from app.upstream.client import UpstreamResponse
 from app.usage.meter import BODY_LOG_LIMIT
-from app.usage.record import Usage
 
 JSON = "application/json"
 _SSE_HEADERS = [
@@ -51,8 +50,9 @@ class JSONBytes(Response):
                 self.after()
 
 
-def error_response(error: GatewayError) -> Response:
-    return Response(error.render(), status_code=error.status, headers=error.headers, media_type=JSON)
+def error_response(error: GatewayError, dialect: Dialect = CHAT) -> Response:
+    status, body = dialect.render_error(error)
+    return Response(body, status_code=status, headers=error.headers, media_type=JSON)
 
 
 async def gateway_error_handler(request: Request, exc: Exception) -> Response:
@@ -66,14 +66,14 @@ class SSEResponse(Response):
     A client that goes away cancels the relay at once (uvicorn would otherwise swallow our
     writes silently), which closes the upstream connection, so OpenRouter stops generating.
     A server shutting down ends streams still open at the end of its grace period with one
-    OpenAI-style error event (`server_shutting_down`) instead of a cut. A stream counts as open
+    failure event of its API (`server_shutting_down`) instead of a cut. A stream counts as open
     from the moment it is made (the upstream answered), so none slips past the drain.
     """
 
     def __init__(
         self,
         upstream: UpstreamResponse,
-        relay: StreamRelay,
+        relay: Relay,
         call: ProxyCall,
         headers: dict[str, str],
         on_end: Callable[[ProxyCall, GatewayError | None], None],
@@ -132,7 +132,7 @@ class SSEResponse(Response):
             else:
                 self.upstream.close()
             self.call.upstream_done = self.call.upstream_done or time.perf_counter()
-            self.call.add_usage(Usage.from_openrouter(self.relay.usage))
+            self.call.add_usage(self.relay.billed())
             self.call.model_served = self.relay.model
             self.call.provider = self.relay.provider
             self.call.data_events = self.relay.data_events

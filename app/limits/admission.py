@@ -658,8 +658,14 @@ def _merged(record: Any, defaults: LimitValues) -> LimitValues:
     return LimitValues.model_construct(**values)
 
 
-def demand_of(payload: dict[str, Any], model_entry: dict[str, Any] | None, prices: Any, embeddings: bool) -> Demand:
+def demand_of(
+    payload: dict[str, Any],
+    model_entry: dict[str, Any] | None,
+    prices: Any,
+    embeddings: bool,
+    limits: tuple[str, ...] = ("max_completion_tokens", "max_tokens"),
+) -> Demand:
     prompt = estimate.prompt_tokens(payload)
-    completion = estimate.completion_tokens(payload, model_entry, embeddings)
+    completion = estimate.completion_tokens(payload, model_entry, embeddings, limits)
     cost = estimate.worst_case_cost(prompt, completion, prices)
     return Demand(prompt + completion, int((cost * NANO).to_integral_value(ROUND_CEILING)))

@@ -19,7 +19,7 @@ DEFAULT_MAX_OUTPUT = 16_384
 
 def prompt_tokens(payload: dict[str, Any]) -> int:
     chars, media = _measure(payload.get("messages", payload.get("prompt", payload.get("input"))))
-    for extra in ("tools", "functions", "response_format"):
+    for extra in ("tools", "functions", "response_format", "instructions", "system"):  # (Responses, Messages)
         if extra in payload:
             extra_chars, _ = _measure(payload[extra])
             chars += extra_chars
@@ -49,10 +49,17 @@ def _measure(value: Any) -> tuple[int, int]:
     return 0, 0
 
 
-def completion_tokens(payload: dict[str, Any], model_entry: dict[str, Any] | None, embeddings: bool) -> int:
+def completion_tokens(
+    payload: dict[str, Any],
+    model_entry: dict[str, Any] | None,
+    embeddings: bool,
+    limits: tuple[str, ...] = ("max_completion_tokens", "max_tokens"),
+) -> int:
+    """The most the answer may write: the body's output limit (the fields `limits` names, as the
+    API calls them), else the model's."""
     if embeddings:
         return 0
-    for name in ("max_completion_tokens", "max_tokens"):
+    for name in limits:
         value = payload.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value

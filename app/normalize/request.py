@@ -70,10 +70,6 @@ def check_types(payload: dict[str, Any]) -> None:
     options = payload.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise InvalidRequestError("'stream_options' must be an object.", param="stream_options", code="invalid_type")
-    for name in ("max_tokens", "max_completion_tokens"):  # they set what limits and budgets reserve
-        value = payload.get(name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise InvalidRequestError(f"'{name}' must be a positive integer.", param=name, code="invalid_type")
 
 
 def wants_usage(payload: dict[str, Any]) -> bool:
@@ -118,6 +114,8 @@ def merge_defaults(payload: dict[str, Any], defaults: dict[str, Any]) -> bool:
     """
     changed = False
     for name, default in defaults.items():
+        if name == "thinking" and name in payload:
+            continue  # (Messages) the client's choice of thinking is whole: nothing merged into it
         if name not in payload:
             if name == "reasoning" and "include_reasoning" in payload:
                 continue  # the client used the legacy control; leave reasoning to it

@@ -16,6 +16,7 @@ import orjson
 
 from app.errors import GatewayError, UpstreamConnectionError
 from app.normalize.response import choice_error, openrouter_error, status_of
+from app.usage.record import Usage
 
 DONE = b"data: [DONE]\n\n"
 _FINISH = b'"finish_reason":"'
@@ -48,6 +49,9 @@ class StreamRelay:
         self.finished = False  # a finish_reason arrived
         self.done = False  # [DONE] arrived, or the stream ended by an error
         self.saw_data = False
+
+    def billed(self) -> Usage | None:
+        return Usage.from_openrouter(self.usage)
 
     def feed(self, data: bytes) -> bytes:
         if self.done:

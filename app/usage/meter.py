@@ -1,7 +1,8 @@
 """Metering: every finished request becomes one UsageRecord, which feeds the ledger, the
-metrics, the budget settlement and the log. Streams cut before OpenRouter sent usage are
-recorded from what was seen (marked `estimated`) and reconciled later from OpenRouter's
-`GET /generation`.
+metrics, the budget settlement and the log. Streams cut before OpenRouter sent usage, and
+usage that came without its cost (streamed Messages, Responses without `cost`), are recorded
+from what was seen at the catalogue's prices (marked `estimated`) and reconciled later from
+OpenRouter's `GET /generation`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ def _response_body(call: ProxyCall) -> str | None:
 Lookup = Callable[[str, ProxyCall], Awaitable[tuple[int, Any]]]
 
 
+def _cost_unknown(call: ProxyCall) -> bool:
+    """OpenRouter counted the tokens but sent no cost: its /generation stats have it."""
+    return call.usage is not None and call.usage.cost_usd is None and call.forwarded and bool(call.generation_id)
+
+
 class Meter:
     def __init__(
         self,
@@ -75,8 +81,9 @@ class Meter:
             self.admission.settle(call.reservation, record.prompt_tokens + record.completion_tokens, record.cost_usd)
         if record.estimated:
             lookups = list(call.unread or ())
-            if call.usage is None and call.generation_id and call.generation_id not in lookups:
-                lookups.append(call.generation_id)  # a cut stream's, or a try that told nothing
+            wanted = call.usage is None or _cost_unknown(call)
+            if wanted and call.generation_id and call.generation_id not in lookups:
+                lookups.append(call.generation_id)  # a cut stream's, a try that told nothing, or no cost
             if lookups:
                 self._spawn(self._reconcile(call, record, lookups))
         if self.log_requests and requests_log.isEnabledFor(logging.INFO):
@@ -127,7 +134,7 @@ class Meter:
         if call.usage is not None:
             # exact, unless another try's usage could not be read: then looked up and added
             cost, source = self.cost(call.usage, model)
-            return record.with_usage(call.usage, cost, source, estimated=bool(call.unread))
+            return record.with_usage(call.usage, cost, source, estimated=bool(call.unread) or _cost_unknown(call))
         if call.stream and call.forwarded and call.data_events:
             seen = Usage(prompt_tokens=call.prompt_estimate, completion_tokens=max(0, call.data_events - 1))
             cost, _ = self.cost(seen, model)
@@ -165,7 +172,8 @@ class Meter:
             self.metrics.observe_usage(estimate)  # the estimate stands, as marked
             log.warning("generation %s could not be reconciled; its estimate stands", ", ".join(lookups))
             return
-        exact = found if call.usage is None else call.usage.plus(found)
+        read = None if call.usage is None or _cost_unknown(call) else call.usage  # (without its cost: replaced)
+        exact = found if read is None else read.plus(found)
         if call.usage is None and call.generation_id in missing:  # a cut stream never found: its estimate
             seen = Usage(estimate.prompt_tokens, estimate.completion_tokens, cost_usd=estimate.cost_usd)
             exact = exact.plus(seen)

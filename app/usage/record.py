@@ -40,6 +40,11 @@ class Usage:
         )
 
     @classmethod
+    def from_counts(cls, prompt: Any, completion: Any, reasoning: Any, cached: Any, cost: Any) -> Usage:
+        """From counts as an API body holds them: anything not a count is 0, a cost not a number None."""
+        return cls(_count(prompt), _count(completion), _count(reasoning), _count(cached), _money(cost))
+
+    @classmethod
     def from_generation(cls, stats: dict[str, Any]) -> Usage:
         """OpenRouter's `GET /generation` data: native counts first, as billed."""
 

@@ -1,0 +1,125 @@
+"""The relay shared by the APIs whose streams are typed events (Responses, Messages): bytes go
+out as they came in, event names, keep-alive comments and `[DONE]` included; only the events
+that may carry usage, the end or an error are parsed, found by a byte search first.
+
+A subclass says which events matter (`markers`), what each means (`_read`), and what its
+API's own failure event looks like (`failure`). A stream that ends before its API's last
+event ends with that failure event, never silently.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from app.errors import GatewayError, UpstreamConnectionError
+from app.usage.record import Usage
+
+DONE = b"data: [DONE]"
+
+
+class EventRelay:
+    markers: tuple[bytes, ...] = ()  # an event holding none of these passes unparsed
+
+    __slots__ = ("_buffer", "data_events", "done", "error", "finished", "model", "provider", "saw_data", "usage")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self.data_events = 0
+        self.done = False  # nothing more goes to the client
+        self.finished = False  # the API's own last event arrived
+        self.error: GatewayError | None = None
+        self.saw_data = False
+        self.model: str | None = None
+        self.provider: str | None = None
+        self.usage: Usage | None = None
+
+    def billed(self) -> Usage | None:
+        return self.usage
+
+    def feed(self, data: bytes) -> bytes:
+        if self.done:
+            return b""
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        buffer = self._buffer + data if self._buffer else data
+        end = buffer.rfind(b"\n\n")
+        if end < 0:
+            self._buffer = buffer
+            return b""
+        block, self._buffer = buffer[: end + 2], buffer[end + 2 :]
+        if not any(marker in block for marker in self.markers) and _plain(block):
+            events = block.count(b"\ndata:") + block.startswith(b"data:")
+            if events:
+                self.saw_data = True
+                self.data_events += events
+            return block  # the usual case: deltas only, passed as one piece
+        out = []
+        for event in block[:-2].split(b"\n\n"):
+            out.append(self._event(event))
+            if self.done:
+                break
+        return b"".join(out)
+
+    def end(self) -> bytes:
+        """The upstream body ended: what is left, then a failure event unless the stream finished."""
+        out = b""
+        if self._buffer.strip() and not self.done:
+            out = self._event(self._buffer.strip(b"\n"))
+            self._buffer = b""
+        if self.done or self.finished:
+            self.done = True
+            return out
+        return out + self.fail(UpstreamConnectionError("OpenRouter ended the stream before the response was complete."))
+
+    def fail(self, error: GatewayError) -> bytes:
+        """End the stream with the API's own failure event."""
+        if self.done:
+            return b""
+        self.error = error
+        self.done = True
+        return self.failure(error)
+
+    def _event(self, event: bytes) -> bytes:
+        lines = [line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:")]
+        if not lines:
+            return event + b"\n\n"  # a comment, or a field we do not use: passed on
+        data = b"\n".join(lines)
+        if data == b"[DONE]":
+            self.done = True
+            return event + b"\n\n"
+        if not (data.startswith(b"{") and data.endswith(b"}")):
+            return self.fail(self._malformed())
+        self.saw_data = True
+        self.data_events += 1
+        if not any(marker in data for marker in self.markers):
+            return event + b"\n\n"
+        try:
+            parsed = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return self.fail(self._malformed())
+        if not isinstance(parsed, dict):
+            return event + b"\n\n"
+        return self._read(parsed, event + b"\n\n")
+
+    def _malformed(self) -> GatewayError:
+        return UpstreamConnectionError("OpenRouter sent a malformed stream event.", code="upstream_invalid_response")
+
+    # -- what a subclass says -------------------------------------------------------------------
+    def _read(self, event: dict[str, Any], raw: bytes) -> bytes:
+        """An event holding a marker, parsed: note what it says; return what the client gets."""
+        return raw
+
+    def failure(self, error: GatewayError) -> bytes:
+        raise NotImplementedError
+
+
+def _plain(block: bytes) -> bool:
+    """Every data line of the block holds one JSON object (a cheap check: braces at both ends)."""
+    for line in block.split(b"\n"):
+        if line.startswith(b"data:"):
+            data = line[5:].strip()
+            if not (data.startswith(b"{") and data.endswith(b"}")):
+                return False
+    return True

@@ -1,0 +1,63 @@
+"""What the tests of the agent APIs (Responses, Messages) share: a gateway with an admin key and
+quick /generation lookups, a fresh team key per test, and the sums to compare the ledger with
+what the simulator billed."""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import httpx
+
+from app.simulator import SimulatorThread
+from tests.support import ADMIN_KEY, GatewayServer, gateway_settings, wait_until
+
+
+def agent_gateway(simulator: SimulatorThread, **overrides: Any) -> GatewayServer:
+    settings = gateway_settings(
+        simulator.base_url, admin_key=ADMIN_KEY, reconcile_delays_s=[0.05, 0.1, 0.2, 0.4, 0.8], **overrides
+    )
+    return GatewayServer(settings)
+
+
+def admin(gateway: GatewayServer) -> httpx.Client:
+    return httpx.Client(base_url=gateway.url + "/admin", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
+
+
+def new_key(gateway: GatewayServer, **limits: Any) -> dict[str, Any]:
+    team = "team-" + uuid.uuid4().hex[:8]
+    with admin(gateway) as client:
+        assert client.post("/teams", json={"name": team}).status_code == 201
+        response = client.post("/keys", json={"name": "agent", "team": team, **limits})
+        assert response.status_code == 201, response.text
+        created: dict[str, Any] = response.json()
+        return created
+
+
+def billed(simulator: SimulatorThread, marker: str) -> tuple[int, Decimal]:
+    """Generations the simulator billed for requests whose id starts with `marker`, and their cost."""
+    entries = [
+        e
+        for e in simulator.requests()
+        if e["headers"].get("x-request-id", "").startswith(marker) and e.get("generation_id")
+    ]
+    return len(entries), sum((Decimal(repr(e["cost"])) for e in entries), Decimal(0))
+
+
+def key_usage(gateway: GatewayServer, key: dict[str, Any]) -> dict[str, Any]:
+    with admin(gateway) as client:
+        report: dict[str, Any] = client.get("/usage", params={"key": key["id"]}).json()
+    return report["total"]
+
+
+def wait_for_ledger(gateway: GatewayServer, simulator: SimulatorThread, key: dict[str, Any], marker: str) -> Decimal:
+    """Until the key's ledger cost equals what the simulator billed (to 1e-9 USD); that cost."""
+
+    def agreed() -> Decimal | None:
+        count, cost = billed(simulator, marker)
+        total = key_usage(gateway, key)
+        shown = Decimal(repr(total["cost_usd"]))
+        return cost if count and abs(shown - cost) < Decimal("1e-9") and cost > 0 else None
+
+    return wait_until(agreed, 15, "the ledger to equal what the simulator billed")
