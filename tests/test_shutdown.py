@@ -199,3 +199,75 @@ def test_readyz_turns_503_at_once_when_draining(draining_gateway: GatewayServer)
     )
     assert ready.json() == {"status": "draining"}
     assert httpx.get(draining_gateway.url + "/healthz").status_code == 200  # alive, just not ready
+
+
+def test_sigterm_ends_open_agent_streams_each_in_its_own_dialect(simulator: SimulatorThread, tmp_path: Path) -> None:
+    """Responses and Messages streams open at SIGTERM: the short ones finish with their API's own
+    last event; the long ones end at the grace period with their API's failure event
+    (`response.failed`, `event: error`) saying `server_shutting_down`; every one is logged."""
+    env = {
+        "OPENROUTER_BASE_URL": simulator.base_url,
+        "OPENROUTER_API_KEY": UPSTREAM_KEY,
+        "GATEWAY_API_KEY": CLIENT_KEY,
+        "GATEWAY_CONFIG": "/dev/null",
+        "GATEWAY_SHUTDOWN_GRACE_S": "2",
+    }
+    log_path = tmp_path / "gateway.log"
+    gateway = GatewayProcess(env, str(log_path)).start()
+    bodies = {
+        "/v1/responses": {"model": "openai/gpt-4o-mini", "input": "hi", "stream": True},
+        "/v1/messages": {
+            "model": "anthropic/claude-sonnet-4.5",
+            "max_tokens": 2000,
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+        },
+    }
+    short, long = {"words": 6, "chunk_delay_ms": 100}, {"words": 300, "chunk_delay_ms": 100}
+
+    async def open_stream(path: str, knobs: dict[str, Any], opened: list[int]) -> str:
+        async with (
+            httpx.AsyncClient(timeout=60, headers={"x-api-key": CLIENT_KEY}) as client,
+            client.stream("POST", gateway.url + path, json={**bodies[path], "simulator": knobs}) as response,
+        ):
+            assert response.status_code == 200
+            text = ""
+            async for chunk in response.aiter_text():
+                if not text:
+                    opened.append(1)
+                text += chunk
+        return text
+
+    async def scenario() -> list[str]:
+        opened: list[int] = []
+        tasks = [asyncio.ensure_future(open_stream(p, k, opened)) for p in bodies for k in (short, long)]
+        deadline = time.monotonic() + 30
+        while len(opened) < len(tasks):
+            assert time.monotonic() < deadline, "the streams did not open"
+            await asyncio.sleep(0.02)
+        gateway.process.send_signal(signal.SIGTERM)
+        return list(await asyncio.gather(*tasks))
+
+    try:
+        responses_short, responses_long, messages_short, messages_long = asyncio.run(scenario())
+        assert gateway.process.wait(30) == 0
+        gateway.process = None
+    finally:
+        gateway.stop()
+
+    def last(text: str) -> tuple[str, dict[str, Any]]:
+        block = [b for b in text.split("\n\n") if b.startswith("event:")][-1]
+        name, data = block.split("\n", 1)
+        return name[6:].strip(), json.loads(data[5:])
+
+    assert last(responses_short)[0] == "response.completed"
+    assert last(messages_short)[0] == "message_stop"
+    name, event = last(responses_long)
+    assert name == "response.failed" and event["response"]["error"]["code"] == "server_shutting_down"
+    assert "error" not in event  # never a top-level error key on a Responses event
+    name, event = last(messages_long)
+    assert name == "error" and event["error"]["type"] == "overloaded_error"
+    assert event["error"]["code"] == "server_shutting_down"
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    logged = [line["endpoint"] for line in lines if line.get("message") == "request"]
+    assert sorted(logged) == ["messages", "messages", "responses", "responses"], logged
