@@ -77,7 +77,12 @@ def connect(path: Path, busy_s: float, migrations: Sequence[Migration] = MIGRATI
     try:
         _use_wal(db, time.monotonic() + busy_s)
         db.execute("PRAGMA synchronous=NORMAL")
-        if _version(db, len(migrations)) < len(migrations):  # read first: no write lock when up to date
+        db.execute("BEGIN")  # its three reads in one snapshot: never another process's migration half seen
+        try:
+            current = _version(db, len(migrations))
+        finally:
+            db.execute("COMMIT")
+        if current < len(migrations):  # read first: no write lock when up to date
             migrate(db, migrations)
     except BaseException:
         db.close()
