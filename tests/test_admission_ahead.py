@@ -215,7 +215,7 @@ def test_what_was_reserved_ahead_is_given_back_when_idle_and_at_shutdown(
 def test_a_larger_request_than_the_reservation_is_admitted_and_spend_stays_exact(
     simulator: SimulatorThread, own_redis: RedisServer, spares: int
 ) -> None:
-    limits = {"ahead_idle_s": 1.0, "ahead_spares": spares}
+    limits = {"ahead_idle_s": 3.0, "ahead_spares": spares}
     with redis_gateway(simulator, own_redis, limits=limits) as gateway:
         prefix = gateway.settings.store_prefix
         key = make_key(gateway, make_team(gateway), **BIG)
