@@ -249,7 +249,13 @@ def test_request_errors_and_routes(http: httpx.Client, simulator: SimulatorThrea
     assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "not_found_error"
     anonymous = httpx.post(simulator.base_url + "/messages", json={"model": CLAUDE, "messages": HELLO})
     assert anonymous.status_code == 401 and anonymous.json()["error"]["type"] == "authentication_error"
-    assert http.post("/messages?beta=true", json={"model": CLAUDE, "messages": HELLO}).status_code == 200
+    keyed_only = httpx.post(simulator.base_url + "/messages", json=HELLO, headers={"x-api-key": UPSTREAM_KEY})
+    assert keyed_only.status_code == 401  # OR's spec declares Bearer only
+    rid = request_id()
+    both = {"x-api-key": "sk-ant-client", "x-request-id": rid}
+    assert http.post("/messages?beta=true", json={"model": CLAUDE, "messages": HELLO}, headers=both).status_code == 200
+    entry = logged(simulator, rid)
+    assert entry["query"] == {"beta": "true"} and entry["headers"]["x-api-key"] == "sk-ant-client"
     assert http.post("/messages/count_tokens", json={"model": CLAUDE, "messages": HELLO}).status_code == 404
     with pytest.raises(anthropic.RateLimitError):
         sdk.messages.create(model=CLAUDE, max_tokens=9, messages=HELLO, extra_body={"simulator": {"status": 429}})

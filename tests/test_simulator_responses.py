@@ -418,3 +418,30 @@ def test_cached_tokens_are_priced_at_the_cache_read_price(http: httpx.Client) ->
     )
     assert usage["cost"] == float(expected) and Decimal(str(usage["cost"])) > 0
     assert usage["input_tokens_details"] == {"cached_tokens": 5}
+
+
+def test_client_leaving_a_stalled_stream_is_logged_and_cancelled(
+    http: httpx.Client, simulator: SimulatorThread
+) -> None:
+    rid = request_id()
+    body = {"model": "openai/gpt-4o-mini", "input": "hi", "stream": True, "simulator": {"stall_after": 5}}
+    with pytest.raises(httpx.ReadTimeout):
+        http.post("/responses", json=body, headers={"x-request-id": rid}, timeout=httpx.Timeout(20, read=0.5))
+    entry = wait_until(lambda: (e := logged(simulator, rid)).get("disconnected") and e, 5)
+    assert not entry["completed"] and entry["usage"]["completion_tokens"] == 1  # "Hello" was sent
+    stats = generation(http, entry["generation_id"])
+    assert stats["cancelled"] is True and stats["total_cost"] == entry["cost"]
+
+
+def test_faults_before_headers_and_sequences(http: httpx.Client) -> None:
+    with pytest.raises(httpx.RemoteProtocolError):
+        http.post("/responses", json={"input": "hi", "simulator": {"reset": "before_headers"}})
+    knobs = {"id": request_id(), "sequence": [{"status": 503}, {"reply": "second time"}], "generation_404s": 0}
+    body = {"model": "openai/gpt-4o-mini", "input": "hi", "simulator": knobs}
+    assert http.post("/responses", json=body).status_code == 503
+    answer = http.post("/responses", json=body)
+    assert answer.json()["output"][0]["content"][0]["text"] == "second time"
+    found = http.get("/generation", params={"id": answer.headers["x-generation-id"]})  # no 404 first
+    assert found.status_code == 200
+    body = {"model": "openai/gpt-4o-mini", "input": "hi", "simulator": {"status_for": {"openai/gpt-4o-mini": 429}}}
+    assert http.post("/responses", json=body).status_code == 429

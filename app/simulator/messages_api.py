@@ -73,12 +73,12 @@ def error(status: int, spec: dict[str, Any]) -> web.Response:
     response = error_response(status, spec)
     message, error_type = _MESSAGES.get(status, (f"Error {status}", "unmapped"))
     kind = _TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
-    error = {
+    detail = {
         "type": kind,
         "message": spec.get("message") or message,
         "error_type": spec.get("error_type") or error_type,
     }
-    response.body = orjson.dumps({"type": "error", "error": error, "request_id": None})
+    response.body = orjson.dumps({"type": "error", "error": detail, "request_id": None})
     return response
 
 
