@@ -296,8 +296,11 @@ def test_stream_wire_events(http: httpx.Client, simulator: SimulatorThread) -> N
 
 def test_stream_knobs_zero_start_cost_and_done(http: httpx.Client, simulator: SimulatorThread) -> None:
     rid = request_id()
-    knobs = {"start_usage": "zero", "stream_cost": True, "done": True, "keepalives": 0}
-    events = sse(post(http, {"stream": True, "simulator": knobs}, **{"x-request-id": rid}).text)
+    knobs = {"start_usage": "zero", "stream_cost": True, "done": True, "keepalives": 0, "generation_404s": 0}
+    answer = post(http, {"stream": True, "simulator": knobs}, **{"x-request-id": rid})
+    events = sse(answer.text)
+    stats = http.get("/generation", params={"id": answer.headers["x-generation-id"]})  # stored before the EOF
+    assert stats.status_code == 200 and stats.json()["data"]["total_cost"] == logged(simulator, rid)["cost"]
     assert set(events[0][1]["message"]["usage"].values()) == {0}
     assert events[-1] == (None, "[DONE]") and events[-2][0] == "message_stop"
     assert events[-3][1]["usage"]["cost"] == logged(simulator, rid)["cost"]

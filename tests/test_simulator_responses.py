@@ -302,9 +302,11 @@ def test_stream_wire_framing(http: httpx.Client) -> None:
 
 def test_stream_without_event_names_done_or_cost(http: httpx.Client, simulator: SimulatorThread) -> None:
     rid = request_id()
-    knobs = {"event_names": False, "omit_done": True, "usage_cost": False, "keepalives": 0}
+    knobs = {"event_names": False, "omit_done": True, "usage_cost": False, "keepalives": 0, "generation_404s": 0}
     body = {"model": "openai/gpt-4o-mini", "input": "hi", "stream": True, "simulator": knobs}
     answer = http.post("/responses", json=body, headers={"x-request-id": rid})
+    stats = http.get("/generation", params={"id": answer.headers["x-generation-id"]})  # stored before the EOF
+    assert stats.status_code == 200 and stats.json()["data"]["total_cost"] == logged(simulator, rid)["cost"] > 0
     assert answer.text.startswith("data: {")
     events = sse(answer.text)
     assert all(name is None for name, _ in events) and events[-1][1]["type"] == "response.completed"

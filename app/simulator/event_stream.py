@@ -21,10 +21,12 @@ Event = tuple[str | None, dict[str, Any]]  # (SSE event name, or None for a bare
 @dataclass
 class EventStream:
     """One answer's stream: `produced` marks on its generation what a sent event produced;
-    `failure(n)` builds the in-stream error sent as the n-th event (after `gen.failed` is set)."""
+    `failure(n)` builds the in-stream error sent as the n-th event (after `gen.failed` is set);
+    `settled` stores the generation's stats once it has ended (before EOF, like the log)."""
 
     produced: Callable[[dict[str, Any]], None]
     failure: Callable[[int], list[Event]]
+    settled: Callable[[], None]
     broken: bytes
     done: bool
 
@@ -40,8 +42,11 @@ class EventStream:
             for _ in range(int(gen.knobs.get("keepalives", gen.keepalives))):
                 await response.write(KEEPALIVE)
             for index, event in enumerate(events):
-                if await self._fault(request, response, gen, index):
-                    record.served(gen)
+                if (ended := await self._fault(request, response, gen, index)) is not None:
+                    record.served(gen)  # before EOF: a client that sees the end finds it logged
+                    self.settled()
+                    if ended == "error":
+                        await response.write_eof()
                     return response
                 await response.write(frame(event))
                 self.produced(event[1])
@@ -51,6 +56,7 @@ class EventStream:
             if self.done:
                 await response.write(b"data: [DONE]\n\n")
             record.served(gen)
+            self.settled()
             await response.write_eof()
         except (asyncio.CancelledError, ConnectionResetError):
             gen.cancelled = True
@@ -58,24 +64,25 @@ class EventStream:
             raise
         return response
 
-    async def _fault(self, request: web.Request, response: web.StreamResponse, gen: Generation, index: int) -> bool:
-        """Plays the knob due before event `index`; True when the stream ended there."""
+    async def _fault(
+        self, request: web.Request, response: web.StreamResponse, gen: Generation, index: int
+    ) -> str | None:
+        """Plays the knob due before event `index`; "error" or "reset" when the stream ends there."""
         knobs = gen.knobs
         if knobs.get("stream_error") and index == int(knobs.get("error_after", 1)):
             gen.failed = True
             for event in self.failure(index):
                 await response.write(frame(event))
-            await response.write_eof()
-            return True
+            return "error"
         if index == knobs.get("reset_after"):
             gen.failed = True
             _reset(request)
-            return True
+            return "reset"
         if index == knobs.get("stall_after"):
             await asyncio.sleep(3600)
         if index == knobs.get("malformed_after"):
             await response.write(self.broken)
-        return False
+        return None
 
 
 async def faults_before_headers(

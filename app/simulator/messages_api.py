@@ -58,7 +58,13 @@ async def serve(sim: Simulator, request: web.Request) -> web.StreamResponse:
     sim.generation_misses[gen.id] = int(knobs.get("generation_404s", 1))
     try:
         if payload.get("stream") is True:
-            stream = EventStream(gen.produced, gen.failure, _BROKEN, done=knobs.get("done") is True)
+            stream = EventStream(
+                gen.produced,
+                gen.failure,
+                lambda: sim.generations.update({gen.id: gen.stats()}),
+                _BROKEN,
+                done=knobs.get("done") is True,
+            )
             return await stream.send(request, gen, record, gen.events())
         gen.emitted, gen.finished = gen.out.content, True
         record.served(gen)
