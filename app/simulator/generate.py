@@ -280,8 +280,15 @@ def produce(payload: dict[str, Any], knobs: dict[str, Any], model: dict[str, Any
     return out
 
 
-def usage(model: dict[str, Any], prompt: int, completion: int, reasoning: int, cached: int) -> dict[str, Any]:
-    prompt_cost = (prompt - cached) * price(model, "prompt") + cached * price(model, "input_cache_read")
+def usage(
+    model: dict[str, Any], prompt: int, completion: int, reasoning: int, cached: int, cache_write: int = 0
+) -> dict[str, Any]:
+    """OpenRouter's chat usage; `prompt` counts every input token, cache reads and writes included."""
+    prompt_cost = (
+        (prompt - cached - cache_write) * price(model, "prompt")
+        + cached * price(model, "input_cache_read")
+        + cache_write * price(model, "input_cache_write")
+    )
     completion_cost = completion * price(model, "completion")
     cost = prompt_cost + completion_cost + Decimal(model["pricing"].get("request", "0"))
     return {
@@ -292,7 +299,7 @@ def usage(model: dict[str, Any], prompt: int, completion: int, reasoning: int, c
         "is_byok": False,
         "prompt_tokens_details": {
             "cached_tokens": cached,
-            "cache_write_tokens": 0,
+            "cache_write_tokens": cache_write,
             "audio_tokens": 0,
             "video_tokens": 0,
         },

@@ -22,6 +22,19 @@ Knobs (all optional):
   generation_404s           times GET /generation 404s before it answers (default 1)
   id + sequence             a list of knob objects used on successive attempts with that id
   status_for                {model: status}: fail only requests for those models
+
+On /responses and /messages the same knobs apply (counting SSE events where chat counts
+chunks; `stream_error` 1..3 on /responses, any number on /messages), plus:
+  error_shape               /responses: "numeric" (default, OR's `code: <int>` body) |
+                              "responses" (string `code` + top-level `error_type`)
+  usage_cost                false: no `cost`/`cost_details` in the usage of the body and events
+                              (/generation and the log still bill it)
+  event_names               /responses: false drops the `event:` lines (only `data:` is sent)
+  omit_done                 /responses: end the stream without `[DONE]`
+  cache_write_tokens        /messages: report N prompt tokens as cache writes
+  start_usage               /messages: "zero" puts 0 in every field of message_start's usage
+  stream_cost               /messages: true adds `cost` to message_delta's usage
+  done                      /messages: true sends `data: [DONE]` after message_stop
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The OpenRouter simulator's HTTP server (aiohttp.web), faithful to openrouter-api.md.
 
-Serves `/api/v1/{models,chat/completions,completions,embeddings,generation,key}` and keeps a
+Serves `/api/v1/{models,chat/completions,completions,embeddings,generation,key}` (and, from
+`responses_api.py` and `messages_api.py`, `/api/v1/{responses,messages}`) and keeps a
 log of what it received and what it served at `/_sim/requests`. Per-request behaviour is
 chosen by a `simulator` object in the request body (see `knobs.py`), so one server serves
 every test: errors, in-stream error shapes, usage-chunk variants, latency, resets, hangs.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import struct
 import time
 from typing import Any
@@ -39,10 +41,14 @@ class Simulator:
         self.generation_misses: dict[str, int] = {}
 
     def app(self) -> web.Application:
+        from app.simulator import messages_api, responses_api  # they build on this module
+
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_get(API + "/models", self.models)
         app.router.add_post(API + "/chat/completions", self.chat)
         app.router.add_post(API + "/completions", self.completions)
+        app.router.add_post(API + "/responses", functools.partial(responses_api.serve, self))
+        app.router.add_post(API + "/messages", functools.partial(messages_api.serve, self))
         app.router.add_post(API + "/embeddings", self.embeddings)
         app.router.add_get(API + "/generation", self.generation)
         app.router.add_get(API + "/key", self.key)
