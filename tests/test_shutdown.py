@@ -227,7 +227,7 @@ def test_sigterm_ends_open_agent_streams_each_in_its_own_dialect(simulator: Simu
 
     async def open_stream(path: str, knobs: dict[str, Any], opened: list[int]) -> str:
         async with (
-            httpx.AsyncClient(timeout=60, headers={"x-api-key": CLIENT_KEY}) as client,
+            httpx.AsyncClient(timeout=60, headers={"Authorization": f"Bearer {CLIENT_KEY}"}) as client,
             client.stream("POST", gateway.url + path, json={**bodies[path], "simulator": knobs}) as response,
         ):
             assert response.status_code == 200
