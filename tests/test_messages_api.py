@@ -104,7 +104,7 @@ def test_a_tool_use_round_trip_keeps_the_thinking_signature(
         "tools": [WEATHER],
         "thinking": {"type": "enabled", "budget_tokens": 2000},
     }
-    question = {"role": "user", "content": "What is the weather in Paris?"}
+    question = {"role": "user", "content": "Use get_weather: what is the weather in Paris?"}
     with sdk(gateway, key["key"], marker) as client:
         with client.messages.stream(messages=[question], **asked) as stream:
             first = stream.get_final_message()

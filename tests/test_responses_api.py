@@ -94,14 +94,14 @@ def test_a_function_call_round_trip_passes_the_reasoning_item_back_unchanged(
     asked = {"model": REASONER, "tools": [WEATHER], "reasoning": {"effort": "low"}}
     with sdk(gateway, key, marker) as client:
         first = client.responses.create(
-            input="What is the weather in Paris?", include=["reasoning.encrypted_content"], **asked
+            input="Use get_weather: what is the weather in Paris?", include=["reasoning.encrypted_content"], **asked
         )
         kinds = [item.type for item in first.output]
         assert kinds == ["reasoning", "function_call"]
         reasoning, call = first.output
         assert reasoning.encrypted_content  # type: ignore[union-attr]
         history: list[Any] = [
-            {"role": "user", "content": "What is the weather in Paris?"},
+            {"role": "user", "content": "Use get_weather: what is the weather in Paris?"},
             *(item.model_dump(exclude_none=True) for item in first.output),
             {"type": "function_call_output", "call_id": call.call_id, "output": "18 C and sunny"},  # type: ignore[union-attr]
         ]

@@ -264,6 +264,7 @@ def test_request_errors_and_routes(http: httpx.Client, simulator: SimulatorThrea
 def test_stream_wire_events(http: httpx.Client, simulator: SimulatorThread) -> None:
     rid = request_id()
     body = {"stream": True, "tools": [WEATHER], "thinking": {"type": "enabled", "budget_tokens": 64}}
+    body["messages"] = [{"role": "user", "content": "Use get_weather for Paris"}]  # (a tool named: called)
     body["simulator"] = {"keepalives": 2, "cached_tokens": 2, "cache_write_tokens": 1}
     answer = post(http, body, **{"x-request-id": rid})
     assert answer.headers["content-type"] == "text/event-stream" and answer.headers["x-generation-id"]
@@ -353,3 +354,13 @@ def test_reset_and_malformed_after(http: httpx.Client, simulator: SimulatorThrea
     assert generation(http, entry["generation_id"])["total_cost"] == entry["cost"]
     text = post(http, {"stream": True, "simulator": {"malformed_after": 3}}).text
     assert 'event: content_block_delta\ndata: {"type": "content_block_delta", "index": \n\n' in text
+
+
+def test_an_agent_model_calls_a_tool_only_when_told(http: httpx.Client) -> None:
+    """Agents send all their tools every turn: a tool is called when the user names it or
+    tool_choice forces it, never just because tools were sent."""
+    plain = post(http, {"tools": [WEATHER]}).json()
+    assert [b["type"] for b in plain["content"]] == ["text"] and plain["stop_reason"] == "end_turn"
+    named = post(http, {"tools": [WEATHER], "messages": [{"role": "user", "content": "get_weather, please"}]}).json()
+    forced = post(http, {"tools": [WEATHER], "tool_choice": {"type": "any"}}).json()
+    assert named["stop_reason"] == forced["stop_reason"] == "tool_use"

@@ -447,3 +447,13 @@ def test_faults_before_headers_and_sequences(http: httpx.Client) -> None:
     assert found.status_code == 200
     body = {"model": "openai/gpt-4o-mini", "input": "hi", "simulator": {"status_for": {"openai/gpt-4o-mini": 429}}}
     assert http.post("/responses", json=body).status_code == 429
+
+
+def test_an_agent_model_calls_a_tool_only_when_told(sdk: openai.OpenAI) -> None:
+    """Codex sends all its tools every turn: a tool is called when the user names it or
+    tool_choice forces it, never just because tools were sent."""
+    plain = sdk.responses.create(model="openai/gpt-4o-mini", tools=[WEATHER], input="Reply with pong")
+    assert [item.type for item in plain.output] == ["message"]
+    named = sdk.responses.create(model="openai/gpt-4o-mini", tools=[WEATHER], input="get_weather for Paris")
+    forced = sdk.responses.create(model="openai/gpt-4o-mini", tools=[WEATHER], tool_choice="required", input="Hi")
+    assert [item.type for item in named.output] == [item.type for item in forced.output] == ["function_call"]

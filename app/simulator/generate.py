@@ -94,6 +94,21 @@ def last_user_text(payload: dict[str, Any]) -> str:
     return ""
 
 
+def _typed_last(messages: list[Any]) -> str:
+    """What the user typed last: the last user message's last text part (Claude Code puts its
+    system reminders, which name its tools, in the parts before)."""
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            parts = (
+                [p for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+                if isinstance(content, list)
+                else []
+            )
+            return str(parts[-1]["text"]) if parts else text_of(content)
+    return ""
+
+
 def reply_text(payload: dict[str, Any], knobs: dict[str, Any], model_id: str) -> str:
     reply = knobs.get("reply")
     if isinstance(reply, str):
@@ -182,6 +197,16 @@ def bad_signature(payload: dict[str, Any]) -> bool:
             if signature is not None and not hmac.compare_digest(signature, sign(text)):
                 return True
     return False
+
+
+def named_tools(tools: list[dict[str, Any]], choice: Any, messages: list[Any]) -> list[dict[str, Any]]:
+    """The tools an agent's model may call this turn. Agents (Codex, Claude Code) send every tool
+    they have on every turn, so the Responses and Messages models call one only when
+    `tool_choice` forces it or the last user text names it; otherwise they answer in words."""
+    if choice == "required" or isinstance(choice, dict):
+        return tools
+    text = _typed_last(messages)
+    return [t for t in tools if (name := (t.get("function") or {}).get("name")) and name in text]
 
 
 def tool_call(payload: dict[str, Any], knobs: dict[str, Any], model: dict[str, Any]) -> dict[str, Any] | None:

@@ -149,6 +149,7 @@ def chat_view(payload: dict[str, Any]) -> dict[str, Any]:
     choice = {"any": "required", "none": "none"}.get(
         choice.get("type"), {"function": {"name": choice.get("name")}} if choice.get("type") == "tool" else "auto"
     )
+    tools = generate.named_tools(tools, choice, messages)
     thinking = payload.get("thinking")
     thinks = isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive")
     return {

@@ -152,6 +152,7 @@ def chat_view(payload: dict[str, Any]) -> dict[str, Any]:
     choice = payload.get("tool_choice", "auto")
     if isinstance(choice, dict):
         choice = {"function": {"name": choice.get("name")}} if choice.get("type") == "function" else "auto"
+    tools = generate.named_tools(tools, choice, messages)
     view = {"messages": messages, "tools": tools, "tool_choice": choice, "max_tokens": payload.get("max_output_tokens")}
     if "reasoning" in payload:
         view["reasoning"] = payload["reasoning"]
