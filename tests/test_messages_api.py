@@ -280,3 +280,72 @@ def test_one_budget_is_spent_and_refused_across_chat_responses_and_messages(
     assert refused["/v1/responses"].json()["error"]["code"] == "insufficient_quota"
     assert refused["/v1/messages"].json()["error"]["type"] == "billing_error"
     assert all(r.headers["x-should-retry"] == "false" for r in refused.values())
+
+
+def test_team_policy_defaults_allowlist_and_aliases_apply_to_messages_and_responses(
+    gateway: GatewayServer, simulator: SimulatorThread, marker: str
+) -> None:
+    """A team's provider policy is imposed, its reasoning default becomes Messages' `thinking`
+    (and stays `reasoning` on Responses), its model allowlist refuses in each API's dialect."""
+    team = "team-" + uuid.uuid4().hex[:8]
+    policy = {"order": ["anthropic"], "data_collection": "deny"}
+    with admin(gateway) as client:
+        created = client.post(
+            "/teams",
+            json={
+                "name": team,
+                "models": ["anthropic/*"],
+                "provider": policy,
+                "defaults": {"reasoning": {"effort": "low"}},
+            },
+        )
+        assert created.status_code == 201, created.text
+        key = client.post("/keys", json={"name": "agent", "team": team}).json()
+    auth = {"Authorization": f"Bearer {key['key']}"}
+    with httpx.Client(base_url=gateway.url, timeout=20) as http:
+        ok = http.post(
+            "/v1/messages",
+            json={"model": CLAUDE, "max_tokens": 4000, "messages": HELLO},
+            headers={**auth, "x-request-id": marker},
+        )
+        assert ok.status_code == 200, ok.text
+        assert [b["type"] for b in ok.json()["content"]] == ["thinking", "text"]  # the team's default: thinking
+        refused = http.post(
+            "/v1/messages", json={"model": "openai/gpt-4o-mini", "max_tokens": 50, "messages": HELLO}, headers=auth
+        )
+        assert refused.status_code == 403 and refused.json()["error"]["type"] == "permission_error"
+        assert refused.json()["error"]["code"] == "model_not_allowed"
+        refused = http.post("/v1/responses", json={"model": "openai/gpt-4o-mini", "input": "hi"}, headers=auth)
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "model_not_allowed"
+        answer = http.post(
+            "/v1/responses", json={"model": CLAUDE, "input": "hi"}, headers={**auth, "x-request-id": marker + "-r"}
+        )
+        assert answer.status_code == 200, answer.text
+    messages_body, responses_body = (json.loads(e["body"]) for e in sent(simulator, marker))
+    assert messages_body["thinking"] == {"type": "enabled", "budget_tokens": 2048} and "reasoning" not in messages_body
+    assert responses_body["reasoning"] == {"effort": "low"} and "thinking" not in responses_body
+    assert messages_body["provider"] == responses_body["provider"] == policy
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/messages"])
+def test_an_untouched_body_goes_upstream_byte_for_byte(
+    gateway: GatewayServer, simulator: SimulatorThread, key: dict[str, Any], marker: str, path: str
+) -> None:
+    """Nothing to change (no alias, no defaults, no policy): the client's own bytes, with their
+    spacing, key order and escapes, and the reasoning and thinking items in them, go upstream."""
+    if path == "/v1/responses":
+        raw = (
+            '{ "input" : [{"role":"user","content":"caf\\u00e9 \u2615"},'
+            '{"type":"reasoning","id":"rs_1","summary":[],"encrypted_content":null}],'
+            '"model":"openai/gpt-4o-mini","store":false, "metadata": {"z": 1, "a": 2}}'
+        )
+    else:
+        raw = (
+            '{"messages":[{"role":"user","content":"caf\\u00e9 \u2615"}], "max_tokens":50,'
+            '  "model" : "openai/gpt-4o-mini", "metadata": {"user_id": "u-1"}, "unknown_field": [1, 2.50]}'
+        )
+    headers = {"Authorization": f"Bearer {key['key']}", "Content-Type": "application/json", "x-request-id": marker}
+    answer = httpx.post(gateway.url + path, content=raw.encode(), headers=headers, timeout=20)
+    assert answer.status_code == 200, answer.text
+    (upstream,) = sent(simulator, marker)
+    assert upstream["body"] == raw

@@ -468,7 +468,7 @@ class Admission:
         if check.kind == "tokens" and never:
             message = (
                 f"This request may use {check.amount} tokens, more than the {check.scope}'s limit of "
-                f"{check.limit} tokens per minute; lower max_tokens."
+                f"{check.limit} tokens per minute; lower max_tokens (max_output_tokens on Responses)."
             )
         return RateLimitError(
             message,
@@ -617,10 +617,11 @@ def _budget_message(check: Check, used: int) -> str:
     budget, spent = f"{check.scope} budget of ${Decimal(check.limit) / NANO}", f"${Decimal(used) / NANO:.6f}"
     if used >= check.limit:
         return f"The {budget} for this period is used up ({spent} spent or held)."
-    worst = f"This request may cost up to ${Decimal(check.amount) / NANO:.6f} (the model's price for max_tokens)"
+    worst = f"This request may cost up to ${Decimal(check.amount) / NANO:.6f} (the model's price for its output limit)"
     if check.amount > check.limit:
-        return f"{worst}, more than the whole {budget} per period; lower max_tokens."
-    return f"{worst}, more than is left of the {budget} for this period ({spent} spent or held); lower max_tokens."
+        return f"{worst}, more than the whole {budget} per period; lower max_tokens (max_output_tokens on Responses)."
+    left = f"more than is left of the {budget} for this period ({spent} spent or held)"
+    return f"{worst}, {left}; lower max_tokens (max_output_tokens on Responses)."
 
 
 def _fits(spare: list[Check], checks: list[Check]) -> bool:
