@@ -29,8 +29,8 @@
 `code` is always a string reason; OpenAI SDKs choose their exception class from the status.
 The README's error table lists every code (tests/test_error_table.py keeps the two together).
 Anthropic's twin of each row: the type its status stands for at Anthropic (`ANTHROPIC_TYPES`),
-503 as Anthropic's 529 `overloaded_error`, other 5xx but 504 as 500 `api_error`; our `code`
-kept beside it, a budget refusal typed `billing_error`.
+503 (and OpenRouter's 503 or 529 passed on) as Anthropic's 529 `overloaded_error`, other 5xx
+but 504 as 500 `api_error`; our `code` kept beside it, a budget refusal typed `billing_error`.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class GatewayError(Exception):
     # -- Anthropic's dialect (the Messages routes) ------------------------------------------------
     @property
     def anthropic_status(self) -> int:
-        if self.status == 503:
+        if self.status == 503 or self.upstream_status in (503, 529):  # ours, or OpenRouter's overloaded
             return 529
         if self.status >= 500 and self.status != 504:
             return 500

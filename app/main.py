@@ -34,6 +34,7 @@ from app.api.responses import error_response, gateway_error_handler
 from app.auth.keys import KeyAuthenticator
 from app.auth.teams import TeamPolicyFactory
 from app.catalog.models import Catalog
+from app.dialects import dialect_of
 from app.errors import GatewayError, InvalidRequestError, RouteNotFoundError, StoreUnavailableError, UpstreamError
 from app.gateway import Gateway
 from app.limits.admission import Admission
@@ -268,32 +269,37 @@ async def _flush_once(gateway: Gateway) -> None:
 
 async def _store_error(request: Request, exc: Exception) -> Response:
     log.warning("store unavailable on %s %s: %s", request.method, request.url.path, exc)
-    return error_response(StoreUnavailableError("The store is unavailable; try again shortly."))
+    return _render(request, StoreUnavailableError("The store is unavailable; try again shortly."))
+
+
+def _render(request: Request, error: GatewayError) -> Response:
+    """An error in the dialect of the path asked (Anthropic's under /v1/messages)."""
+    return error_response(error, dialect_of(request.url.path))
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     first = exc.errors()[0] if exc.errors() else {}
     if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
-        return error_response(InvalidRequestError("The body is not valid JSON.", code="invalid_json"))
+        return _render(request, InvalidRequestError("The body is not valid JSON.", code="invalid_json"))
     where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-    return error_response(
-        InvalidRequestError(f"{where or 'request'}: {first.get('msg', 'invalid')}", param=where or None)
+    return _render(
+        request, InvalidRequestError(f"{where or 'request'}: {first.get('msg', 'invalid')}", param=where or None)
     )
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
-        return error_response(RouteNotFoundError(f"Unknown request URL: {request.method} {request.url.path}."))
+        return _render(request, RouteNotFoundError(f"Unknown request URL: {request.method} {request.url.path}."))
     if exc.status_code == 400 and str(exc.detail) == "There was an error parsing the body":
         # FastAPI's words for a body json.loads refused (bad UTF-8, too deep, a 5,000-digit number)
-        return error_response(InvalidRequestError("The body is not valid JSON.", code="invalid_json"))
+        return _render(request, InvalidRequestError("The body is not valid JSON.", code="invalid_json"))
     error = InvalidRequestError(str(exc.detail), status=exc.status_code, code=f"http_{exc.status_code}")
     error.headers.update(exc.headers or {})
-    return error_response(error)
+    return _render(request, error)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(GatewayError())
+    return _render(request, GatewayError())

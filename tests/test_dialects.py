@@ -11,7 +11,13 @@ import pytest
 
 from app.dialects import CHAT, EMBEDDINGS, MESSAGES, RESPONSES, ROUTES
 from app.dialects.messages import thinking_of
-from app.errors import BudgetExceededError, InvalidRequestError, StoreUnavailableError, UpstreamConnectionError
+from app.errors import (
+    BudgetExceededError,
+    InvalidRequestError,
+    ServerShuttingDownError,
+    StoreUnavailableError,
+    UpstreamConnectionError,
+)
 from app.usage.record import Usage
 
 
@@ -193,3 +199,58 @@ def test_session_headers_become_x_session_id() -> None:
     }
     assert MESSAGES.credential({"x-api-key": "k"}) == "Bearer k"
     assert MESSAGES.credential({"x-api-key": "k", "authorization": "Bearer b"}) == "Bearer b"
+
+
+@pytest.mark.parametrize("dialect", [RESPONSES, MESSAGES])
+def test_a_crlf_split_between_reads_is_one_boundary(dialect: Any) -> None:
+    """`\\r\\n\\r` in one read and `\\n` in the next: still an event boundary, nothing failed."""
+    if dialect is RESPONSES:
+        first = {"type": "response.output_text.delta", "delta": "Hi"}
+        last = {"type": "response.completed", "response": {"usage": {"input_tokens": 1, "output_tokens": 1}}}
+    else:
+        first = {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "Hi"}}
+        last = {"type": "message_stop"}
+    stream = (sse(first["type"], first) + sse(last["type"], last)).replace(b"\n", b"\r\n")
+    relay = dialect.relay(False)
+    cut = stream.index(b"\r\n\r\n") + 3
+    out = relay.feed(stream[:cut]) + relay.feed(stream[cut:]) + relay.end()
+    assert [data for _, data in events(out)] == [first, last]
+    assert relay.error is None
+
+
+@pytest.mark.parametrize("dialect", [RESPONSES, MESSAGES])
+def test_nothing_is_added_once_the_last_event_came(dialect: Any) -> None:
+    """The connection breaking, or the drain ending it, after `response.completed` or
+    `message_stop` (before `[DONE]`): the client's stream is complete, and it is not an error."""
+    last = (
+        sse("response.completed", {"type": "response.completed", "response": {}})
+        if dialect is RESPONSES
+        else sse("message_stop", {"type": "message_stop"})
+    )
+    for failure in (UpstreamConnectionError("reset"), ServerShuttingDownError("bye")):
+        relay = dialect.relay(False)
+        assert relay.feed(last) == last
+        assert relay.fail(failure) == b"" and relay.error is None and relay.done
+
+
+@pytest.mark.parametrize("dialect", [RESPONSES, MESSAGES])
+def test_done_before_the_last_event_is_a_failure_not_a_silent_end(dialect: Any) -> None:
+    relay = dialect.relay(False)
+    out = relay.feed(sse(None, {"type": "response.in_progress"}) + b"data: [DONE]\n\n") + relay.end()
+    named = [name for name, _ in events(out)]
+    assert named[-2] == ("response.failed" if dialect is RESPONSES else "error") and named[-1] is None
+    assert relay.error is not None
+
+
+def test_an_untyped_error_and_its_string_code_reach_the_client_as_response_failed() -> None:
+    """OpenRouter's untyped `{"error": ...}` never goes on as a top-level error key, and a code
+    Codex acts on (`rate_limit_exceeded`) survives into `response.failed`."""
+    for event in (
+        {"error": {"code": 502, "message": "Provider returned error"}},
+        {"type": "error", "error": {"code": "rate_limit_exceeded", "message": "slow down"}},
+    ):
+        relay = RESPONSES.relay(False)
+        name, failed = events(relay.feed(sse(None, event)))[-1]
+        assert name == "response.failed" and "error" not in failed
+        code = event["error"]["code"]  # type: ignore[index]
+        assert failed["response"]["error"]["code"] == (code if isinstance(code, str) else "upstream_error")

@@ -194,11 +194,18 @@ def test_our_refusals_come_in_anthropic_shape(gateway: GatewayServer, key: dict[
                 messages=HELLO,
                 extra_body={"simulator": {"status": 503}},  # type: ignore[arg-type]
             )
-        # OpenRouter's 5xx after the gateway's retries is the table's 502, Anthropic's 500 api_error
-        # (the gateway's own 503s are Anthropic's 529 overloaded_error: test_dialects.py, test_shutdown.py)
-        assert overloaded.value.status_code == 500
-        assert overloaded.value.body["error"]["type"] == "api_error"  # type: ignore[index]
+        # OpenRouter overloaded (503) is Anthropic's 529 overloaded_error; its other 5xx, 500 api_error
+        assert overloaded.value.status_code == 529
+        assert overloaded.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
         assert overloaded.value.body["error"]["message"] == "No available providers for this request"  # type: ignore[index]
+        with pytest.raises(anthropic.InternalServerError) as failed:
+            client.messages.create(
+                model=CLAUDE,
+                max_tokens=100,
+                messages=HELLO,  # type: ignore[arg-type]
+                extra_body={"simulator": {"status": 502}},
+            )
+        assert failed.value.status_code == 500 and failed.value.body["error"]["type"] == "api_error"  # type: ignore[index]
     too_big = httpx.post(
         gateway.url + "/v1/messages",
         content=b'{"messages": "' + b"x" * (MAX_BODY + 10) + b'"}',

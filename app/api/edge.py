@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.api.inference import COUNT_TOKENS, answer
 from app.api.responses import error_response
 from app.auth.keys import bearer_token, hash_key
-from app.dialects import CHAT, MESSAGES, PREFIXES, ROUTES, Dialect
+from app.dialects import PREFIXES, ROUTES, Dialect, dialect_of
 from app.errors import AuthenticationError, GatewayError, InvalidRequestError, MetricsDisabledError
 from app.gateway import Gateway
 from app.request_ids import request_id_of
@@ -29,11 +29,6 @@ log = logging.getLogger("gateway")
 
 # POST paths answered before FastAPI: every API's routes, and count_tokens (None).
 FAST_LANE: dict[str, Dialect | None] = {**ROUTES, **{prefix + COUNT_TOKENS: None for prefix in PREFIXES}}
-
-
-def dialect_of(path: str) -> Dialect:
-    """Whose error envelope a refusal on this path wears (count_tokens: Anthropic's)."""
-    return MESSAGES if path.endswith(COUNT_TOKENS) else CHAT
 
 
 class EdgeMiddleware:

@@ -13,7 +13,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app.call import ProxyCall
-from app.dialects import CHAT, Answer, Dialect, Relay
+from app.dialects import CHAT, Answer, Dialect, Relay, dialect_of
 from app.errors import GatewayError, ServerShuttingDownError, UpstreamError
 from app.upstream.client import UpstreamResponse
 from app.usage.meter import BODY_LOG_LIMIT
@@ -57,7 +57,7 @@ def error_response(error: GatewayError, dialect: Dialect = CHAT) -> Response:
 
 async def gateway_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
-    return error_response(exc)
+    return error_response(exc, dialect_of(request.url.path))
 
 
 class SSEResponse(Response):

@@ -34,7 +34,7 @@ class Relay(Answer, Protocol):
     """Upstream SSE bytes in, client SSE bytes out; pure, no I/O. What it read for metering is
     on it when the stream ends."""
 
-    done: bool  # the stream ended (its last event, an error, or a failure of ours)
+    done: bool  # nothing more goes to the client (its end came, an error, or a failure of ours)
     error: GatewayError | None  # how it failed, if it did
     saw_data: bool  # a data event went out (the first token's time)
 

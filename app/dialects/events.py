@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from app.errors import GatewayError, UpstreamConnectionError
+from app.normalize.response import openrouter_error, status_of
 from app.usage.record import Usage
 
 DONE = b"data: [DONE]"
@@ -41,9 +42,9 @@ class EventRelay:
     def feed(self, data: bytes) -> bytes:
         if self.done:
             return b""
-        if b"\r" in data:
-            data = data.replace(b"\r\n", b"\n")
         buffer = self._buffer + data if self._buffer else data
+        if b"\r" in buffer:  # (after joining: a CRLF may be split between two reads)
+            buffer = buffer.replace(b"\r\n", b"\n")
         end = buffer.rfind(b"\n\n")
         if end < 0:
             self._buffer = buffer
@@ -71,10 +72,13 @@ class EventRelay:
         if self.done or self.finished:
             self.done = True
             return out
-        return out + self.fail(UpstreamConnectionError("OpenRouter ended the stream before the response was complete."))
+        return out + self.fail(self._cut())
 
     def fail(self, error: GatewayError) -> bytes:
-        """End the stream with the API's own failure event."""
+        """End the stream with the API's own failure event; a stream whose last event came has
+        nothing to add (the connection may still break, or the drain end it, before `[DONE]`)."""
+        if self.finished:
+            self.done = True
         if self.done:
             return b""
         self.error = error
@@ -87,6 +91,8 @@ class EventRelay:
             return event + b"\n\n"  # a comment, or a field we do not use: passed on
         data = b"\n".join(lines)
         if data == b"[DONE]":
+            if not self.finished:  # the end, before the API's last event: not a silent one
+                return self.fail(self._cut()) + event + b"\n\n"
             self.done = True
             return event + b"\n\n"
         if not (data.startswith(b"{") and data.endswith(b"}")):
@@ -101,7 +107,12 @@ class EventRelay:
             return self.fail(self._malformed())
         if not isinstance(parsed, dict):
             return event + b"\n\n"
+        if "type" not in parsed and isinstance(parsed.get("error"), dict):  # OpenRouter's untyped error
+            return self.fail(upstream_error(parsed["error"]))
         return self._read(parsed, event + b"\n\n")
+
+    def _cut(self) -> GatewayError:
+        return UpstreamConnectionError("OpenRouter ended the stream before the response was complete.")
 
     def _malformed(self) -> GatewayError:
         return UpstreamConnectionError("OpenRouter sent a malformed stream event.", code="upstream_invalid_response")
@@ -113,6 +124,16 @@ class EventRelay:
 
     def failure(self, error: GatewayError) -> bytes:
         raise NotImplementedError
+
+
+def upstream_error(error: dict[str, Any], status: int | None = None) -> GatewayError:
+    """An error OpenRouter sent inside a stream, as ours; a string code of its own (Responses':
+    `rate_limit_exceeded`, `context_length_exceeded`, …) is kept, as clients act on it."""
+    mapped = openrouter_error(status or status_of(error), error)
+    code = error.get("code")
+    if isinstance(code, str) and not code.isdigit():
+        mapped.code = code
+    return mapped
 
 
 def _plain(block: bytes) -> bool:

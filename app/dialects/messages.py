@@ -21,27 +21,15 @@ from typing import Any
 import orjson
 
 from app.dialects.base import Dialect, Relay
-from app.dialects.events import EventRelay
-from app.errors import GatewayError
+from app.dialects.events import EventRelay, upstream_error
+from app.errors import ANTHROPIC_TYPES, GatewayError
 from app.limits import estimate
-from app.normalize.response import openrouter_error
 from app.usage.record import Usage
 
 # Reasoning defaults (written as OpenRouter's `reasoning`) as `thinking` budgets.
 EFFORT_BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 16384, "xhigh": 32768, "max": 32768}
 # Anthropic's error types, as the status OpenRouter would have answered with.
-STATUS_OF_TYPE = {
-    "invalid_request_error": 400,
-    "authentication_error": 401,
-    "billing_error": 402,
-    "permission_error": 403,
-    "not_found_error": 404,
-    "request_too_large": 413,
-    "rate_limit_error": 429,
-    "api_error": 500,
-    "timeout_error": 504,
-    "overloaded_error": 529,
-}
+STATUS_OF_TYPE = {kind: status for status, kind in ANTHROPIC_TYPES.items()}
 
 
 class Messages(Dialect):
@@ -144,7 +132,7 @@ class MessagesRelay(EventRelay):
             self.finished = True
         elif kind == "error":  # already this API's failure event: passed on as it is, and the end
             error: dict[str, Any] = event["error"] if isinstance(event.get("error"), dict) else {}
-            self.error = openrouter_error(STATUS_OF_TYPE.get(str(error.get("type")), 502), error)
+            self.error = upstream_error(error, STATUS_OF_TYPE.get(str(error.get("type")), 502))
             self.done = True
         return raw
 

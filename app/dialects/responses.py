@@ -20,9 +20,8 @@ from typing import Any
 import orjson
 
 from app.dialects.base import Dialect, Relay
-from app.dialects.events import EventRelay
+from app.dialects.events import EventRelay, upstream_error
 from app.errors import GatewayError, InvalidRequestError
-from app.normalize.response import openrouter_error, status_of
 from app.usage.record import Usage
 
 STATELESS = (
@@ -106,6 +105,7 @@ class ResponsesRelay(EventRelay):
         if kind == "response.created":
             self.response_id = response.get("id") if isinstance(response.get("id"), str) else None
             self.created_at = response.get("created_at") if isinstance(response.get("created_at"), int) else None
+            self.model = response["model"] if isinstance(response.get("model"), str) else None
         elif kind in ("response.completed", "response.incomplete", "response.failed"):
             self.usage = usage_from(response.get("usage"))
             self.model = response["model"] if isinstance(response.get("model"), str) else self.model
@@ -113,11 +113,11 @@ class ResponsesRelay(EventRelay):
             self.finished = True
             if kind == "response.failed":  # the API's own failure event: passed on as it is
                 error = response.get("error")
-                self.error = openrouter_error(status_of(error), error)
+                self.error = upstream_error(error if isinstance(error, dict) else {})
                 self.done = True
         elif kind in ("error", "response.error"):  # flat, or with the error nested: made response.failed
-            error = event.get("error") if isinstance(event.get("error"), dict) else event
-            return self.fail(openrouter_error(status_of(error), error))
+            error = event["error"] if isinstance(event.get("error"), dict) else event
+            return self.fail(upstream_error(error))
         return raw
 
     def failure(self, error: GatewayError) -> bytes:

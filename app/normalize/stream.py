@@ -56,9 +56,9 @@ class StreamRelay:
     def feed(self, data: bytes) -> bytes:
         if self.done:
             return b""
-        if b"\r" in data:
-            data = data.replace(b"\r\n", b"\n")
         buffer = self._buffer + data if self._buffer else data
+        if b"\r" in buffer:  # (after joining: a CRLF may be split between two reads)
+            buffer = buffer.replace(b"\r\n", b"\n")
         end = buffer.rfind(b"\n\n")
         if end < 0:
             self._buffer = buffer
