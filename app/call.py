@@ -38,7 +38,8 @@ class ProxyCall:
     status: int = 200
     error_code: str | None = None
     generation_id: str | None = None
-    usage: Usage | None = None  # summed over every try OpenRouter billed
+    usage: Usage | None = None  # summed over every try OpenRouter billed and priced
+    uncosted: dict[str, Usage] | None = None  # tries counted without their cost, by generation id
     unread: list[str] | None = None  # generation ids of tries whose usage could not be read
     parsed: Any = None  # the non-streaming response body, parsed once
     payload: Any = None  # streams: the request body, to estimate a cut stream's prompt
@@ -70,6 +71,9 @@ class ProxyCall:
     def add_usage(self, usage: Usage | None) -> None:
         """Usage of one more billed try (a 200 with an error inside is billed, then retried)."""
         if usage is None:
+            return
+        if usage.cost_usd is None and self.generation_id:  # its cost is in OpenRouter's /generation
+            self.uncosted = {**(self.uncosted or {}), self.generation_id: usage}
             return
         self.usage = usage if self.usage is None else self.usage.plus(usage)
 

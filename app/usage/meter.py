@@ -42,12 +42,11 @@ def _response_body(call: ProxyCall) -> str | None:
     return None
 
 
+def _tokens(usage: Usage) -> tuple[int, int, int, int]:
+    return usage.prompt_tokens, usage.completion_tokens, usage.reasoning_tokens, usage.cached_tokens
+
+
 Lookup = Callable[[str, ProxyCall], Awaitable[tuple[int, Any]]]
-
-
-def _cost_unknown(call: ProxyCall) -> bool:
-    """OpenRouter counted the tokens but sent no cost: its /generation stats have it."""
-    return call.usage is not None and call.usage.cost_usd is None and call.forwarded and bool(call.generation_id)
 
 
 class Meter:
@@ -80,10 +79,9 @@ class Meter:
         if call.reservation is not None:
             self.admission.settle(call.reservation, record.prompt_tokens + record.completion_tokens, record.cost_usd)
         if record.estimated:
-            lookups = list(call.unread or ())
-            wanted = call.usage is None or _cost_unknown(call)
-            if wanted and call.generation_id and call.generation_id not in lookups:
-                lookups.append(call.generation_id)  # a cut stream's, a try that told nothing, or no cost
+            lookups = [*(call.unread or ()), *(call.uncosted or ())]  # told nothing; told no cost
+            if call.usage is None and call.generation_id and call.generation_id not in lookups:
+                lookups.append(call.generation_id)  # a cut stream's
             if lookups:
                 self._spawn(self._reconcile(call, record, lookups))
         if self.log_requests and requests_log.isEnabledFor(logging.INFO):
@@ -131,10 +129,13 @@ class Meter:
             ttft_s=(call.first_token - call.started) if call.first_token else None,
             retries=call.retries,
         )
+        if call.uncosted:  # at the catalogue's prices until /generation tells their cost
+            usage = self.priced(call.usage, list(call.uncosted.values()), model)
+            return record.with_usage(usage, usage.cost_usd or Decimal(0), "catalogue", estimated=True)
         if call.usage is not None:
             # exact, unless another try's usage could not be read: then looked up and added
             cost, source = self.cost(call.usage, model)
-            return record.with_usage(call.usage, cost, source, estimated=bool(call.unread) or _cost_unknown(call))
+            return record.with_usage(call.usage, cost, source, estimated=bool(call.unread))
         if call.stream and call.forwarded and call.data_events:
             seen = Usage(prompt_tokens=call.prompt_estimate, completion_tokens=max(0, call.data_events - 1))
             cost, _ = self.cost(seen, model)
@@ -144,6 +145,13 @@ class Meter:
             # an error without usage): it may still be billed, so ask for its stats later.
             return record.with_usage(Usage(), Decimal(0), "none", estimated=True)
         return record
+
+    def priced(self, usage: Usage | None, more: list[Usage], model: str | None) -> Usage:
+        """Usages together, each with its own cost (OpenRouter's, else the catalogue's)."""
+        total = Usage(cost_usd=Decimal(0))
+        for part in [usage, *more] if usage is not None else more:
+            total = total.plus(Usage(*_tokens(part), cost_usd=self.cost(part, model)[0]))
+        return total
 
     def cost(self, usage: Usage, model: str | None) -> tuple[Decimal, CostSource]:
         """OpenRouter's own `usage.cost` first; the catalogue's prices otherwise."""
@@ -172,13 +180,15 @@ class Meter:
             self.metrics.observe_usage(estimate)  # the estimate stands, as marked
             log.warning("generation %s could not be reconciled; its estimate stands", ", ".join(lookups))
             return
-        read = None if call.usage is None or _cost_unknown(call) else call.usage  # (without its cost: replaced)
-        exact = found if read is None else read.plus(found)
-        if call.usage is None and call.generation_id in missing:  # a cut stream never found: its estimate
+        exact = self.priced(call.usage, [found], estimate.model)
+        uncosted = call.uncosted or {}
+        kept = [uncosted[g] for g in missing if g in uncosted]  # their counts, at the catalogue's prices
+        exact = self.priced(exact, kept, estimate.model)
+        if call.usage is None and not uncosted and call.generation_id in missing:  # a cut stream never found
             seen = Usage(estimate.prompt_tokens, estimate.completion_tokens, cost_usd=estimate.cost_usd)
             exact = exact.plus(seen)
         if missing:
-            log.warning("generation %s could not be looked up; counted as estimated", ", ".join(missing))
+            log.warning("generation %s could not be looked up; its part stays estimated", ", ".join(missing))
         await self._apply(call.reservation, estimate, exact)
 
     async def _look_up(self, generation_id: str, call: ProxyCall) -> Usage | None:
