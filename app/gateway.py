@@ -146,11 +146,12 @@ class Gateway:
         ):
             # OpenRouter would pick the account's default model, which no allowlist can vouch for.
             raise ModelNotAllowedError("This key may use only some models: name one in `model`.", param="model")
-        if isinstance(fallbacks, list):
-            for name in fallbacks:
+        for field in ("models", "fallbacks"):  # OpenRouter's fallback lists (Messages has both)
+            listed = payload.get(field)
+            for name in listed if isinstance(listed, list) else ():
                 target = self.catalog.resolve(name) if isinstance(name, str) else None
                 if target is not None and not principal.allows(target):
-                    raise ModelNotAllowedError(f"This key may not use the model '{target}'.", param="models")
+                    raise ModelNotAllowedError(f"This key may not use the model '{target}'.", param=field)
 
     # 4. normalise
     def to_upstream(self, call: ProxyCall, payload: dict[str, Any], raw: bytes) -> bytes:
@@ -166,10 +167,10 @@ class Gateway:
         changed |= dialect.fold_reasoning(payload)
         team = call.principal.team
         if team is not None and team.defaults:
-            changed |= normalize.merge_defaults(payload, dialect.defaults(team.defaults))
+            changed |= normalize.merge_defaults(payload, dialect.defaults(team.defaults, payload))
         if call.model is not None:
             model_defaults = self.catalog.settings_for(call.model).defaults
-            changed |= normalize.merge_defaults(payload, dialect.defaults(model_defaults))
+            changed |= normalize.merge_defaults(payload, dialect.defaults(model_defaults, payload))
         if team is not None and team.provider:
             changed |= normalize.impose_policy(payload, {"provider": team.provider})
         return normalize.encode(payload) if changed else raw

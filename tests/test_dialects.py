@@ -166,11 +166,16 @@ def test_reasoning_defaults_become_thinking_for_messages() -> None:
     assert thinking_of({"max_tokens": 3000}) == {"type": "enabled", "budget_tokens": 3000}
     assert thinking_of({"effort": "high"}) == {"type": "enabled", "budget_tokens": 16384}
     assert thinking_of({"enabled": False}) == {"type": "disabled"}
-    assert MESSAGES.defaults({"reasoning": {"enabled": True}, "temperature": 0}) == {
+    assert MESSAGES.defaults({"reasoning": {"enabled": True}, "temperature": 0}, {}) == {
         "thinking": {"type": "enabled", "budget_tokens": 8192},
         "temperature": 0,
     }
-    assert RESPONSES.defaults({"reasoning": {"effort": "low"}}) == {"reasoning": {"effort": "low"}}
+    # below the request's max_tokens, as Anthropic requires; none if under its least (1,024)
+    assert MESSAGES.defaults({"reasoning": {"effort": "high"}}, {"max_tokens": 4000}) == {
+        "thinking": {"type": "enabled", "budget_tokens": 3999}
+    }
+    assert MESSAGES.defaults({"reasoning": {"effort": "high"}}, {"max_tokens": 512}) == {}
+    assert RESPONSES.defaults({"reasoning": {"effort": "low"}}, {}) == {"reasoning": {"effort": "low"}}
 
 
 def test_responses_refuses_what_needs_state() -> None:

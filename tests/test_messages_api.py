@@ -322,6 +322,9 @@ def test_team_policy_defaults_allowlist_and_aliases_apply_to_messages_and_respon
         )
         assert refused.status_code == 403 and refused.json()["error"]["type"] == "permission_error"
         assert refused.json()["error"]["code"] == "model_not_allowed"
+        sneaked = {"model": CLAUDE, "max_tokens": 50, "messages": HELLO, "fallbacks": ["openai/gpt-4o-mini"]}
+        refused = http.post("/v1/messages", json=sneaked, headers=auth)  # OpenRouter's fallback list, checked too
+        assert refused.status_code == 403 and refused.json()["error"]["type"] == "permission_error"
         refused = http.post("/v1/responses", json={"model": "openai/gpt-4o-mini", "input": "hi"}, headers=auth)
         assert refused.status_code == 403 and refused.json()["error"]["code"] == "model_not_allowed"
         answer = http.post(

@@ -83,8 +83,9 @@ class Dialect:
         """The API's own reasoning controls as OpenRouter reads them; True if the body changed."""
         return normalize.fold_reasoning_effort(payload)
 
-    def defaults(self, defaults: dict[str, Any]) -> dict[str, Any]:
-        """Configured body defaults (written in OpenRouter's chat terms) in this API's terms."""
+    def defaults(self, defaults: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
+        """Configured body defaults (written in OpenRouter's chat terms) in this API's terms, for
+        this body."""
         return defaults
 
     def upstream_headers(self, headers: Mapping[str, str], payload: dict[str, Any]) -> dict[str, str]:

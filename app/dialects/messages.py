@@ -27,6 +27,7 @@ from app.limits import estimate
 from app.usage.record import Usage
 
 # Reasoning defaults (written as OpenRouter's `reasoning`) as `thinking` budgets.
+MIN_THINKING = 1024
 EFFORT_BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 16384, "xhigh": 32768, "max": 32768}
 # Anthropic's error types, as the status OpenRouter would have answered with.
 STATUS_OF_TYPE = {kind: status for status, kind in ANTHROPIC_TYPES.items()}
@@ -54,11 +55,11 @@ class Messages(Dialect):
     def fold_reasoning(self, payload: dict[str, Any]) -> bool:
         return False  # `thinking` is this API's own control, and OpenRouter's here
 
-    def defaults(self, defaults: dict[str, Any]) -> dict[str, Any]:
+    def defaults(self, defaults: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
         if "reasoning" not in defaults:
             return defaults
         translated = {k: v for k, v in defaults.items() if k != "reasoning"}
-        thinking = thinking_of(defaults["reasoning"])
+        thinking = thinking_of(defaults["reasoning"], payload.get("max_tokens"))
         if thinking is not None:
             translated.setdefault("thinking", thinking)
         return translated
@@ -82,8 +83,10 @@ class Messages(Dialect):
         return error.anthropic_status, error.render_anthropic()
 
 
-def thinking_of(reasoning: Any) -> dict[str, Any] | None:
-    """OpenRouter's `reasoning` (effort, max_tokens, enabled) as Anthropic's `thinking`."""
+def thinking_of(reasoning: Any, max_tokens: Any = None) -> dict[str, Any] | None:
+    """OpenRouter's `reasoning` (effort, max_tokens, enabled) as Anthropic's `thinking`, its
+    budget below the request's `max_tokens` as Anthropic requires (none if less than 1,024
+    tokens would be left to think in, Anthropic's least)."""
     if not isinstance(reasoning, dict):
         return None
     if reasoning.get("enabled") is False or reasoning.get("effort") == "none":
@@ -91,7 +94,9 @@ def thinking_of(reasoning: Any) -> dict[str, Any] | None:
     budget = reasoning.get("max_tokens")
     if not isinstance(budget, int) or isinstance(budget, bool):
         budget = EFFORT_BUDGETS.get(str(reasoning.get("effort", "medium")), EFFORT_BUDGETS["medium"])
-    return {"type": "enabled", "budget_tokens": budget}
+    if isinstance(max_tokens, int) and not isinstance(max_tokens, bool):
+        budget = min(budget, max_tokens - 1)
+    return {"type": "enabled", "budget_tokens": budget} if budget >= MIN_THINKING else None
 
 
 def usage_from(usage: Any) -> Usage | None:
