@@ -9,9 +9,10 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.simulator import SimulatorThread
-from tests.support import ADMIN_KEY, GatewayServer, gateway_settings, wait_until
+from tests.support import ADMIN_KEY, GatewayServer, gateway_settings, scrape, wait_until
 
 
 def agent_gateway(simulator: SimulatorThread, **overrides: Any) -> GatewayServer:
@@ -49,6 +50,20 @@ def key_usage(gateway: GatewayServer, key: dict[str, Any]) -> dict[str, Any]:
     with admin(gateway) as client:
         report: dict[str, Any] = client.get("/usage", params={"key": key["id"]}).json()
     return report["total"]
+
+
+def team_metrics(gateway: GatewayServer, team: str) -> tuple[Decimal, set[str]]:
+    """The cost counter of one team on /metrics, and the endpoints its requests were counted on."""
+    cost, endpoints = Decimal(0), set()
+    for family in text_string_to_metric_families(scrape(gateway.url).text):
+        for sample in family.samples:
+            if sample.labels.get("team") != team:
+                continue
+            if sample.name == "gateway_cost_usd_total":
+                cost += Decimal(repr(sample.value))
+            elif sample.name == "gateway_requests_total":
+                endpoints.add(sample.labels["endpoint"])
+    return cost, endpoints
 
 
 def wait_for_ledger(gateway: GatewayServer, simulator: SimulatorThread, key: dict[str, Any], marker: str) -> Decimal:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import anthropic
@@ -17,8 +18,8 @@ import httpx
 import pytest
 
 from app.simulator import SimulatorThread
-from tests.agent_support import admin, agent_gateway, key_usage, new_key, wait_for_ledger
-from tests.support import UPSTREAM_KEY, GatewayServer, scrape, wait_until
+from tests.agent_support import admin, agent_gateway, key_usage, new_key, team_metrics, wait_for_ledger
+from tests.support import UPSTREAM_KEY, GatewayServer, wait_until
 
 CLAUDE = "anthropic/claude-sonnet-4.5"
 MAX_BODY = 256 * 1024
@@ -69,7 +70,9 @@ def test_create_returns_the_text_and_the_ledger_holds_its_exact_cost(
     wait_for_ledger(gateway, simulator, key, marker)
     total = key_usage(gateway, key)
     assert total["requests"] == 1 and total["completion_tokens"] == message.usage.output_tokens
-    assert 'endpoint="messages"' in scrape(gateway.url).text
+    cost = wait_for_ledger(gateway, simulator, key, marker)
+    metered, endpoints = team_metrics(gateway, key["team"])
+    assert abs(metered - cost) < Decimal("1e-9") and endpoints == {"messages"}
 
 
 def test_stream_delivers_named_events_and_is_billed_from_generation(

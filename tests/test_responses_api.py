@@ -17,8 +17,8 @@ import openai
 import pytest
 
 from app.simulator import SimulatorThread
-from tests.agent_support import agent_gateway, key_usage, new_key, wait_for_ledger
-from tests.support import UPSTREAM_KEY, GatewayServer, scrape
+from tests.agent_support import agent_gateway, key_usage, new_key, team_metrics, wait_for_ledger
+from tests.support import UPSTREAM_KEY, GatewayServer
 
 MINI = "openai/gpt-4o-mini"
 REASONER = "openai/gpt-5-mini"
@@ -69,7 +69,9 @@ def test_create_returns_the_text_and_the_ledger_holds_its_exact_cost(
     assert Decimal(repr((response.usage.model_extra or {})["cost"])) == cost
     total = key_usage(gateway, key)
     assert total["requests"] == 1 and total["prompt_tokens"] == response.usage.input_tokens
-    assert 'endpoint="responses"' in scrape(gateway.url).text
+    cost = wait_for_ledger(gateway, simulator, key, marker)
+    metered, endpoints = team_metrics(gateway, key["team"])
+    assert abs(metered - cost) < Decimal("1e-9") and endpoints == {"responses"}
 
 
 def test_stream_delivers_every_event_and_the_final_response(
