@@ -414,7 +414,9 @@ async def test_a_backlog_of_expired_rows_is_swept_in_short_transactions(tmp_path
     transactions of a bounded size, each well inside a call's deadline, and one process a minute
     sweeps (the others are told it is not their turn)."""
     path = tmp_path / "gateway.db"
-    store, other = SqliteStore(path, timeout_s=0.1), SqliteStore(path, timeout_s=0.1)
+    # 0.25 s a call, half the default: one transaction over the whole backlog takes seconds; a
+    # bounded one well under this even on a loaded machine (0.1 s failed once beside a benchmark)
+    store, other = SqliteStore(path, timeout_s=0.25), SqliteStore(path, timeout_s=0.25)
     try:
         await store.ping()
         await other.ping()
