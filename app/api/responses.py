@@ -90,6 +90,7 @@ class SSEResponse(Response):
         self.raw_headers = _SSE_HEADERS + [(k.encode(), v.encode()) for k, v in headers.items()]
         self.on_end = on_end
         self._complete = False
+        self._upstream_done: float | None = None  # when the upstream body ended (before the tail went out)
         self.status_code = 200
         self.background = None
 
@@ -116,8 +117,7 @@ class SSEResponse(Response):
         except asyncio.CancelledError:
             if gone:
                 task.uncancel()
-                self.call.client_disconnected = True
-                self.call.status = 499
+                self.call.client_disconnected = True  # (metered as 499 by the gateway's finish)
             elif self._stopping and not self._complete:
                 task.uncancel()
                 await self._end_for_shutdown(send)
@@ -131,7 +131,7 @@ class SSEResponse(Response):
                 await self.upstream.settle()  # after the client had its last byte
             else:
                 self.upstream.close()
-            self.call.upstream_done = self.call.upstream_done or time.perf_counter()
+            self.call.upstream_done = self._upstream_done or time.perf_counter()
             self.on_end(self.call, self.relay.error, self.relay)
 
     def stop(self) -> None:
@@ -175,7 +175,7 @@ class SSEResponse(Response):
             tail = relay.end()
         except UpstreamError as exc:
             tail = relay.fail(exc)
-        call.upstream_done = time.perf_counter()
+        self._upstream_done = time.perf_counter()
         self._complete = True
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
