@@ -213,3 +213,43 @@ def test_usage_without_cost_is_priced_from_generation(
         else:
             client.responses.create(model=MINI, input="hi", extra_body={"simulator": {"usage_cost": False}})
     wait_for_ledger(gateway, simulator, key, marker)
+
+
+def test_the_agents_sdk_runs_a_tool_loop_on_a_team_key(
+    gateway: GatewayServer, simulator: SimulatorThread, key: dict[str, Any], marker: str
+) -> None:
+    """docs/agents.md's Agents SDK setup, with a function tool: the SDK calls the tool the model
+    asked for and sends its output back with the reasoning item; both turns metered on the key."""
+    from agents import (
+        Agent,
+        OpenAIResponsesModel,
+        Runner,
+        function_tool,
+        set_default_openai_client,
+        set_tracing_disabled,
+    )
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """Current weather for a city."""
+        return f"18 C and sunny in {city}"
+
+    client = openai.AsyncOpenAI(
+        base_url=gateway.url + "/v1", api_key=key["key"], default_headers={"x-request-id": marker}
+    )
+    set_default_openai_client(client, use_for_tracing=False)
+    set_tracing_disabled(True)
+    agent = Agent(
+        name="Assistant",
+        instructions="Answer in one line.",
+        model=OpenAIResponsesModel(model=REASONER, openai_client=client),
+        tools=[get_weather],
+    )
+    result = Runner.run_sync(agent, "Use get_weather for Paris")
+    assert result.final_output.startswith("The tool answered: 18 C and sunny in Paris")
+    turns = [json.loads(e["body"]) for e in simulator.requests() if e["headers"].get("x-request-id") == marker]
+    assert len(turns) == 2
+    replayed = [item.get("type") for item in turns[1]["input"]]
+    assert "reasoning" in replayed and "function_call" in replayed and "function_call_output" in replayed
+    cost = wait_for_ledger(gateway, simulator, key, marker)
+    assert key_usage(gateway, key)["requests"] == 2 and cost > 0
