@@ -4,6 +4,7 @@ what the simulator billed."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -76,3 +77,29 @@ def wait_for_ledger(gateway: GatewayServer, simulator: SimulatorThread, key: dic
         return cost if count and abs(shown - cost) < Decimal("1e-9") and cost > 0 else None
 
     return wait_until(agreed, 15, "the ledger to equal what the simulator billed")
+
+
+def parse_sse(text: str) -> list[tuple[str | None, Any]]:
+    """(event name, parsed data) per SSE event; comments skipped, `[DONE]` kept as a string."""
+    events = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        lines = [line for line in block.split("\n") if line and not line.startswith(":")]
+        if not lines:
+            continue
+        name = next((line[6:].strip() for line in lines if line.startswith("event:")), None)
+        data = "\n".join(line[5:].strip() for line in lines if line.startswith("data:"))
+        events.append((name, data if data == "[DONE]" else json.loads(data)))
+    return events
+
+
+def logged(simulator: SimulatorThread, rid: str) -> dict[str, Any]:
+    """The simulator's one log entry for this request id."""
+    (entry,) = simulator.find(rid)
+    return entry
+
+
+def generation(http: httpx.Client, gen_id: str) -> dict[str, Any]:
+    """GET /generation until it answers (it 404s at first, as OpenRouter's does)."""
+    found = wait_until(lambda: (r := http.get("/generation", params={"id": gen_id})).status_code == 200 and r, 5)
+    data: dict[str, Any] = found.json()["data"]
+    return data

@@ -19,6 +19,7 @@ from app.errors import (
     UpstreamConnectionError,
 )
 from app.usage.record import Usage
+from tests.agent_support import parse_sse
 
 
 def sse(kind: str | None, data: dict[str, Any]) -> bytes:
@@ -27,14 +28,7 @@ def sse(kind: str | None, data: dict[str, Any]) -> bytes:
 
 
 def events(raw: bytes) -> list[tuple[str | None, Any]]:
-    out: list[tuple[str | None, Any]] = []
-    for block in raw.split(b"\n\n"):
-        if not block.strip() or block.startswith(b":"):
-            continue
-        name = next((line[6:].strip().decode() for line in block.split(b"\n") if line.startswith(b"event:")), None)
-        data = b"".join(line[5:].strip() for line in block.split(b"\n") if line.startswith(b"data:"))
-        out.append((name, data.decode() if data == b"[DONE]" else orjson.loads(data)))
-    return out
+    return parse_sse(raw.decode())
 
 
 def test_every_api_answers_under_both_prefixes() -> None:
@@ -259,3 +253,12 @@ def test_an_untyped_error_and_its_string_code_reach_the_client_as_response_faile
         assert name == "response.failed" and "error" not in failed
         code = event["error"]["code"]  # type: ignore[index]
         assert failed["response"]["error"]["code"] == (code if isinstance(code, str) else "upstream_error")
+
+
+def test_chat_relay_takes_a_crlf_split_between_reads_as_one_boundary() -> None:
+    chunk = {"id": "gen-1", "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": "stop"}]}
+    stream = (b"data: " + orjson.dumps(chunk) + b"\n\ndata: [DONE]\n\n").replace(b"\n", b"\r\n")
+    relay = CHAT.relay(False)
+    cut = stream.index(b"\r\n\r\n") + 3
+    out = relay.feed(stream[:cut]) + relay.feed(stream[cut:]) + relay.end()
+    assert [data for _, data in events(out)] == [chunk, "[DONE]"] and relay.error is None

@@ -67,10 +67,9 @@ def test_create_returns_the_text_and_the_ledger_holds_its_exact_cost(
     assert message.type == "message" and message.role == "assistant"
     assert message.content[0].text == f"Hello from {CLAUDE}! You said: Hello there, gateway!"  # type: ignore[union-attr]
     assert message.usage.input_tokens > 0 and message.usage.output_tokens > 0
-    wait_for_ledger(gateway, simulator, key, marker)
+    cost = wait_for_ledger(gateway, simulator, key, marker)
     total = key_usage(gateway, key)
     assert total["requests"] == 1 and total["completion_tokens"] == message.usage.output_tokens
-    cost = wait_for_ledger(gateway, simulator, key, marker)
     metered, endpoints = team_metrics(gateway, key["team"])
     assert abs(metered - cost) < Decimal("1e-9") and endpoints == {"messages"}
 

@@ -4,7 +4,6 @@ and that what it billed (its log) is what `/generation` reports."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +13,7 @@ import pytest
 
 from app.simulator import SimulatorThread, generate
 from app.simulator.catalogue import BY_ID, price
+from tests.agent_support import generation, logged, parse_sse
 from tests.support import UPSTREAM_KEY, request_id, wait_until
 
 CLAUDE = "anthropic/claude-sonnet-4.5"
@@ -38,31 +38,6 @@ def http(simulator: SimulatorThread) -> Iterator[httpx.Client]:
     headers = {"Authorization": f"Bearer {UPSTREAM_KEY}"}
     with httpx.Client(base_url=simulator.base_url, headers=headers, timeout=20) as client:
         yield client
-
-
-def sse(text: str) -> list[tuple[str | None, Any]]:
-    """(event name, parsed data) per SSE event; comments skipped, `[DONE]` kept as a string."""
-    events = []
-    for block in text.split("\n\n"):
-        lines = [line for line in block.split("\n") if line and not line.startswith(":")]
-        if not lines:
-            continue
-        name = next((line[7:] for line in lines if line.startswith("event: ")), None)
-        data = "\n".join(line[6:] for line in lines if line.startswith("data: "))
-        events.append((name, data if data == "[DONE]" else json.loads(data)))
-    return events
-
-
-def logged(simulator: SimulatorThread, rid: str) -> dict[str, Any]:
-    (entry,) = simulator.find(rid)
-    return entry
-
-
-def generation(http: httpx.Client, gen_id: str) -> dict[str, Any]:
-    """GET /generation until it answers (it 404s at first, as OpenRouter's does)."""
-    found = wait_until(lambda: (r := http.get("/generation", params={"id": gen_id})).status_code == 200 and r, 5)
-    data: dict[str, Any] = found.json()["data"]
-    return data
 
 
 def cost_of(model_id: str, fresh: int, completion: int, read: int = 0, write: int = 0) -> float:
@@ -269,7 +244,7 @@ def test_stream_wire_events(http: httpx.Client, simulator: SimulatorThread) -> N
     answer = post(http, body, **{"x-request-id": rid})
     assert answer.headers["content-type"] == "text/event-stream" and answer.headers["x-generation-id"]
     assert answer.text.startswith(": OPENROUTER PROCESSING\n\n" * 2 + "event: message_start\ndata: {")
-    events = sse(answer.text)
+    events = parse_sse(answer.text)
     assert all(name == data["type"] for name, data in events)  # every event named, no [DONE]
     kinds = [name for name, _ in events]
     assert kinds[:3] == ["message_start", "ping", "content_block_start"] and kinds.count("ping") == 1
@@ -299,7 +274,7 @@ def test_stream_knobs_zero_start_cost_and_done(http: httpx.Client, simulator: Si
     rid = request_id()
     knobs = {"start_usage": "zero", "stream_cost": True, "done": True, "keepalives": 0, "generation_404s": 0}
     answer = post(http, {"stream": True, "simulator": knobs}, **{"x-request-id": rid})
-    events = sse(answer.text)
+    events = parse_sse(answer.text)
     stats = http.get("/generation", params={"id": answer.headers["x-generation-id"]})  # stored before the EOF
     assert stats.status_code == 200 and stats.json()["data"]["total_cost"] == logged(simulator, rid)["cost"]
     assert set(events[0][1]["message"]["usage"].values()) == {0}
@@ -314,7 +289,7 @@ def test_in_stream_error_bills_what_was_produced(
 ) -> None:
     rid = request_id()
     knobs = {"stream_error": 2, "error_after": 5, "reply": "one two three four", "keepalives": 0}
-    events = sse(post(http, {"stream": True, "simulator": knobs}, **{"x-request-id": rid}).text)
+    events = parse_sse(post(http, {"stream": True, "simulator": knobs}, **{"x-request-id": rid}).text)
     assert [name for name, _ in events] == ["message_start", "ping", "content_block_start"] + [
         "content_block_delta"
     ] * 2 + ["error"]

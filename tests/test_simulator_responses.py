@@ -17,6 +17,7 @@ import pytest
 from app.simulator import SimulatorThread, generate
 from app.simulator.catalogue import BY_ID, price
 from app.simulator.errors import _MESSAGES
+from tests.agent_support import generation, logged, parse_sse
 from tests.support import UPSTREAM_KEY, request_id, wait_until
 
 WEATHER = {
@@ -43,31 +44,6 @@ def http(simulator: SimulatorThread) -> Iterator[httpx.Client]:
     headers = {"Authorization": f"Bearer {UPSTREAM_KEY}"}
     with httpx.Client(base_url=simulator.base_url, headers=headers, timeout=20) as client:
         yield client
-
-
-def sse(text: str) -> list[tuple[str | None, Any]]:
-    """(event name, parsed data) per SSE event; comments skipped, `[DONE]` kept as a string."""
-    events = []
-    for block in text.split("\n\n"):
-        lines = [line for line in block.split("\n") if line and not line.startswith(":")]
-        if not lines:
-            continue
-        name = next((line[7:] for line in lines if line.startswith("event: ")), None)
-        data = "\n".join(line[6:] for line in lines if line.startswith("data: "))
-        events.append((name, data if data == "[DONE]" else json.loads(data)))
-    return events
-
-
-def logged(simulator: SimulatorThread, rid: str) -> dict[str, Any]:
-    (entry,) = simulator.find(rid)
-    return entry
-
-
-def generation(http: httpx.Client, gen_id: str) -> dict[str, Any]:
-    """GET /generation until it answers (it 404s at first, as OpenRouter's does)."""
-    found = wait_until(lambda: (r := http.get("/generation", params={"id": gen_id})).status_code == 200 and r, 5)
-    data: dict[str, Any] = found.json()["data"]
-    return data
 
 
 def cost_of(model_id: str, prompt: int, completion: int, cached: int = 0) -> float:
@@ -278,7 +254,7 @@ def test_stream_wire_framing(http: httpx.Client) -> None:
     answer = http.post("/responses", json=body)
     assert answer.headers["content-type"] == "text/event-stream" and answer.headers["x-generation-id"]
     assert answer.text.startswith(": OPENROUTER PROCESSING\n\n" * 3 + "event: response.created\ndata: {")
-    events = sse(answer.text)
+    events = parse_sse(answer.text)
     assert events[-1] == (None, "[DONE]")
     named = events[:-1]
     assert all(name == data["type"] for name, data in named)
@@ -308,7 +284,7 @@ def test_stream_without_event_names_done_or_cost(http: httpx.Client, simulator: 
     stats = http.get("/generation", params={"id": answer.headers["x-generation-id"]})  # stored before the EOF
     assert stats.status_code == 200 and stats.json()["data"]["total_cost"] == logged(simulator, rid)["cost"] > 0
     assert answer.text.startswith("data: {")
-    events = sse(answer.text)
+    events = parse_sse(answer.text)
     assert all(name is None for name, _ in events) and events[-1][1]["type"] == "response.completed"
     usage = events[-1][1]["response"]["usage"]
     assert "cost" not in usage and "cost_details" not in usage and usage["total_tokens"] > 0
@@ -325,7 +301,7 @@ def test_in_stream_failure_bills_what_was_produced(http: httpx.Client, simulator
     knobs = {"stream_error": shape, "error_after": 6, "reply": "one two three four five six", "keepalives": 0}
     body = {"model": "openai/gpt-4o-mini", "input": "hi", "stream": True, "simulator": knobs}
     answer = http.post("/responses", json=body, headers={"x-request-id": rid})
-    events = sse(answer.text)
+    events = parse_sse(answer.text)
     assert len(events) == 7 and (None, "[DONE]") not in events  # 6 events, the error, EOF
     text = "".join(d["delta"] for _, d in events if d["type"] == "response.output_text.delta")
     assert text == "one two"

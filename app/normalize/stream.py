@@ -16,6 +16,7 @@ import orjson
 
 from app.errors import GatewayError, UpstreamConnectionError
 from app.normalize.response import choice_error, openrouter_error, status_of
+from app.normalize.sse import complete_events
 from app.usage.record import Usage
 
 DONE = b"data: [DONE]\n\n"
@@ -56,14 +57,9 @@ class StreamRelay:
     def feed(self, data: bytes) -> bytes:
         if self.done:
             return b""
-        buffer = self._buffer + data if self._buffer else data
-        if b"\r" in buffer:  # (after joining: a CRLF may be split between two reads)
-            buffer = buffer.replace(b"\r\n", b"\n")
-        end = buffer.rfind(b"\n\n")
-        if end < 0:
-            self._buffer = buffer
+        block, self._buffer = complete_events(self._buffer, data)
+        if not block:
             return b""
-        block, self._buffer = buffer[: end + 2], buffer[end + 2 :]
         events = block.count(b"data:")
         if events:
             self.saw_data = True
