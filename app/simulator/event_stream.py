@@ -13,7 +13,7 @@ import orjson
 from aiohttp import web
 
 from app.simulator.record import Record
-from app.simulator.server import KEEPALIVE, Generation, Simulator, _reset
+from app.simulator.server import KEEPALIVE, Generation, Simulator, _json, _reset
 
 Event = tuple[str | None, dict[str, Any]]  # (SSE event name, or None for a bare `data:`; JSON)
 
@@ -100,3 +100,27 @@ def frame(event: Event) -> bytes:
     name, data = event
     head = b"event: " + name.encode() + b"\n" if name else b""
     return head + b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+async def answer(
+    sim: Simulator,
+    request: web.Request,
+    record: Record,
+    gen: Any,
+    broken: bytes,
+    done: bool,
+    body: Callable[[], dict[str, Any]],
+) -> web.StreamResponse:
+    """A generation (Responses' or Messages'), streamed as its events or whole as `body()`; its
+    /generation stats kept however it ends."""
+    sim.generation_misses[gen.id] = int(gen.knobs.get("generation_404s", 1))
+    try:
+        if gen.payload.get("stream") is True:
+            settled = lambda: sim.generations.update({gen.id: gen.stats()})  # noqa: E731
+            stream = EventStream(gen.produced, gen.failure, settled, broken, done=done)
+            return await stream.send(request, gen, record, gen.events())
+        gen.emitted, gen.finished = gen.out.content, True
+        record.served(gen)
+        return record.answered(_json(body(), headers={"X-Generation-Id": gen.id}))
+    finally:
+        sim.generations[gen.id] = gen.stats()

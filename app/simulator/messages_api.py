@@ -13,9 +13,9 @@ from aiohttp import web
 
 from app.simulator import generate
 from app.simulator.errors import _MESSAGES, error_response
-from app.simulator.event_stream import Event, EventStream, faults_before_headers
+from app.simulator.event_stream import Event, answer, faults_before_headers
 from app.simulator.knobs import knobs_of
-from app.simulator.server import Generation, Simulator, _json, _model_of, _parse, _split
+from app.simulator.server import Generation, Simulator, _model_of, _parse, _split
 
 _TYPES = {
     400: "invalid_request_error",
@@ -55,23 +55,11 @@ async def serve(sim: Simulator, request: web.Request) -> web.StreamResponse:
         message = f"{where}: Invalid `signature` in `thinking` block"
         return record.answered(error(400, {"message": message, "error_type": "invalid_request"}))
     gen = MessagesGeneration(payload, knobs, model, sim.keepalives)
-    sim.generation_misses[gen.id] = int(knobs.get("generation_404s", 1))
-    try:
-        if payload.get("stream") is True:
-            stream = EventStream(
-                gen.produced,
-                gen.failure,
-                lambda: sim.generations.update({gen.id: gen.stats()}),
-                _BROKEN,
-                done=knobs.get("done") is True,
-            )
-            return await stream.send(request, gen, record, gen.events())
-        gen.emitted, gen.finished = gen.out.content, True
-        record.served(gen)
-        body = {**gen.message(gen.content(), gen.stop_reason), "usage": gen.usage_body(gen.usage(), cost=True)}
-        return record.answered(_json(body, headers={"X-Generation-Id": gen.id}))
-    finally:
-        sim.generations[gen.id] = gen.stats()
+
+    def body() -> dict[str, Any]:
+        return {**gen.message(gen.content(), gen.stop_reason), "usage": gen.usage_body(gen.usage(), cost=True)}
+
+    return await answer(sim, request, record, gen, _BROKEN, knobs.get("done") is True, body)
 
 
 def error(status: int, spec: dict[str, Any]) -> web.Response:

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from app.simulator import generate
 from app.simulator.errors import _MESSAGES, error_response
-from app.simulator.event_stream import Event, EventStream, faults_before_headers
+from app.simulator.event_stream import Event, answer, faults_before_headers
 from app.simulator.knobs import knobs_of
 from app.simulator.server import Generation, Simulator, _json, _model_of, _parse, _split
 
@@ -42,23 +42,11 @@ async def serve(sim: Simulator, request: web.Request) -> web.StreamResponse:
     if problem is not None:
         return record.answered(problem)
     gen = ResponsesGeneration(payload, knobs, model, sim.keepalives)
-    sim.generation_misses[gen.id] = int(knobs.get("generation_404s", 1))
-    try:
-        if payload.get("stream") is True:
-            stream = EventStream(
-                gen.produced,
-                gen.failure,
-                lambda: sim.generations.update({gen.id: gen.stats()}),
-                gen.broken(),
-                done=knobs.get("omit_done") is not True,
-            )
-            return await stream.send(request, gen, record, gen.events())
-        gen.emitted, gen.finished = gen.out.content, True
-        record.served(gen)
-        body = gen.body(gen.status, gen.items(), gen.usage_body(gen.usage()))
-        return record.answered(_json(body, headers={"X-Generation-Id": gen.id}))
-    finally:
-        sim.generations[gen.id] = gen.stats()
+
+    def body() -> dict[str, Any]:
+        return gen.body(gen.status, gen.items(), gen.usage_body(gen.usage()))
+
+    return await answer(sim, request, record, gen, gen.broken(), knobs.get("omit_done") is not True, body)
 
 
 def error(status: int, knobs: dict[str, Any]) -> web.Response:
