@@ -10,6 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.simulator import SimulatorThread
@@ -103,3 +104,18 @@ def generation(http: httpx.Client, gen_id: str) -> dict[str, Any]:
     found = wait_until(lambda: (r := http.get("/generation", params={"id": gen_id})).status_code == 200 and r, 5)
     data: dict[str, Any] = found.json()["data"]
     return data
+
+
+def cut_stream(http: httpx.Client, simulator: SimulatorThread, path: str, body: dict[str, Any], rid: str) -> tuple[bytes, dict[str, Any]]:
+    """A stream the simulator cuts (`reset_after`): what arrived before the cut, and the
+    simulator's log entry once it has billed the generation; its /generation cost agrees."""
+    received = b""
+    with (
+        pytest.raises(httpx.HTTPError),
+        http.stream("POST", path, json=body, headers={"x-request-id": rid}) as answer,
+    ):
+        for chunk in answer.iter_bytes():
+            received += chunk
+    entry = wait_until(lambda: (e := logged(simulator, rid)).get("generation_id") and e, 5)
+    assert entry["failed"] and generation(http, entry["generation_id"])["total_cost"] == entry["cost"]
+    return received, entry
