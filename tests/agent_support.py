@@ -106,7 +106,9 @@ def generation(http: httpx.Client, gen_id: str) -> dict[str, Any]:
     return data
 
 
-def cut_stream(http: httpx.Client, simulator: SimulatorThread, path: str, body: dict[str, Any], rid: str) -> tuple[bytes, dict[str, Any]]:
+def cut_stream(
+    http: httpx.Client, simulator: SimulatorThread, path: str, body: dict[str, Any], rid: str
+) -> tuple[bytes, dict[str, Any]]:
     """A stream the simulator cuts (`reset_after`): what arrived before the cut, and the
     simulator's log entry once it has billed the generation; its /generation cost agrees."""
     received = b""
