@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from app.simulator import SimulatorThread
-from tests.agent_support import admin, agent_gateway, key_usage, new_key, team_metrics, wait_for_ledger
+from tests.agent_support import admin, agent_gateway, key_usage, new_key, parse_sse, team_metrics, wait_for_ledger
 from tests.support import UPSTREAM_KEY, GatewayServer, wait_until
 
 CLAUDE = "anthropic/claude-sonnet-4.5"
@@ -361,3 +361,25 @@ def test_an_untouched_body_goes_upstream_byte_for_byte(
     assert answer.status_code == 200, answer.text
     (upstream,) = sent(simulator, marker)
     assert upstream["body"] == raw
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/messages"])
+def test_streams_keep_their_event_names_keep_alives_and_pings(
+    gateway: GatewayServer, key: dict[str, Any], path: str
+) -> None:
+    body: dict[str, Any] = (
+        {"model": "openai/gpt-4o-mini", "input": "hi"}
+        if path == "/v1/responses"
+        else {"model": CLAUDE, "max_tokens": 100, "messages": HELLO}
+    )
+    body.update(stream=True, simulator={"keepalives": 2})
+    auth = {"Authorization": f"Bearer {key['key']}"}
+    answer = httpx.post(gateway.url + path, json=body, headers=auth, timeout=20)
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/event-stream")
+    assert answer.text.startswith(": OPENROUTER PROCESSING\n\n" * 2)
+    events = parse_sse(answer.text)
+    assert all(name == data["type"] for name, data in events if data != "[DONE]")  # every event named as sent
+    if path == "/v1/messages":
+        assert [name for name, _ in events][:2] == ["message_start", "ping"] and events[-1][0] == "message_stop"
+    else:
+        assert events[-2][0] == "response.completed" and events[-1] == (None, "[DONE]")
