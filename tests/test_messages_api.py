@@ -257,6 +257,7 @@ def test_count_tokens_is_answered_here_never_forwarded_nor_billed(
     assert 0 < counted.input_tokens < longer.input_tokens
     refused = httpx.post(gateway.url + "/v1/messages/count_tokens?beta=true", json={"messages": HELLO}, timeout=20)
     assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+    assert "x-api-key" in refused.json()["error"]["message"]  # how to send a key, in this API's terms
     assert sent(simulator, marker) == []
     assert key_usage(gateway, key)["requests"] == 0
 

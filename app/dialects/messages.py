@@ -22,7 +22,7 @@ import orjson
 
 from app.dialects.base import Dialect, Relay
 from app.dialects.events import EventRelay, upstream_error
-from app.errors import ANTHROPIC_TYPES, GatewayError
+from app.errors import ANTHROPIC_TYPES, AuthenticationError, GatewayError
 from app.limits import estimate
 from app.usage.record import Usage
 
@@ -47,7 +47,11 @@ class Messages(Dialect):
         if headers.get("authorization"):
             return headers["authorization"]
         key = headers.get("x-api-key")
-        return f"Bearer {key}" if key else None
+        if not key:
+            raise AuthenticationError(
+                "You didn't provide an API key. Send it as 'x-api-key: <key>' or 'Authorization: Bearer <key>'."
+            )
+        return f"Bearer {key}"
 
     def wants_usage(self, payload: dict[str, Any]) -> bool:
         return True
