@@ -1,6 +1,8 @@
 """The yardstick: a bare FastAPI + aiohttp pass-through (no auth, limits, metering or checks).
 
 python bench/bare.py --port 8091 --upstream http://127.0.0.1:8090/api/v1 --key sk-or-…
+
+One relay for every API the bench measures: `/v1/X` goes to `{upstream}/X`, byte for byte.
 """
 
 import argparse
@@ -10,6 +12,8 @@ import aiohttp
 import uvicorn
 from fastapi import FastAPI, Request
 from starlette.responses import Response, StreamingResponse
+
+PATHS = ("/chat/completions", "/responses", "/messages")
 
 
 def create_app(upstream: str, key: str) -> FastAPI:
@@ -21,24 +25,26 @@ def create_app(upstream: str, key: str) -> FastAPI:
 
     app = FastAPI(lifespan=lifespan)
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        body = await request.body()
-        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-        upstream_response = await request.app.state.session.post(
-            upstream + "/chat/completions", data=body, headers=headers
-        )
-        if upstream_response.content_type == "text/event-stream":
+    def relay_to(url: str):  # the URL bound per route: chat pays nothing for the other two
+        async def relay(request: Request) -> Response:
+            body = await request.body()
+            headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+            upstream_response = await request.app.state.session.post(url, data=body, headers=headers)
+            if upstream_response.content_type == "text/event-stream":
 
-            async def relay():
-                async for chunk in upstream_response.content.iter_any():
-                    yield chunk
-                upstream_response.release()
+                async def chunks():
+                    async for chunk in upstream_response.content.iter_any():
+                        yield chunk
+                    upstream_response.release()
 
-            return StreamingResponse(relay(), media_type="text/event-stream")
-        content = await upstream_response.read()
-        return Response(content, status_code=upstream_response.status, media_type="application/json")
+                return StreamingResponse(chunks(), media_type="text/event-stream")
+            content = await upstream_response.read()
+            return Response(content, status_code=upstream_response.status, media_type="application/json")
 
+        return relay
+
+    for path in PATHS:
+        app.add_api_route("/v1" + path, relay_to(upstream + path), methods=["POST"])
     return app
 
 

@@ -183,3 +183,12 @@ async def hold_streams(url: str, body: dict[str, Any], headers: dict[str, str], 
         release.set()
         ok = await asyncio.gather(*tasks)
     return result, sum(ok)
+
+
+async def events_per_stream(url: str, body: dict[str, Any], headers: dict[str, str]) -> int:
+    """How many SSE events (frames with a `data:` line, chat's `[DONE]` included) one streamed
+    answer carries: chat sends one per delta, Responses and Messages several more around them."""
+    session = aiohttp.ClientSession(headers={"Content-Type": "application/json", **headers})
+    async with session, session.post(url, data=json.dumps(body).encode()) as response:
+        text = (await response.read()).decode()
+    return sum(1 for frame in text.replace("\r\n", "\n").split("\n\n") if "data:" in frame)

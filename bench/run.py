@@ -4,6 +4,9 @@ measured in one run on loopback.
     python -m bench.run            # full run (several minutes); writes bench/results/latest.{json,md}
     python -m bench.run --quick    # a few seconds: every point measured briefly (CI smoke)
 
+Points: chat at c=1 and c=64, plain and streamed; streams of the agents' APIs (Responses,
+Messages) at c=64; stream first bytes of all three; memory with slow streams and over a soak.
+
 Layout on a 2-core machine: the proxy under test (bare, then gateway; one worker) pinned to
 core 0; the simulator (fastest mode: no log, no keep-alives) and the load generator on core 1.
 The gateway runs with virtual-key auth, RPM/TPM/concurrency/budget admission for key, team and
@@ -32,7 +35,7 @@ from typing import Any
 
 import httpx
 
-from bench.load import WRK, first_byte_ms, hold_streams, percentile, run_load
+from bench.load import WRK, events_per_stream, first_byte_ms, hold_streams, percentile, run_load
 
 ROOT = Path(__file__).resolve().parent.parent
 GATEWAY = str(Path(sys.executable).with_name("gateway"))
@@ -42,6 +45,35 @@ MESSAGES = [{"role": "user", "content": "Hello there, how are you today?"}]
 PLAIN = {"model": "openai/gpt-4o-mini", "messages": MESSAGES, "max_tokens": 64}
 STREAM = {**PLAIN, "stream": True, "simulator": {"words": 20}}
 SLOW = {**PLAIN, "stream": True, "simulator": {"words": 40, "chunk_delay_ms": 100}}
+# The same 20 words streamed by the agents' APIs, each delta its own event among many more.
+RESPONSES_STREAM = {"model": "openai/gpt-4o-mini", "input": MESSAGES[0]["content"], "stream": True}
+RESPONSES_STREAM["simulator"] = {"words": 20}
+MESSAGES_STREAM = {"model": "anthropic/claude-sonnet-4.5", "max_tokens": 64, "messages": MESSAGES, "stream": True}
+MESSAGES_STREAM["simulator"] = {"words": 20}
+CHAT, RESPONSES, ANTHROPIC = "/chat/completions", "/responses", "/messages"
+# Throughput points: (name, API path, body, concurrency), chat's first and measured as before.
+POINTS = (
+    ("c1", CHAT, PLAIN, 1),
+    ("c64", CHAT, PLAIN, 64),
+    ("c64_stream", CHAT, STREAM, 64),
+    ("c64_responses_stream", RESPONSES, RESPONSES_STREAM, 64),
+    ("c64_messages_stream", ANTHROPIC, MESSAGES_STREAM, 64),
+)
+# A streamed Messages answer carries no cost: the gateway asks OpenRouter's /generation for it
+# 0.5 s after the stream and again 0.5 s later (the simulator, like OpenRouter, has not got it at
+# first), then corrects the ledger and the budget. Waiting this long after the gateway's rounds
+# on the agents' APIs counts that work in its CPU per stream; chat has none and is measured as before.
+RECONCILED_S = 1.5
+AGENT_STREAMS = (
+    ("Responses", "c64_responses_stream", "first_byte_responses"),
+    ("Messages", "c64_messages_stream", "first_byte_messages"),
+)
+# First-byte probes: (result key, API path, body).
+FIRST_BYTES = (
+    ("first_byte", CHAT, STREAM),
+    ("first_byte_responses", RESPONSES, RESPONSES_STREAM),
+    ("first_byte_messages", ANTHROPIC, MESSAGES_STREAM),
+)
 
 
 def free_port() -> int:
@@ -187,14 +219,12 @@ class Stack:
         key: str = created.json()["key"]
         return key
 
-    def targets(self) -> dict[str, tuple[str, dict[str, str]]]:
+    def targets(self, path: str = CHAT) -> dict[str, tuple[str, dict[str, str]]]:
+        """Each target's URL and headers for one API (`/chat/completions`, `/responses`, `/messages`)."""
         return {
-            "direct": (self.sim + "/chat/completions", {"Authorization": f"Bearer {UPSTREAM_KEY}"}),
-            "bare": (f"http://127.0.0.1:{self.bare_port}/v1/chat/completions", {}),
-            "gateway": (
-                f"http://127.0.0.1:{self.gw_port}/v1/chat/completions",
-                {"Authorization": f"Bearer {self.key}"},
-            ),
+            "direct": (self.sim + path, {"Authorization": f"Bearer {UPSTREAM_KEY}"}),
+            "bare": (f"http://127.0.0.1:{self.bare_port}/v1{path}", {}),
+            "gateway": (f"http://127.0.0.1:{self.gw_port}/v1{path}", {"Authorization": f"Bearer {self.key}"}),
         }
 
     def stop(self) -> None:
@@ -218,54 +248,24 @@ def measure(stack: Stack, quick: bool) -> dict[str, Any]:
     results["rss_mb"] = {"gateway_idle": rss_mb(pid), "bare_idle": rss_mb(stack.bare_process.pid)}
     for url, headers in targets.values():
         run_load(url, PLAIN, headers, 64, 2.0 if quick else 5.0, cpu="1")  # warm-up: connection pools, caches
-    # CPU time per request of each proxy process: steadier than req/s on a noisy machine.
-    pids = {"bare": stack.bare_process.pid, "gateway": pid}
-    redis_pid = stack.redis_process.pid  # the gateway's Redis work, done on the load core
-    for point, body, concurrency in (("c1", PLAIN, 1), ("c64", PLAIN, 64), ("c64_stream", STREAM, 64)):
-        samples: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
-        used = dict.fromkeys([*pids, "redis"], 0.0)
-        for round_ in range(rounds):
-            order = list(targets) if round_ % 2 == 0 else list(reversed(targets))  # drift hits all alike
-            for name in order:
-                url, headers = targets[name]
-                before = cpu_seconds(pids[name]) if name in pids else 0.0
-                redis_before = cpu_seconds(redis_pid)
-                samples[name].append(run_load(url, body, headers, concurrency, seconds, cpu="1").as_dict())
-                if name in pids:
-                    used[name] += cpu_seconds(pids[name]) - before
-                if name == "gateway":
-                    used["redis"] += cpu_seconds(redis_pid) - redis_before
-        served = {name: max(1, sum(r["requests"] for r in samples[name])) for name in pids}
-        served["redis"] = served["gateway"]  # Redis works for the gateway's requests
-        results.setdefault("cpu_us_per_request", {})[point] = {name: used[name] / served[name] * 1e6 for name in used}
-        for name, runs in samples.items():
-            results["targets"][name][point] = _median_run(runs)
-        results.setdefault("ratios", {})[point] = {
-            "gateway_over_bare": statistics.median(
-                g["rps"] / b["rps"] for g, b in zip(samples["gateway"], samples["bare"], strict=True)
-            ),
-            "gateway_over_direct": statistics.median(
-                g["rps"] / d["rps"] for g, d in zip(samples["gateway"], samples["direct"], strict=True)
-            ),
-        }
-        print(f"{point}: " + json.dumps({n: results["targets"][n][point]["rps"] for n in targets}), flush=True)
+    for point, path, body, concurrency in POINTS:
+        targets = stack.targets(path)
+        if path != CHAT:  # the agents' APIs' first calls, off the record (chat's warm-up is above)
+            for url, headers in targets.values():
+                run_load(url, body, headers, concurrency, 1.0, cpu="1")
+            time.sleep(RECONCILED_S)
+        if body.get("stream"):
+            results.setdefault("events_per_stream", {})[point] = {
+                name: asyncio.run(events_per_stream(url, body, headers)) for name, (url, headers) in targets.items()
+            }
+        settle = RECONCILED_S if path != CHAT else 0.0
+        _measure_point(stack, results, point, targets, body, concurrency, seconds, rounds, settle)
     # First bytes in interleaved rounds too: one long run per target let drift between the
     # targets' runs (±0.5 ms here) decide the overhead.
-    probes: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
-    for round_ in range(rounds):
-        for name in list(targets) if round_ % 2 == 0 else list(reversed(targets)):
-            url, headers = targets[name]
-            probes[name].append(asyncio.run(first_byte_ms(url, STREAM, headers, 50 if quick else 100)))
-    for name, runs in probes.items():
-        pooled = sorted(t for run in runs for t in run.pop("times_ms"))
-        results["targets"][name]["first_byte"] = {
-            "p50_ms": statistics.median(run["p50_ms"] for run in runs),  # the median round
-            "p99_ms": percentile(pooled, 99),
-            "p50_all": [round(run["p50_ms"], 3) for run in runs],
-            "samples": len(pooled),
-        }
+    for key, path, body in FIRST_BYTES:
+        _measure_first_byte(stack.targets(path), results, key, body, 50 if quick else 100, rounds)
 
-    url, headers = targets["gateway"]
+    url, headers = stack.targets()["gateway"]
     streams = 100 if quick else 1000
     (during, opened) = asyncio.run(hold_streams(url, SLOW, headers, streams, lambda: rss_mb(pid)))
     results["rss_mb"]["gateway_slow_streams"] = during
@@ -288,6 +288,74 @@ def measure(stack: Stack, quick: bool) -> dict[str, Any]:
     return results
 
 
+def _measure_point(
+    stack: Stack,
+    results: dict[str, Any],
+    point: str,
+    targets: dict[str, tuple[str, dict[str, str]]],
+    body: dict[str, Any],
+    concurrency: int,
+    seconds: float,
+    rounds: int,
+    settle: float,
+) -> None:
+    # CPU time per request of each proxy process: steadier than req/s on a noisy machine.
+    pids = {"bare": stack.bare_process.pid, "gateway": stack.gateway_process.pid}
+    redis_pid = stack.redis_process.pid  # the gateway's Redis work, done on the load core
+    samples: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+    used = dict.fromkeys([*pids, "redis"], 0.0)
+    for round_ in range(rounds):
+        order = list(targets) if round_ % 2 == 0 else list(reversed(targets))  # drift hits all alike
+        for name in order:
+            url, headers = targets[name]
+            before = cpu_seconds(pids[name]) if name in pids else 0.0
+            redis_before = cpu_seconds(redis_pid)
+            samples[name].append(run_load(url, body, headers, concurrency, seconds, cpu="1").as_dict())
+            if name == "gateway":
+                time.sleep(settle)  # work the gateway does after its answers, counted as theirs
+            if name in pids:
+                used[name] += cpu_seconds(pids[name]) - before
+            if name == "gateway":
+                used["redis"] += cpu_seconds(redis_pid) - redis_before
+    served = {name: max(1, sum(r["requests"] for r in samples[name])) for name in pids}
+    served["redis"] = served["gateway"]  # Redis works for the gateway's requests
+    results.setdefault("cpu_us_per_request", {})[point] = {name: used[name] / served[name] * 1e6 for name in used}
+    for name, runs in samples.items():
+        results["targets"][name][point] = _median_run(runs)
+    results.setdefault("ratios", {})[point] = {
+        "gateway_over_bare": statistics.median(
+            g["rps"] / b["rps"] for g, b in zip(samples["gateway"], samples["bare"], strict=True)
+        ),
+        "gateway_over_direct": statistics.median(
+            g["rps"] / d["rps"] for g, d in zip(samples["gateway"], samples["direct"], strict=True)
+        ),
+    }
+    print(f"{point}: " + json.dumps({n: results["targets"][n][point]["rps"] for n in targets}), flush=True)
+
+
+def _measure_first_byte(
+    targets: dict[str, tuple[str, dict[str, str]]],
+    results: dict[str, Any],
+    key: str,
+    body: dict[str, Any],
+    count: int,
+    rounds: int,
+) -> None:
+    probes: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+    for round_ in range(rounds):
+        for name in list(targets) if round_ % 2 == 0 else list(reversed(targets)):
+            url, headers = targets[name]
+            probes[name].append(asyncio.run(first_byte_ms(url, body, headers, count)))
+    for name, runs in probes.items():
+        pooled = sorted(t for run in runs for t in run.pop("times_ms"))
+        results["targets"][name][key] = {
+            "p50_ms": statistics.median(run["p50_ms"] for run in runs),  # the median round
+            "p99_ms": percentile(pooled, 99),
+            "p50_all": [round(run["p50_ms"], 3) for run in runs],
+            "samples": len(pooled),
+        }
+
+
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     middle = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
     return {**middle, "rps_all": [round(r["rps"]) for r in runs]}
@@ -307,6 +375,16 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         "first_byte_overhead_ms_vs_direct": g["first_byte"]["p50_ms"] - d["first_byte"]["p50_ms"],
         "c64_cpu_per_request_gateway_over_bare": _cpu_ratio(results, "c64"),
         "c64_stream_cpu_per_request_gateway_over_bare": _cpu_ratio(results, "c64_stream"),
+        **{
+            key: value
+            for _, point, first_byte in AGENT_STREAMS
+            for key, value in (
+                (f"{point}_rps_gateway_over_bare", ratios[point]["gateway_over_bare"]),
+                (f"{point}_rps_gateway_over_direct", ratios[point]["gateway_over_direct"]),
+                (f"{point}_cpu_per_stream_gateway_over_bare", _cpu_ratio(results, point)),
+                (f"{first_byte}_overhead_ms_vs_direct", g[first_byte]["p50_ms"] - d[first_byte]["p50_ms"]),
+            )
+        },
     }
 
 
@@ -326,6 +404,13 @@ def markdown(results: dict[str, Any]) -> str:
         ("p99 ms, c=1", "c1", "p99_ms", "{:.3f}"),
         ("stream first byte p50 ms, c=1", "first_byte", "p50_ms", "{:.3f}"),
     ]
+    events = results["events_per_stream"]
+    for api, point, first_byte in AGENT_STREAMS:
+        rows += [
+            (f"{api} streams/s, c=64 (20 words, {events[point]['gateway']} events)", point, "rps", "{:.0f}"),
+            (f"{api} stream p99 ms, c=64", point, "p99_ms", "{:.2f}"),
+            (f"{api} stream first byte p50 ms, c=1", first_byte, "p50_ms", "{:.3f}"),
+        ]
     lines = [
         f"Run {results['when']} on {results['machine']} (load: {results['load_tool']}; "
         f"{'quick smoke' if results['quick'] else 'full run'}; throughput, c=1 and first byte: median of "
@@ -338,12 +423,19 @@ def markdown(results: dict[str, Any]) -> str:
         d, b, g = (t[n][point][field] for n in ("direct", "bare", "gateway"))
         lines.append(f"| {label} | {fmt.format(d)} | {fmt.format(b)} | {fmt.format(g)} | {g / b:.2f}x | {g / d:.2f}x |")
     cpu = results["cpu_us_per_request"]
-    for label, point in (("CPU µs per request, c=64", "c64"), ("CPU µs per request, stream c=64", "c64_stream")):
+    for label, point in (
+        ("c=64", "c64"),
+        ("stream c=64", "c64_stream"),
+        *((f"{api} stream c=64", point) for api, point, _ in AGENT_STREAMS),
+    ):
         b, g = cpu[point]["bare"], cpu[point]["gateway"]
-        lines.append(f"| {label} | | {b:.0f} | {g:.0f} | {g / b:.2f}x | |")
-        lines.append(
-            f"| Redis CPU µs per gateway request, {label[20:]} (load core) | | | {cpu[point]['redis']:.0f} | | |"
-        )
+        lines.append(f"| CPU µs per request, {label} | | {b:.0f} | {g:.0f} | {g / b:.2f}x | |")
+        if point in events:  # streams of each API carry their own number of events
+            nb, ng = events[point]["bare"], events[point]["gateway"]
+            lines.append(
+                f"| … per event ({nb} / {ng} a stream) | | {b / nb:.1f} | {g / ng:.1f} | {g / ng / (b / nb):.2f}x | |"
+            )
+        lines.append(f"| Redis CPU µs per gateway request, {label} (load core) | | | {cpu[point]['redis']:.0f} | | |")
     lines += [
         "",
         "| gateway | value | target |",

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+POINTS = ("c1", "c64", "c64_stream", "c64_responses_stream", "c64_messages_stream")
 
 
 def test_quick_benchmark_measures_every_point(tmp_path: Path) -> None:
@@ -24,16 +25,26 @@ def test_quick_benchmark_measures_every_point(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "latest.json").read_text())
     for target in ("direct", "bare", "gateway"):
         point = report["targets"][target]
-        for name in ("c1", "c64", "c64_stream"):
+        for name in POINTS:
             assert point[name]["requests"] > 0 and point[name]["errors"] == 0, (target, name, point[name])
             assert point[name]["rps"] > 0 and point[name]["p50_ms"] > 0 and point[name]["p99_ms"] > 0
-        assert point["first_byte"]["p50_ms"] > 0
+        for name in ("first_byte", "first_byte_responses", "first_byte_messages"):
+            assert point[name]["p50_ms"] > 0, (target, name)
+    # Every target relays the same stream (the gateway drops chat's usage chunk, not asked for),
+    # and an agent API's answer carries more events than chat's.
+    events = report["events_per_stream"]
+    for name in ("c64_stream", "c64_responses_stream", "c64_messages_stream"):
+        direct, bare, gateway = (events[name][target] for target in ("direct", "bare", "gateway"))
+        assert direct > 20 and bare == direct and direct - 1 <= gateway <= direct, (name, events[name])
+    assert events["c64_responses_stream"]["gateway"] > events["c64_stream"]["gateway"]
+    assert events["c64_messages_stream"]["gateway"] > events["c64_stream"]["gateway"]
     rss = report["rss_mb"]
     assert all(rss[k] > 0 for k in ("gateway_idle", "gateway_slow_streams", "gateway_peak"))
     assert report["slow_streams"]["completed"] == report["slow_streams"]["count"]
     assert report["soak"]["requests"] > 0 and not math.isnan(report["soak"]["growth_pct"])
     assert all(not math.isnan(v) for v in report["summary"].values())
-    for point in ("c1", "c64", "c64_stream"):  # CPU per request of both proxies, measured from /proc
+    for point in POINTS:  # CPU per request of both proxies, measured from /proc
         assert all(report["cpu_us_per_request"][point][name] > 0 for name in ("bare", "gateway", "redis")), point
     table = (tmp_path / "latest.md").read_text()
     assert "gateway / bare" in table and "RSS idle" in table
+    assert "Responses streams/s" in table and "Messages streams/s" in table
