@@ -44,16 +44,31 @@ class EventRelay:
         if self.done:
             return b""
         block, self._buffer = complete_events(self._buffer, data)
-        if not block:
-            return b""
-        if not any(marker in block for marker in self.markers) and _plain(block):
-            events = block.count(b"\ndata:") + block.startswith(b"data:")
+        out = []
+        while block and not self.done:  # the runs of plain events pass whole; a marked event is read
+            hit = min((i for marker in self.markers if (i := block.find(marker)) >= 0), default=-1)
+            if hit < 0:
+                run, marked, block = block, b"", b""
+            else:
+                start = block.rfind(b"\n\n", 0, hit) + 2 if block.rfind(b"\n\n", 0, hit) >= 0 else 0
+                end = block.find(b"\n\n", hit) + 2
+                run, marked, block = block[:start], block[start:end], block[end:]
+            if run:
+                out.append(self._run(run))
+            if marked and not self.done:
+                out.append(self._event(marked[:-2]))
+        return b"".join(out)
+
+    def _run(self, run: bytes) -> bytes:
+        """Events without a marker: passed as one piece when every one is well formed."""
+        if _plain(run):
+            events = run.count(b"\ndata:") + run.startswith(b"data:")
             if events:
                 self.saw_data = True
                 self.data_events += events
-            return block  # the usual case: deltas only, passed as one piece
+            return run
         out = []
-        for event in block[:-2].split(b"\n\n"):
+        for event in run[:-2].split(b"\n\n"):
             out.append(self._event(event))
             if self.done:
                 break
