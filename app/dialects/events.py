@@ -18,8 +18,6 @@ from app.normalize.response import openrouter_error, status_of
 from app.normalize.sse import complete_events
 from app.usage.record import Usage
 
-DONE = b"data: [DONE]"
-
 
 class EventRelay:
     markers: tuple[bytes, ...] = ()  # an event holding none of these passes unparsed
@@ -50,7 +48,8 @@ class EventRelay:
             if hit < 0:
                 run, marked, block = block, b"", b""
             else:
-                start = block.rfind(b"\n\n", 0, hit) + 2 if block.rfind(b"\n\n", 0, hit) >= 0 else 0
+                start = block.rfind(b"\n\n", 0, hit)
+                start = start + 2 if start >= 0 else 0  # (none before it: the block's first event)
                 end = block.find(b"\n\n", hit) + 2
                 run, marked, block = block[:start], block[start:end], block[end:]
             if run:
