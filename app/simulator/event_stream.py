@@ -7,15 +7,29 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
 
-from app.simulator.record import Record
-from app.simulator.server import KEEPALIVE, Generation, Simulator, _json, _reset
+from app.simulator.generation import Generation
+from app.simulator.http import KEEPALIVE, json_response, reset
+from app.simulator.record import Record, SimulatorLog
 
 Event = tuple[str | None, dict[str, Any]]  # (SSE event name, or None for a bare `data:`; JSON)
+
+
+class Host(Protocol):
+    """What an agent API's handler uses of the `Simulator` (server.py) that serves it: its key
+    check, log, attempt counts and keep-alives, and where the /generation stats are kept."""
+
+    log: SimulatorLog
+    attempts: dict[str, int]
+    keepalives: int
+    generations: dict[str, dict[str, Any]]
+    generation_misses: dict[str, int]
+
+    def refuse(self, request: web.Request) -> web.Response | None: ...
 
 
 @dataclass
@@ -76,24 +90,13 @@ class EventStream:
             return "error"
         if index == knobs.get("reset_after"):
             gen.failed = True
-            _reset(request)
+            reset(request)
             return "reset"
         if index == knobs.get("stall_after"):
             await asyncio.sleep(3600)
         if index == knobs.get("malformed_after"):
             await response.write(self.broken)
         return None
-
-
-async def faults_before_headers(
-    sim: Simulator, request: web.Request, knobs: dict[str, Any], error: Callable[[int, dict[str, Any]], web.Response]
-) -> web.StreamResponse | None:
-    """Chat's latency, hang and reset knobs; the `status` knob answered in the API's own shape."""
-    if (early := await sim._faults_before_headers(request, {**knobs, "status": None})) is not None:
-        return early
-    if isinstance(knobs.get("status"), int) and knobs["status"] != 200:
-        return error(knobs["status"], knobs)
-    return None
 
 
 def frame(event: Event) -> bytes:
@@ -103,7 +106,7 @@ def frame(event: Event) -> bytes:
 
 
 async def answer(
-    sim: Simulator,
+    sim: Host,
     request: web.Request,
     record: Record,
     gen: Any,
@@ -121,6 +124,6 @@ async def answer(
             return await stream.send(request, gen, record, gen.events())
         gen.emitted, gen.finished = gen.out.content, True
         record.served(gen)
-        return record.answered(_json(body(), headers={"X-Generation-Id": gen.id}))
+        return record.answered(json_response(body(), headers={"X-Generation-Id": gen.id}))
     finally:
         sim.generations[gen.id] = gen.stats()

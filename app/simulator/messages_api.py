@@ -13,9 +13,10 @@ from aiohttp import web
 
 from app.simulator import generate
 from app.simulator.errors import _MESSAGES, error_response
-from app.simulator.event_stream import Event, answer, faults_before_headers
+from app.simulator.event_stream import Event, Host, answer
+from app.simulator.generation import Generation, split
+from app.simulator.http import faults_before_headers, model_of, parse_body
 from app.simulator.knobs import knobs_of
-from app.simulator.server import Generation, Simulator, _model_of, _parse, _split
 
 _TYPES = {
     400: "invalid_request_error",
@@ -34,21 +35,21 @@ _TYPES = {
 _STOP = {"tool_calls": "tool_use", "length": "max_tokens", "stop": "end_turn"}
 
 
-async def serve(sim: Simulator, request: web.Request) -> web.StreamResponse:
+async def serve(sim: Host, request: web.Request) -> web.StreamResponse:
     raw = await request.read()
     record = sim.log.received(request, raw)
-    if (refused := sim._refuse(request)) is not None:
+    if (refused := sim.refuse(request)) is not None:
         return record.answered(_anthropic(refused))
-    payload, problem = _parse(raw)
+    payload, problem = parse_body(raw)
     if problem is not None:
         return record.answered(_anthropic(problem))
     if not isinstance(payload.get("messages"), list):
         return record.answered(error(400, {"message": "messages: Field required", "error_type": "invalid_request"}))
     knobs = knobs_of(payload, sim.attempts)
     record.knobs = knobs
-    if (early := await faults_before_headers(sim, request, knobs, error)) is not None:
+    if (early := await faults_before_headers(request, knobs, error)) is not None:
         return record.answered(early)
-    model, problem = _model_of(payload, "messages")
+    model, problem = model_of(payload, "messages")
     if problem is not None:
         return record.answered(_anthropic(problem))
     if (where := _bad_signature(payload["messages"])) is not None:
@@ -244,7 +245,7 @@ class MessagesGeneration(Generation):
             blocks.append(({"type": "thinking", "thinking": ""}, deltas))
         if out.tool:
             name, arguments = out.tool["function"]["name"], out.tool["function"]["arguments"]
-            deltas = [{"type": "input_json_delta", "partial_json": p} for p in _split(arguments, 3)]
+            deltas = [{"type": "input_json_delta", "partial_json": p} for p in split(arguments, 3)]
             blocks.append(({"type": "tool_use", "id": self.tool_id, "name": name, "input": {}}, deltas))
         else:
             blocks.append(

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from app.simulator.server import Generation
+from app.simulator.generation import Generation
 
 
 class Record:

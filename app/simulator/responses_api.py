@@ -16,26 +16,27 @@ from aiohttp import web
 
 from app.simulator import generate
 from app.simulator.errors import _MESSAGES, error_response
-from app.simulator.event_stream import Event, answer, faults_before_headers
+from app.simulator.event_stream import Event, Host, answer
+from app.simulator.generation import Generation, split
+from app.simulator.http import faults_before_headers, json_response, model_of, parse_body
 from app.simulator.knobs import knobs_of
-from app.simulator.server import Generation, Simulator, _json, _model_of, _parse, _split
 
 ENCRYPTED = "reasoning.encrypted_content"
 
 
-async def serve(sim: Simulator, request: web.Request) -> web.StreamResponse:
+async def serve(sim: Host, request: web.Request) -> web.StreamResponse:
     raw = await request.read()
     record = sim.log.received(request, raw)
-    if (refused := sim._refuse(request)) is not None:
+    if (refused := sim.refuse(request)) is not None:
         return record.answered(refused)
-    payload, problem = _parse(raw)
+    payload, problem = parse_body(raw)
     if problem is not None or (problem := _invalid(payload)) is not None:
         return record.answered(problem)
     knobs = knobs_of(payload, sim.attempts)
     record.knobs = knobs
-    if (early := await faults_before_headers(sim, request, knobs, error)) is not None:
+    if (early := await faults_before_headers(request, knobs, error)) is not None:
         return record.answered(early)
-    model, problem = _model_of(payload, "responses")
+    model, problem = model_of(payload, "responses")
     if problem is None and not _replays_verified(payload):
         spec = {"message": "Invalid encrypted_content in reasoning item", "error_type": "invalid_request"}
         problem = error_response(400, spec)
@@ -91,7 +92,7 @@ def _invalid(payload: dict[str, Any]) -> web.Response | None:
     else:
         return None
     body = {"error": {"code": "invalid_prompt", "message": "Invalid Responses API request"}, "metadata": {"raw": [raw]}}
-    return _json(body, status=400)
+    return json_response(body, status=400)
 
 
 def _replays_verified(payload: dict[str, Any]) -> bool:
@@ -305,7 +306,7 @@ class ResponsesGeneration(Generation):
         at = {"item_id": item["id"], "output_index": index}
         return [
             ("response.output_item.added", {"output_index": index, "item": self._call_item(False)}),
-            *[("response.function_call_arguments.delta", {**at, "delta": p}) for p in _split(item["arguments"], 3)],
+            *[("response.function_call_arguments.delta", {**at, "delta": p}) for p in split(item["arguments"], 3)],
             ("response.function_call_arguments.done", {**at, "name": item["name"], "arguments": item["arguments"]}),
             ("response.output_item.done", {"output_index": index, "item": item}),
         ]
