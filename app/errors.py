@@ -1,8 +1,9 @@
 """One error tree for the whole gateway, rendered once per dialect: OpenAI's error envelope
-(`render`), and Anthropic's on the Messages routes (`render_anthropic`).
+(`render`), and Anthropic's on the Messages routes (`render_anthropic`). The drawing below is
+the tree of the classes, each with its status and the code it sets (tests/test_errors.py checks it).
 
     GatewayError                      500 server_error / internal_error
-    ├── InvalidRequestError           400 invalid_request_error / specific code
+    ├── InvalidRequestError           400 invalid_request_error / invalid_request or a specific code
     │   ├── RequestTooLargeError      413 request_too_large
     │   ├── UnsupportedMediaTypeError 415 unsupported_media_type
     │   ├── NotFoundError             404 not_found (an admin resource)
@@ -24,7 +25,7 @@
         ├── UpstreamUnavailableError  503 upstream_auth_failed | upstream_insufficient_credits
         │                                 | upstream_in_flight_budget | upstream_key_missing (x-should-retry: false)
         ├── CircuitOpenError          503 upstream_circuit_open (the model keeps failing; retry-after)
-        └── UpstreamStatusError       OpenRouter's status and message, mapped by DESIGN §5
+        └── UpstreamStatusError       502 unless given: OpenRouter's 4xx status and message (DESIGN §5)
 
 `code` is always a string reason; OpenAI SDKs choose their exception class from the status.
 The README's error table lists every code (tests/test_error_table.py keeps the two together).
