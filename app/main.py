@@ -200,7 +200,7 @@ async def _start_gateway(settings: Settings, client: OpenRouterClient, store: St
     teams = TeamPolicyFactory(settings.attribution, client.auth_header(), read_secret)
     bootstrap = settings.api_key.get_secret_value() if settings.api_key else None
     authenticator = KeyAuthenticator(store, teams, bootstrap, cache_ttl_s=settings.auth_cache_ttl_s)
-    metrics = Metrics(catalog.is_listed)
+    metrics = Metrics(catalog.is_listed, multiprocess=settings.metrics_multiprocess_dir is not None)
     admission = Admission(
         store, settings.limits, on_store_error=metrics.store_errors.inc, on_ahead=metrics.admitted_ahead
     )

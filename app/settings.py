@@ -1,8 +1,9 @@
 """Settings: environment (`GATEWAY_*`, nested with `__`) over the YAML file over defaults.
 
-Nothing else in the gateway reads the environment. Secrets (`config_file.SECRETS`) come only from
-the environment or a file named by `<NAME>_FILE`, the Docker-secrets way (so can `GATEWAY_STORE`,
-whose URL may hold a password), never from the YAML file. An empty variable counts as unset.
+Nothing else in the gateway reads the environment (but the CLI's few variables of its own:
+tests/test_settings_sources.py). Secrets (`config_file.SECRETS`) come only from the environment or
+a file named by `<NAME>_FILE`, the Docker-secrets way (so can `GATEWAY_STORE`, whose URL may hold
+a password), never from the YAML file. An empty variable counts as unset.
 """
 
 from __future__ import annotations
@@ -262,6 +263,14 @@ class Settings(BaseSettings):
 
     _check_keys = field_validator("api_key", "admin_key")(_refuse_placeholder)
     _check_metrics_key = field_validator("metrics_key")(_refuse_placeholder)
+
+    @property
+    def metrics_multiprocess_dir(self) -> str | None:
+        """prometheus_client's directory shared by workers, `PROMETHEUS_MULTIPROC_DIR` (None when
+        unset), which `gateway serve` sets for its workers. Read when asked, not a setting: the
+        variable itself is what prometheus_client obeys (it reads it on import), so a value from
+        anywhere else could only disagree with it."""
+        return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 
     @field_validator("port", mode="before")
     @classmethod

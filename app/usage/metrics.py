@@ -1,7 +1,8 @@
 """Prometheus metrics (DESIGN §6): counters for requests, tokens and cost; histograms with
 buckets sized for LLM calls; bounded labels (team, key name, model, status, endpoint,
 token_type, limit). Several workers share one view through prometheus_client's multiprocess
-mode (`PROMETHEUS_MULTIPROC_DIR`, wiped by `gateway serve` at start); replicas are each scraped.
+mode (`PROMETHEUS_MULTIPROC_DIR`, wiped by `gateway serve` at start; `create_app` turns it on from
+`Settings.metrics_multiprocess_dir`); replicas are each scraped.
 
 The per-request families are kept in plain Python in one process (a dict lookup and an add
 per update, no lock, no label tuple built by prometheus_client) and turned into samples only
@@ -11,7 +12,6 @@ Neither mode exports `*_created` series (prometheus_client's multiprocess mode n
 
 from __future__ import annotations
 
-import os
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -129,13 +129,14 @@ OTHER_MODEL = "other"
 
 
 class Metrics:
-    def __init__(self, is_listed: Callable[[str], bool | None] | None = None) -> None:
-        # is_listed(model): the catalogue lists it (True), does not (False), or is not loaded (None)
+    def __init__(self, is_listed: Callable[[str], bool | None] | None = None, multiprocess: bool = False) -> None:
+        # is_listed(model): the catalogue lists it (True), does not (False), or is not loaded (None);
+        # multiprocess: workers share prometheus_client's files (PROMETHEUS_MULTIPROC_DIR is set)
         self._is_listed = is_listed
         self._model_labels: dict[str, str] = {}
         self._unlisted: set[str] = set()
         self.registry = CollectorRegistry()
-        self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        self.multiprocess = multiprocess
         r = self.registry
         local: list[LocalCounter | LocalHistogram] = []
 
