@@ -110,7 +110,7 @@ def test_only_the_load_balancer_listens_beyond_the_host() -> None:
                 assert host_ip(port) == "127.0.0.1", (name, port)
     grafana = services["grafana"]["environment"]
     assert grafana["GF_SECURITY_ADMIN_PASSWORD"] == "compose-check-grafana"  # from the environment, no default
-    for path in ("docker-compose.yml", "README.md"):
+    for path in ("docker-compose.yml", "README.md", *(f"docs/{page.name}" for page in (ROOT / "docs").glob("*.md"))):
         text = (ROOT / path).read_text()
         assert "admin / admin" not in text and "admin/admin" not in text and ":-admin}" not in text, path
 
@@ -134,7 +134,7 @@ def test_prometheus_scrapes_with_the_secret_the_gateway_reads() -> None:
 
 
 def test_the_secrets_directory_is_made_private_wherever_it_is_made() -> None:
-    """The README and compose's comments make `secrets/` the same way: readable by its owner only."""
-    for path in ("docker-compose.yml", "README.md"):
+    """docs/production.md and compose's comments make `secrets/` the same way: readable by its owner only."""
+    for path in ("docker-compose.yml", "docs/production.md"):
         made = re.findall(r"mkdir [^&\n]*secrets", (ROOT / path).read_text())
         assert made and set(made) == {"mkdir -p -m 700 secrets"}, (path, made)

@@ -1,4 +1,4 @@
-"""The README's error table ("### Errors") and the gateway agree: every error code the code can
+"""The error table of docs/errors.md and the gateway agree: every error code the code can
 produce has a row, and a refusal carries the headers its row names (the concurrency 429, which
 has no `x-ratelimit-*`)."""
 
@@ -23,10 +23,10 @@ TICKED = re.compile(r"`([^`]+)`")
 
 
 def rows() -> list[dict[str, str]]:
-    """The table under "### Errors", one dict per row, keyed by its header cells."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Errors") :]
-    section = section[: section.index("\n## ")]
+    """The table of docs/errors.md (the page "# Errors"), one dict per row, keyed by its header cells."""
+    page = (ROOT / "docs" / "errors.md").read_text()
+    section = page[page.index("# Errors\n") :]
+    section = section[: section.index("\n## ")] if "\n## " in section else section
     lines = [line for line in section.splitlines() if line.startswith("|")]
     names = [cell.strip().strip("`").split(" ")[0] for cell in lines[0].strip("|").split("|")]
     return [dict(zip(names, (cell.strip() for cell in line.strip("|").split("|")), strict=True)) for line in lines[2:]]
@@ -83,7 +83,7 @@ def test_every_error_code_has_a_row() -> None:
     produced = produced_codes()
     assert {"upstream_unreachable", "catalogue_unavailable", "http_<status>", "request_cancelled"} <= produced
     missing = sorted(produced - documented)
-    assert not missing, f"README's error table lacks {missing}"
+    assert not missing, f"docs/errors.md's error table lacks {missing}"
 
 
 def test_each_row_is_one_case_with_a_status() -> None:
@@ -144,4 +144,4 @@ def test_the_concurrency_refusal_sends_the_headers_its_row_names(
     assert [name for name in promised if not sent(name, refused)] == [], refused.headers  # every one is sent
     assert refused.headers["retry-after"].isdigit() and refused.headers["retry-after-ms"].isdigit()
     assert not any(name.startswith("x-ratelimit-") for name in refused.headers)  # none: OpenAI has none
-    assert not any(name.startswith("x-ratelimit-") for name in promised)  # and the README promises none
+    assert not any(name.startswith("x-ratelimit-") for name in promised)  # and the table promises none

@@ -163,7 +163,7 @@ def test_two_workers_share_keys_limits_and_revocations(
     assert started - revoked_at < REVOKED_WITHIN_S
 
 
-# The README's "within a second" is each worker reading the change table every 0.25 s (shown
+# docs/keys-and-teams.md's "within a second" is each worker reading the change table every 0.25 s (shown
 # without processes in test_store_sqlite.py, under 1.0 s); here two workers, the test's bursts
 # and another suite share two loaded cores, so the whole round trip gets a margin.
 REVOKED_WITHIN_S = 2.5
