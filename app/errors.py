@@ -28,7 +28,7 @@ the tree of the classes, each with its status and the code it sets (tests/test_e
         └── UpstreamStatusError       502 unless given: OpenRouter's 4xx status and message (DESIGN §5)
 
 `code` is always a string reason; OpenAI SDKs choose their exception class from the status.
-The README's error table lists every code (tests/test_error_table.py keeps the two together).
+docs/errors.md's table lists every code (tests/test_error_table.py keeps the two together).
 Anthropic's twin of each row: the type its status stands for at Anthropic (`ANTHROPIC_TYPES`),
 503 (and OpenRouter's 503 or 529 passed on) as Anthropic's 529 `overloaded_error`, other 5xx
 but 504 as 500 `api_error`; our `code` kept beside it, a budget refusal typed `billing_error`.
