@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import httpx
@@ -15,6 +17,7 @@ import uvicorn
 from app.main import create_app
 from app.server import BatchingHttpToolsProtocol
 from app.settings import Settings
+from app.simulator import SimulatorThread
 
 CLIENT_KEY = "sk-gw-test-client-key-0123456789abcdef"
 METRICS_KEY = "sk-gw-metrics-test-0123456789abcdef"
@@ -256,3 +259,24 @@ def free_port_number() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def base_env(simulator: SimulatorThread, **extra: str) -> dict[str, str]:
+    return {
+        "OPENROUTER_BASE_URL": simulator.base_url,
+        "OPENROUTER_API_KEY": UPSTREAM_KEY,
+        "GATEWAY_API_KEY": CLIENT_KEY,
+        "GATEWAY_ADMIN_KEY": ADMIN_KEY,
+        "GATEWAY_CONFIG": "/dev/null",
+        **extra,
+    }
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)

@@ -26,9 +26,7 @@ from app.settings import LimitsSettings
 from app.simulator import SimulatorThread
 from app.store.base import Store
 from app.store.memory import MemoryStore
-from tests.redis_server import RedisServer
-from tests.support import ADMIN_KEY, GatewayServer, gateway_settings, wait_until
-from tests.test_admission_details import (
+from tests.admission_support import (
     HELLO,
     MINI,
     budget_of,
@@ -38,7 +36,9 @@ from tests.test_admission_details import (
     make_team,
     redis_gateway,
 )
-from tests.test_metering_details import metric
+from tests.metering_support import metric
+from tests.redis_server import RedisServer
+from tests.support import ADMIN_KEY, GatewayServer, gateway_settings, wait_until
 
 BODY = {"model": MINI, "messages": HELLO, "max_tokens": 10}
 SPARES = LimitsSettings().ahead_spares  # reservations a key keeps ahead, by default

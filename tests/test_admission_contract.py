@@ -1,10 +1,13 @@
 """Admission semantics, the same on both stores: token buckets (RPM, TPM), leases,
-budgets, all-or-nothing reservation, and exactness under concurrency."""
+budgets, all-or-nothing reservation, and exactness under concurrency; one admission reads buckets,
+spend and expired holds together; budget periods turn at UTC midnight."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
@@ -251,3 +254,77 @@ async def test_a_settlement_batch_makes_the_reservations_sent_with_it(store: Sto
     alone = await store.settle([], "", [Reserve([tokens], "ahead-4", LEASE_MS, 1), Reserve([slots], "x", LEASE_MS)])
     assert [v.ok for v in alone] == [False, False]
     assert await store.settle([], "", []) == []
+
+
+@pytest.mark.anyio
+async def test_one_admission_sees_buckets_spend_and_expired_holds(store: Store) -> None:
+    """Buckets, a budget's spend and its held sum are read together; a hold that expired is
+    dropped from the held sum before the budget is decided, and the verdict's states say so."""
+    scope = "k" + uuid.uuid4().hex[:8]
+    rpm, tpm = Check("key", scope, "requests", 10), Check("key", scope, "tokens", 1000, 100)
+
+    def budget(amount: int) -> Check:
+        return Check("key", scope, "budget", 1000, amount, "total", 0)
+
+    crashed, paid, late = (uuid.uuid4().hex for _ in range(3))
+    started = time.monotonic()
+    assert (await store.admit([rpm, tpm, budget(500)], crashed, 200)).ok  # never settled: expires
+    assert (await store.admit([rpm, tpm, budget(300)], paid, 60_000)).ok
+    await store.settle([Settlement(tpm, paid, 100 - 40), Settlement(budget(300), paid, 250)])  # 40 tokens, 250 spent
+    assert not (await store.admit([rpm, tpm, budget(300)], late, 60_000)).ok  # 250 spent + 500 held
+    await asyncio.sleep(0.3)  # the crashed request's lease (200 ms) runs out
+    verdict = await store.admit([rpm, tpm, budget(300)], late, 60_000)
+    refill = (time.monotonic() - started) * 1000 / 60  # TPM 1000: the bucket refills 1000 a minute
+    assert verdict.ok
+    (rpm_left, _), (tpm_left, _), (budget_left, _) = verdict.states
+    assert rpm_left == 10 - 3  # three admissions; the refused one took nothing (all or nothing)
+    assert 1000 - 100 - 40 - 100 <= tpm_left <= 1000 - 100 - 40 - 100 + refill + 1  # 100 held, 40 used, 100 held
+    assert budget_left == 1000 - 250 - 300  # the expired 500 is no longer held
+
+
+@pytest.mark.parametrize(
+    ("last", "first"),
+    [
+        (datetime(2026, 3, 31, 23, 59, 59, tzinfo=UTC), datetime(2026, 4, 1, 0, 0, 0, tzinfo=UTC)),
+        (datetime(2026, 12, 31, 23, 59, 59, tzinfo=UTC), datetime(2027, 1, 1, 0, 0, 0, tzinfo=UTC)),
+        (datetime(2028, 2, 29, 23, 59, 59, tzinfo=UTC), datetime(2028, 3, 1, 0, 0, 0, tzinfo=UTC)),
+    ],
+    ids=["month-end", "year-end", "leap-day"],
+)
+def test_budget_periods_turn_at_utc_midnight(last: datetime, first: datetime) -> None:
+    day_before, kept_before = budget_period("day", last)
+    day_after, kept_after = budget_period("day", first)
+    assert day_before == "d" + last.strftime("%Y%m%d") and day_after == "d" + first.strftime("%Y%m%d")
+    assert kept_before >= 1 and kept_after >= 86_400  # the spend outlives its period
+    assert budget_period("month", last)[0] == "m" + last.strftime("%Y%m")
+    assert budget_period("month", first)[0] == "m" + first.strftime("%Y%m")
+    assert budget_period("total", last) == budget_period("total", first) == ("total", 0)
+    # The same instants given in another zone are the same UTC periods.
+    tokyo = timezone(timedelta(hours=9))
+    assert budget_period("day", last.astimezone(tokyo))[0] == day_before
+    assert budget_period("month", first.astimezone(tokyo))[0] == budget_period("month", first)[0]
+    # And the current period is the UTC one.
+    now = datetime.now(UTC)
+    if now.strftime("%H%M") != "2359":
+        assert budget_period("day")[0] == "d" + now.strftime("%Y%m%d")
+        assert budget_period("month")[0] == "m" + now.strftime("%Y%m")
+
+
+@pytest.mark.anyio
+async def test_a_new_day_starts_with_a_fresh_budget(store: Store) -> None:
+    scope = uuid.uuid4().hex[:8]
+    last = datetime(2026, 3, 31, 23, 59, 59, tzinfo=UTC)
+    first = last + timedelta(seconds=1)
+
+    def check(moment: datetime, amount: int) -> Check:
+        period, ttl = budget_period("day", moment)
+        return Check("key", scope, "budget", 1000, amount, period, ttl)
+
+    member = uuid.uuid4().hex
+    assert (await store.admit([check(last, 1000)], member, 60_000)).ok
+    await store.settle([Settlement(check(last, 1000), member, 1000)])  # the whole day's budget spent
+    assert not (await store.admit([check(last, 1)], uuid.uuid4().hex, 60_000)).ok
+    assert await store.budget_spent(check(first, 0)) == 0
+    fresh = await store.admit([check(first, 1000)], uuid.uuid4().hex, 60_000)
+    assert fresh.ok  # one second later, a new UTC day: its own spend, from zero
+    assert await store.budget_spent(check(last, 0)) == 1000

@@ -1,4 +1,5 @@
-"""`gateway teams …` and `gateway keys …` against a running gateway's admin API."""
+"""`gateway teams …` and `gateway keys …` against a running gateway's admin API; `--url` beats
+GATEWAY_URL."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from tests.support import ADMIN_KEY, GatewayServer, wait_until
+from tests.support import ADMIN_KEY, GatewayServer, free_port_number, wait_until
 
 GATEWAY = Path(sys.executable).with_name("gateway")
 
@@ -204,3 +205,39 @@ def test_usage_command(keyed: GatewayServer) -> None:
     assert csv_text.splitlines()[0].startswith("model,requests,") and csv_text.splitlines()[-1].startswith("total,2,")
     bad = run(keyed, "usage", "--group-by", "planet")
     assert bad.returncode == 1 and "group_by" in bad.stderr
+
+
+def admin(gateway: GatewayServer) -> httpx.Client:
+    return httpx.Client(base_url=gateway.url + "/admin", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=20)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def make_team(gateway: GatewayServer, **fields: Any) -> str:
+    name = unique("team")
+    with admin(gateway) as client:
+        response = client.post("/teams", json={"name": name, **fields})
+    assert response.status_code == 201, response.text
+    return name
+
+
+def cli(*args: str, env_url: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env |= {"GATEWAY_ADMIN_KEY": ADMIN_KEY, "GATEWAY_URL": env_url}
+    return subprocess.run([str(GATEWAY), *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_cli_url_flag_wins_over_gateway_url(keyed: GatewayServer) -> None:
+    a = keyed
+    team = make_team(a, rpm=7)
+    nowhere = f"http://127.0.0.1:{free_port_number()}"
+
+    shown = cli("teams", "show", team, "--url", a.url, "--json", env_url=nowhere)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["name"] == team and json.loads(shown.stdout)["rpm"] == 7
+
+    missed = cli("teams", "show", team, "--url", nowhere, "--json", env_url=a.url)
+    assert missed.returncode != 0 and missed.stdout == ""
+    assert f"cannot reach the gateway at {nowhere}" in missed.stderr

@@ -1,5 +1,6 @@
 """The compose stack, checked without a Docker engine: the compose file through
-`docker-compose config`, and the configs it mounts (the image itself: tests/test_image.py)."""
+`docker-compose config`, and the configs it mounts (the image itself: tests/test_image.py); the stop timeout covers the
+drain, and promtool accepts the Prometheus config."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from app.settings import Settings
 from tests.support import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,3 +140,52 @@ def test_the_secrets_directory_is_made_private_wherever_it_is_made() -> None:
     for path in ("docker-compose.yml", "docs/production.md"):
         made = re.findall(r"mkdir [^&\n]*secrets", (ROOT / path).read_text())
         assert made and set(made) == {"mkdir -p -m 700 secrets"}, (path, made)
+
+
+def seconds(duration: str | int | float) -> float:
+    """A compose duration ("40s", "1m30s", "1500ms") in seconds."""
+    if isinstance(duration, int | float):
+        return float(duration)
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration.strip(), duration
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+def test_compose_stop_timeout_covers_the_drain() -> None:
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    gateways = {
+        name: service
+        for name, service in services.items()
+        if "build" in service or "gateway" in str(service.get("image", "")).split(":")[0].split("/")[-1]
+    }
+    assert "gateway" in gateways
+    defaults = Settings.model_fields
+    for name, service in gateways.items():
+        environment = service.get("environment") or {}
+        if isinstance(environment, list):
+            environment = dict(item.split("=", 1) for item in environment)
+        delay = float(environment.get("GATEWAY_SHUTDOWN_DELAY_S", defaults["shutdown_delay_s"].default))
+        grace = float(environment.get("GATEWAY_SHUTDOWN_GRACE_S", defaults["shutdown_grace_s"].default))
+        stop = seconds(service.get("stop_grace_period", "10s"))  # compose's default
+        assert stop >= delay + grace + 10, f"{name}: stop_grace_period {stop}s < {delay} + {grace} + 10 s"
+
+
+def test_promtool_accepts_the_prometheus_config(tmp_path: Path) -> None:
+    """promtool also checks the files the config names: the scrape key's secret, which compose
+    mounts at /run/secrets/metrics_key, is given here at a path of the test's own."""
+    promtool = require_tool("promtool", "prometheus")
+    secret = tmp_path / "metrics_key"
+    secret.write_text("0123456789abcdef0123456789abcdef\n")
+    text = (ROOT / "config/prometheus/prometheus.yml").read_text()
+    assert text.count("/run/secrets/metrics_key") == 1
+    config = tmp_path / "prometheus.yml"
+    config.write_text(text.replace("/run/secrets/metrics_key", str(secret)))
+    check = subprocess.run(
+        [promtool, "check", "config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "SUCCESS" in check.stdout + check.stderr

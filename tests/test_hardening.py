@@ -22,7 +22,9 @@ from tests.support import (
     UPSTREAM_KEY,
     GatewayProcess,
     GatewayServer,
+    base_env,
     free_port_number,
+    wait_until,
 )
 
 CHAT = "/v1/chat/completions"
@@ -318,3 +320,154 @@ def test_no_secret_in_the_schema(keyed: GatewayServer, tmp_path: Path) -> None:
     text = httpx.get(keyed.url + "/openapi.json").text
     for secret in (ADMIN_KEY, CLIENT_KEY, UPSTREAM_KEY):
         assert secret not in text
+
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+CLIENT = {"Authorization": f"Bearer {CLIENT_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def fenced_by_host(simulator: SimulatorThread, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    admin_port = free_port_number()
+    log = tmp_path_factory.mktemp("fenced") / "gateway.log"
+    env = base_env(simulator, GATEWAY_ADMIN_HOST="127.0.0.2", GATEWAY_ADMIN_PORT=str(admin_port))
+    with GatewayProcess(env, str(log)) as gateway:
+        admin_url = f"http://127.0.0.2:{admin_port}"
+        wait_until(lambda: httpx.get(admin_url + "/healthz").status_code == 200, 10, "the admin listener")
+        yield gateway, admin_url, log
+
+
+def test_the_admin_api_on_its_own_bind_address(fenced_by_host: tuple[GatewayProcess, str, Path]) -> None:
+    gateway, admin_url, _ = fenced_by_host
+    admin_port = int(admin_url.rsplit(":", 1)[1])
+    listing = httpx.get(admin_url + "/admin/teams", headers=ADMIN)
+    assert listing.status_code == 200 and listing.json()["object"] == "list"
+    with pytest.raises(httpx.ConnectError):  # bound to 127.0.0.2 only
+        httpx.get(f"http://127.0.0.1:{admin_port}/admin/teams", headers=ADMIN, timeout=5)
+    on_main = httpx.get(gateway.url + "/admin/teams", headers=ADMIN)
+    assert on_main.status_code == 404 and on_main.json()["error"]["code"] == "unknown_url"
+    assert httpx.post(gateway.url + "/admin/teams", json={"name": "x"}, headers=ADMIN).status_code == 404
+    inference = httpx.post(
+        admin_url + CHAT, json={"model": "openai/gpt-4o-mini", "messages": HI}, headers=CLIENT, timeout=20
+    )
+    assert inference.status_code == 404, inference.text
+    served = httpx.post(
+        gateway.url + CHAT, json={"model": "openai/gpt-4o-mini", "messages": HI}, headers=CLIENT, timeout=20
+    )
+    assert served.status_code == 200  # the same body is served on the main address
+
+
+LEAKS = ("Traceback", 'File "', "/work/", "site-packages", '.py"')
+
+
+CHAT_FIELDS = [
+    "model",
+    "messages",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+    "n",
+    "stop",
+    "seed",
+    "user",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+    "logprobs",
+    "top_logprobs",
+    "logit_bias",
+    "reasoning",
+    "reasoning_effort",
+    "provider",
+    "models",
+    "transforms",
+    "usage",
+    "metadata",
+    "prediction",
+    "modalities",
+]
+
+
+WRONG = ["text", 12345, -1.5, True, None, [], [1, "a", None], {"x": {"y": [1]}}, 10**30, ""]
+
+
+def no_internals(answer: httpx.Response, what: str) -> None:
+    for leak in LEAKS:
+        assert leak not in answer.text, (what, answer.status_code, answer.text[:500])
+    assert answer.status_code != 500, (what, answer.text[:500])  # an unhandled error in the gateway
+
+
+@pytest.mark.parametrize("field", CHAT_FIELDS)
+def test_wrong_types_in_every_chat_field(keyed: GatewayServer, field: str) -> None:
+    with httpx.Client(base_url=keyed.url, headers=CLIENT, timeout=20) as http:
+        for i, value in enumerate(WRONG):
+            body: dict[str, Any] = {"model": "openai/gpt-4o-mini", "messages": HI, field: value}
+            if field != "stream":
+                body["stream"] = i % 2 == 1
+            with http.stream("POST", CHAT, json=body) as answer:
+                answer.read()
+            no_internals(answer, f"{field}={value!r}")
+
+
+@pytest.mark.parametrize(
+    ("path", "raw"),
+    [
+        (CHAT, b'{"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "\xff\xfe"}]}'),
+        (CHAT, b"\xc3\x28\xa0\xa1"),
+        ("/v1/embeddings", b'{"model": "qwen/qwen3-embedding-8b", "input": "\xed\xa0\x80"}'),
+        ("/v1/completions", b'{"model": "openai/gpt-4o-mini", "prompt": "\x80"}'),
+        ("/admin/teams", b'{"name": "\xff"}'),
+        ("/admin/keys", b'{"name": "k", "team": "\xf0\x28\x8c\x28"}'),
+        (CHAT, b'{"model": "openai/gpt-4o-mini", "messages": [], "max_tokens": ' + b"9" * 5000 + b"}"),
+        (CHAT, b'{"model": "openai/gpt-4o-mini", "messages": [], "temperature": 1e99999}'),
+        (CHAT, b'{"model": "openai/gpt-4o-mini", "messages": [], "n": -' + b"9" * 400 + b"}"),
+        ("/admin/keys", b'{"name": "k", "team": "t", "rpm": ' + b"9" * 5000 + b"}"),
+        ("/admin/teams", b'{"name": "t", "budget_usd": 1e99999}'),
+        (CHAT, b"[]"),
+        (CHAT, b"null"),
+        (CHAT, b'"a string"'),
+        ("/admin/teams", b"12345"),
+    ],
+)
+def test_invalid_utf8_and_huge_numbers(keyed: GatewayServer, path: str, raw: bytes) -> None:
+    headers = {**(ADMIN if path.startswith("/admin") else CLIENT), "content-type": "application/json"}
+    answer = httpx.post(keyed.url + path, content=raw, headers=headers, timeout=20)
+    no_internals(answer, f"{path} {raw[:60]!r}")
+    assert 400 <= answer.status_code < 500, (answer.status_code, answer.text[:300])
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH", "DELETE", "GET", "POST", "OPTIONS", "TRACE"])
+def test_unknown_methods_on_known_paths(keyed: GatewayServer, method: str) -> None:
+    paths = [
+        CHAT,
+        "/api/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/models",
+        "/v1/models/openai/gpt-4o-mini",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+        "/admin/teams",
+        "/admin/keys",
+        "/admin/usage",
+        "/admin/keys/nosuchkey000/revoke",
+    ]
+    for path in paths:
+        headers = ADMIN if path.startswith("/admin") else CLIENT
+        answer = httpx.request(method, keyed.url + path, headers=headers, content=b"{}", timeout=20)
+        no_internals(answer, f"{method} {path}")
+        assert answer.status_code < 500, (method, path, answer.status_code)
+        if answer.status_code == 405:
+            assert answer.json()["error"]["code"] == "http_405"

@@ -1,9 +1,11 @@
 """Virtual keys and teams through the admin API and on the request path: formats, hashing,
 allowlists, rotation, revocation, expiry, team attribution and policy, declared entries, and
-bad admin input (never a 500)."""
+bad admin input (never a 500); key secrets and the admin key compared in constant time, never
+with `==`."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import re
@@ -533,3 +535,91 @@ async def test_a_record_read_while_a_change_lands_is_not_kept(tmp_path: Path) ->
             await authenticator.authenticate(f"Bearer {plaintext}")
     finally:
         await store.close()
+
+
+APP = Path(__file__).resolve().parent.parent / "app"
+
+
+SENSITIVE = ("hash", "secret", "digest", "admin_key")
+
+
+def _names_in(node: ast.expr) -> list[str]:
+    """The identifiers an expression reads (variables, attributes, called functions)."""
+    found: list[str] = []
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Name):
+            found.append(sub.id)
+        elif isinstance(sub, ast.Attribute):
+            found.append(sub.attr)
+        elif isinstance(sub, ast.Constant) and isinstance(sub.value, str) and sub is not node:
+            found.append(sub.value)  # dict keys: record["hash"]
+    return found
+
+
+def _sensitive(node: ast.expr) -> bool:
+    if isinstance(node, ast.Constant):
+        return False  # comparing with None or a literal is no secret comparison
+    return any(word in name.lower() for name in _names_in(node) for word in SENSITIVE)
+
+
+def _sources() -> dict[Path, ast.Module]:
+    return {path: ast.parse(path.read_text(), str(path)) for path in sorted(APP.rglob("*.py"))}
+
+
+def _equality_on_secrets(tree: ast.AST) -> list[str]:
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Compare):
+            continue
+        sides = [node.left, *node.comparators]
+        for op, left, right in zip(node.ops, sides[:-1], sides[1:], strict=True):
+            if not isinstance(op, ast.Eq | ast.NotEq | ast.In | ast.NotIn):
+                continue
+            if isinstance(left, ast.Constant) or isinstance(right, ast.Constant):
+                continue
+            if _sensitive(left) or _sensitive(right):
+                found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_secrets_are_never_compared_with_equality() -> None:
+    planted = "if record.hash == digest: ...\nok = self._bootstrap is None\nif admin_key_hash != sent: ...\n"
+    assert len(_equality_on_secrets(ast.parse(planted))) == 2  # the scan catches what it looks for
+    sources = _sources()
+    assert len(sources) > 20 and APP / "auth" / "keys.py" in sources
+    offenders = [
+        f"{p.relative_to(APP.parent)}:{hit}" for p, tree in sources.items() for hit in _equality_on_secrets(tree)
+    ]
+    assert offenders == []
+
+
+def _calls_compare_digest(function: ast.AST) -> bool:
+    return any(
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute | ast.Name)
+        and (node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id) == "compare_digest"
+        for node in ast.walk(function)
+    )
+
+
+def _uses(function: ast.AST, name: str) -> bool:
+    return any(isinstance(n, ast.Attribute | ast.Name) and name in _names_in(n) for n in ast.walk(function))
+
+
+def test_key_and_admin_key_checks_use_compare_digest() -> None:
+    sources = _sources()
+    functions = {
+        (path.relative_to(APP.parent).as_posix(), node.name): node
+        for path, tree in sources.items()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+    }
+    # every function that reads a stored key hash or the admin key's hash must compare it in constant time
+    readers = {where: f for where, f in functions.items() if _uses(f, "admin_key_hash") or _uses(f, "_bootstrap")}
+    readers |= {where: f for where, f in functions.items() if where[0] == "app/auth/keys.py" and _uses(f, "hash")}
+    checks = {where for where, f in readers.items() if _calls_compare_digest(f)}
+    assert ("app/auth/keys.py", "_secret_matches") in checks  # a key's secret
+    assert ("app/auth/keys.py", "authenticate") in checks  # the bootstrap key
+    admin_checks = {where for where in checks if _uses(functions[where], "admin_key_hash")}
+    assert admin_checks, "the admin key is not checked with compare_digest"
+    assert ("app/api/admin.py", "require_admin") in admin_checks  # the admin API's guard

@@ -14,7 +14,17 @@ import httpx
 import pytest
 
 from app.simulator import SimulatorThread
-from tests.support import ADMIN_KEY, CLIENT_KEY, METRICS_KEY, UPSTREAM_KEY, GatewayProcess, scrape, wait_until
+from tests.support import (
+    ADMIN_KEY,
+    CLIENT_KEY,
+    METRICS_KEY,
+    UPSTREAM_KEY,
+    GatewayProcess,
+    base_env,
+    free_port_number,
+    scrape,
+    wait_until,
+)
 
 SECRET_PROMPT = "my-private-prompt-" + uuid.uuid4().hex
 
@@ -194,3 +204,52 @@ def test_a_refused_secret_of_a_known_key_is_logged_under_its_id(simulator: Simul
         labels = f'endpoint="chat.completions",key="{name}",model="",status="401",team="ml"'
         assert f"gateway_requests_total{{{labels}}} {count}" in counted
     assert key["key"] not in log.read_text() and rotated["key"] not in log.read_text()
+
+
+CHAT = "/v1/chat/completions"
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def log_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def fenced(simulator: SimulatorThread, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    admin_port = free_port_number()
+    log = tmp_path_factory.mktemp("fenced") / "gateway.log"
+    env = base_env(simulator, GATEWAY_ADMIN_HOST="127.0.0.2", GATEWAY_ADMIN_PORT=str(admin_port))
+    with GatewayProcess(env, str(log)) as gateway:
+        admin_url = f"http://127.0.0.2:{admin_port}"
+        wait_until(lambda: httpx.get(admin_url + "/healthz").status_code == 200, 10, "the admin listener")
+        yield gateway, admin_url, log
+
+
+def test_the_request_log_names_the_team_and_the_key(fenced: tuple[GatewayProcess, str, Path]) -> None:
+    gateway, admin_url, log = fenced
+    team = "logged-" + uuid.uuid4().hex[:6]
+    assert httpx.post(admin_url + "/admin/teams", json={"name": team}, headers=ADMIN).status_code == 201
+    created = httpx.post(admin_url + "/admin/keys", json={"name": "ci-runner", "team": team}, headers=ADMIN)
+    assert created.status_code == 201, created.text
+    key = created.json()
+    rid = "team-log-" + uuid.uuid4().hex
+    answer = httpx.post(
+        gateway.url + CHAT,
+        json={"model": "openai/gpt-4o-mini", "messages": HI},
+        headers={"Authorization": f"Bearer {key['key']}", "x-request-id": rid},
+        timeout=20,
+    )
+    assert answer.status_code == 200, answer.text
+    line = wait_until(
+        lambda: next((e for e in log_lines(log) if e.get("request_id") == rid and e["message"] == "request"), None),
+        10,
+        "the request line",
+    )
+    assert line["team"] == team and line["key"] == "ci-runner" and line["key_id"] == key["id"]
+    assert line["status"] == 200 and line["model"] == "openai/gpt-4o-mini"
+    assert key["key"] not in log.read_text()

@@ -22,8 +22,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from app.limits import estimate
 from app.simulator import SimulatorThread
+from tests.admission_support import MINI, catalogue_prices, nano_ceil
 from tests.support import ADMIN_KEY, UPSTREAM_KEY, GatewayProcess, wait_until
-from tests.test_admission_details import MINI, catalogue_prices, nano_ceil
 from tests.test_limits import overlap
 
 HELLO = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}]}

@@ -2,12 +2,14 @@
 New connections refused, short streams complete, long ones end with one `server_shutting_down`
 error event instead of a cut, the waiting ones get a 503 `server_shutting_down`, every request
 reaches the ledger, and the process exits 0. With `shutdown_delay_s`, the gateway keeps serving
-(with /readyz at 503) before it closes its listener."""
+(with /readyz at 503) before it closes its listener. With `--workers 2`, SIGTERM
+drains every worker and each exits 0."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import time
 import uuid
@@ -26,6 +28,7 @@ from tests.support import (
     UPSTREAM_KEY,
     GatewayProcess,
     GatewayServer,
+    base_env,
     gateway_settings,
     wait_until,
 )
@@ -271,3 +274,107 @@ def test_sigterm_ends_open_agent_streams_each_in_its_own_dialect(simulator: Simu
     lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
     logged = [line["endpoint"] for line in lines if line.get("message") == "request"]
     assert sorted(logged) == ["messages", "messages", "responses", "responses"], logged
+
+
+CHAT = "/v1/chat/completions"
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+CLIENT = {"Authorization": f"Bearer {CLIENT_KEY}"}
+
+
+def zombie_status(pid: int) -> int | None:
+    """The wait status of an exited, not yet reaped process (field 52 of /proc/<pid>/stat), or
+    None while it runs."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        raise AssertionError(f"worker {pid} was reaped before its exit status was read") from None
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[49]) if fields[0] == "Z" else None
+
+
+async def open_stream(url: str, rid: str, opened: list[int]) -> str:
+    body = {
+        "model": "openai/gpt-4o-mini",
+        "messages": HI,
+        "stream": True,
+        "simulator": {"words": 30, "chunk_delay_ms": 100},  # about 3 s
+    }
+    text = ""
+    headers = {**CLIENT, "x-request-id": rid}
+    async with (
+        httpx.AsyncClient(timeout=60) as client,
+        client.stream("POST", url + CHAT, json=body, headers=headers) as answer,
+    ):
+        assert answer.status_code == 200
+        async for chunk in answer.aiter_text():
+            if not text:
+                opened.append(1)
+            text += chunk
+    return text
+
+
+def test_sigterm_drains_every_worker(simulator: SimulatorThread, tmp_path: Path) -> None:
+    redis_server = RedisServer().start()
+    prefix = "wk" + uuid.uuid4().hex[:8]
+    log = tmp_path / "gateway.log"
+    env = base_env(
+        simulator,
+        GATEWAY_STORE=redis_server.url,
+        GATEWAY_STORE_PREFIX=prefix,
+        GATEWAY_SHUTDOWN_GRACE_S="15",
+        PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"),
+    )
+    gateway = GatewayProcess(env, str(log), args=("--workers", "2"))
+    try:
+        gateway.start()
+        supervisor = gateway.process
+
+        def started() -> list[int]:
+            pids = [int(m) for m in re.findall(r"Started server process \[(\d+)\]", log.read_text())]
+            ready = log.read_text().count("Application startup complete")
+            return pids if len(pids) == 2 and ready == 2 else []
+
+        workers = wait_until(started, 30, "two workers")
+        marker = "workers-" + uuid.uuid4().hex
+
+        async def scenario() -> list[str]:
+            opened: list[int] = []
+            streams = [asyncio.ensure_future(open_stream(gateway.url, f"{marker}-{i}", opened)) for i in range(6)]
+            deadline = asyncio.get_running_loop().time() + 30
+            while len(opened) < 6:
+                assert asyncio.get_running_loop().time() < deadline, "the streams did not open"
+                await asyncio.sleep(0.01)
+            supervisor.send_signal(signal.SIGTERM)
+            # The supervisor passes SIGTERM on to each worker, then waits for them. Hold it there
+            # (SIGSTOP) so the workers' exit statuses can be read before it reaps them.
+            terminated = f"Terminated child process [{workers[-1]}]"
+            while terminated not in log.read_text():
+                assert asyncio.get_running_loop().time() < deadline, "the supervisor did not stop its workers"
+                await asyncio.sleep(0.005)
+            supervisor.send_signal(signal.SIGSTOP)
+            try:
+                texts = await asyncio.gather(*streams)
+                while None in (statuses := [zombie_status(pid) for pid in workers]):
+                    assert asyncio.get_running_loop().time() < deadline + 30, "the workers did not exit"
+                    await asyncio.sleep(0.01)
+            finally:
+                supervisor.send_signal(signal.SIGCONT)
+            assert statuses == [0, 0], f"worker wait statuses {statuses} (signal number if killed)"
+            return texts
+
+        texts = asyncio.run(scenario())
+        assert supervisor.wait(30) == 0
+        gateway.process = None
+        assert all(t.endswith("data: [DONE]\n\n") for t in texts)  # the streams finished, none cut
+        text = log.read_text()
+        assert text.count("Application shutdown complete") == 2 and "Traceback" not in text, text[-3000:]
+        sums = ledger_sums(redis_server.url, prefix)
+        assert sums["requests"] == 6, sums  # every request reached the ledger before the exit
+        assert sums["completion_tokens"] == 6 * 30
+    finally:
+        gateway.stop()
+        redis_server.cleanup()

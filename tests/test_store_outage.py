@@ -1,6 +1,7 @@
 """The store unreachable mid-test (Redis stopped; the SQLite file's write lock held elsewhere):
 admission follows the configured policy per concern (rate limits, budgets) within about the
-store's timeout, logs the outage once, keeps spend to settle later, and recovers by itself."""
+store's timeout, logs the outage once, keeps spend to settle later, and recovers by itself; keys
+made through the admin API keep working (and revoked ones stay revoked) through a Redis outage."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,8 @@ import pytest
 
 from app.simulator import SimulatorThread
 from tests.redis_server import RedisServer
-from tests.support import ADMIN_KEY, GatewayServer, gateway_settings, request_id, wait_until
+from tests.support import ADMIN_KEY, GatewayProcess, GatewayServer, base_env, gateway_settings, request_id, wait_until
+from tests.test_metering import simulator_sums
 
 HELLO = {"model": "deepseek/deepseek-v3.2", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 20}
 
@@ -168,3 +171,73 @@ def test_a_locked_sqlite_file_follows_the_policy_and_loses_no_settlement(
         with httpx.Client(base_url=gateway.url + "/admin", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin:
             wait_until(lambda: admin.get("/usage").json()["total"]["requests"] == 6, 10, "every request in the ledger")
         assert abs(spent_usd(gateway, budgeted["id"]) - paid) < 1e-9  # and nothing applied twice
+
+
+CHAT = "/v1/chat/completions"
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def test_redis_outage_with_admin_created_keys(simulator: SimulatorThread, tmp_path: Path) -> None:
+    redis_server = RedisServer(appendonly=True).start()  # keys and teams survive its restart
+    env = base_env(simulator, GATEWAY_STORE=redis_server.url, GATEWAY_STORE_PREFIX="ou" + uuid.uuid4().hex[:8])
+    marker = "outage-" + uuid.uuid4().hex
+    counter = iter(range(1000))
+    try:
+        with (
+            GatewayProcess(env, str(tmp_path / "gateway.log")) as gateway,
+            httpx.Client(base_url=gateway.url, timeout=20) as http,
+        ):
+            team = "ops-" + uuid.uuid4().hex[:6]
+            assert http.post("/admin/teams", json={"name": team}, headers=ADMIN).status_code == 201
+            live = http.post("/admin/keys", json={"name": "live", "team": team}, headers=ADMIN).json()
+            gone = http.post("/admin/keys", json={"name": "gone", "team": team}, headers=ADMIN).json()
+
+            def chat(key: str, stream: bool = False) -> httpx.Response:
+                body = {"model": "openai/gpt-4o-mini", "messages": HI, "stream": stream}
+                headers = {"Authorization": f"Bearer {key}", "x-request-id": f"{marker}-{next(counter)}"}
+                return http.post(CHAT, json=body, headers=headers)
+
+            assert chat(live["key"]).status_code == 200  # known (cached) before the outage
+            assert chat(gone["key"]).status_code == 200
+            assert http.post(f"/admin/keys/{gone['id']}/revoke", headers=ADMIN).status_code == 200
+            wait_until(lambda: chat(gone["key"]).status_code == 401, 10, "the revocation")
+
+            redis_server.stop()
+            for i in range(8):
+                answer = chat(live["key"], stream=i % 2 == 1)
+                assert answer.status_code == 200, answer.text  # no limits: admitted while the store is down
+                refused = chat(gone["key"])
+                assert refused.status_code == 401, refused.text  # revoked stays revoked
+                assert refused.json()["error"]["code"] == "invalid_api_key"
+            assert http.get("/readyz").status_code == 503
+
+            redis_server.start()
+            served = simulator_sums(simulator, marker)
+            assert served["billed"] == 10  # the live key's 9 and the gone key's 1 (before its revocation)
+
+            def usage_of(key_id: str) -> dict[str, Any] | None:
+                answer = http.get("/admin/usage", params={"key": key_id}, headers=ADMIN)
+                return answer.json()["total"] if answer.status_code == 200 else None
+
+            def settled() -> bool:
+                live_total, gone_total = usage_of(live["id"]), usage_of(gone["id"])
+                if live_total is None or gone_total is None:
+                    return False
+                cost = Decimal(repr(live_total["cost_usd"])) + Decimal(repr(gone_total["cost_usd"]))
+                return (
+                    live_total["requests"] == 9
+                    and gone_total["requests"] == 1
+                    and abs(cost - served["cost"]) < Decimal("1e-9")
+                    and live_total["completion_tokens"] + gone_total["completion_tokens"] == served["completion"]
+                    and live_total["prompt_tokens"] + gone_total["prompt_tokens"] == served["prompt"]
+                )
+
+            wait_until(settled, 30, "the ledger to hold every successful request")
+            assert http.get("/readyz").status_code == 200
+    finally:
+        redis_server.cleanup()

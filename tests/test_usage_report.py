@@ -1,5 +1,6 @@
 """The usage report keeps keys apart by identity: two teams may each have a key named `alice`,
-and `group_by=key`, the `key` filter, the CSV and `gateway usage` never merge them."""
+and `group_by=key`, the `key` filter, the CSV and `gateway usage` never merge them; `group_by=day` gives
+UTC days and a from/to window holds exactly the days inside it."""
 
 from __future__ import annotations
 
@@ -10,13 +11,18 @@ import re
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
-from tests.support import ADMIN_KEY, GatewayServer, wait_until
+from app.simulator import SimulatorThread
+from tests.metering_support import NANO_USD, Served, chat, cost_of, served, team_and_key, usage
+from tests.support import ADMIN_KEY, METRICS_KEY, UPSTREAM_KEY, GatewayProcess, GatewayServer, wait_until
 
 GATEWAY = Path(sys.executable).with_name("gateway")
 
@@ -85,3 +91,74 @@ def test_keys_of_the_same_name_in_two_teams_are_reported_apart(keyed: GatewaySer
     lines = result.stdout.splitlines()
     assert lines[0].split()[:3] == ["TEAM", "KEY", "KEY_ID"]
     assert any(line.split()[:4] == [ml, "alice", keys[ml]["id"], "1"] for line in lines)
+
+
+@pytest.fixture(scope="module")
+def served_gateway(simulator: SimulatorThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    folder = tmp_path_factory.mktemp("metering-details")
+    config = folder / "gateway.yaml"
+    config.write_text("models:\n  aliases:\n    mini-thinker: openai/gpt-5-mini\n")
+    log = folder / "gateway.log"
+    env = {
+        "OPENROUTER_BASE_URL": simulator.base_url,
+        "OPENROUTER_API_KEY": UPSTREAM_KEY,
+        "GATEWAY_ADMIN_KEY": ADMIN_KEY,
+        "GATEWAY_METRICS_KEY": METRICS_KEY,
+        "GATEWAY_CONFIG": str(config),
+        "GATEWAY_BUDGET_GAUGES_REFRESH_S": "0.1",
+        "GATEWAY_UPSTREAM__RETRIES__MAX_ATTEMPTS": "1",
+    }
+    with GatewayProcess(env, str(log)) as process:
+        yield Served(process, log)
+
+
+def test_usage_by_utc_day_and_date_windows(served_gateway: Served, simulator: SimulatorThread) -> None:
+    """Point 7: group_by=day gives the UTC day as YYYY-MM-DD; a from/to window that includes
+    today has the run's sums, one that ends yesterday has none."""
+    url = served_gateway.url
+    team, key = team_and_key(url)
+    first_day = datetime.now(UTC).date()
+    rid = "days-" + uuid.uuid4().hex
+    for n in range(3):
+        assert chat(url, key["key"], f"{rid}-{n}", model="openai/gpt-4o-mini", stream=n == 1).status_code == 200
+    entries = [served(simulator, f"{rid}-{n}") for n in range(3)]
+    last_day = datetime.now(UTC).date()
+    cost = sum(cost_of(e) for e in entries)
+    prompt = sum(e["usage"]["prompt_tokens"] for e in entries)
+    completion = sum(e["usage"]["completion_tokens"] for e in entries)
+
+    by_day = wait_until(
+        lambda: (r := usage(url, team=team, group_by="day"))["total"]["requests"] == 3 and r, 10, "the ledger"
+    )
+    assert len(by_day["data"]) == 1
+    row = by_day["data"][0]
+    assert set(row) == {
+        "day",
+        "requests",
+        "prompt_tokens",
+        "completion_tokens",
+        "reasoning_tokens",
+        "cached_tokens",
+        "cost_usd",
+    }
+    assert row["day"] in {first_day.isoformat(), last_day.isoformat()}
+    assert date.fromisoformat(row["day"]).isoformat() == row["day"]  # YYYY-MM-DD
+    assert row["requests"] == 3 and row["prompt_tokens"] == prompt and row["completion_tokens"] == completion
+    assert abs(Decimal(repr(row["cost_usd"])) - cost) < NANO_USD
+
+    around = usage(
+        url,
+        team=team,
+        group_by="day,key",
+        **{"from": (first_day - timedelta(days=1)).isoformat(), "to": (last_day + timedelta(days=1)).isoformat()},
+    )
+    assert around["total"] == by_day["total"]
+    assert [(r["day"], r["key"]) for r in around["data"]] == [(row["day"], f"{team}-key")]
+
+    ending_yesterday = usage(
+        url,
+        team=team,
+        **{"from": (first_day - timedelta(days=7)).isoformat(), "to": (first_day - timedelta(days=1)).isoformat()},
+    )
+    assert ending_yesterday["data"] == []
+    assert ending_yesterday["total"]["requests"] == 0 and ending_yesterday["total"]["cost_usd"] == 0

@@ -1,25 +1,20 @@
-"""Key and team records end to end (issue 3): a team's upstream secret is never stored or shown,
-records have exactly their documented fields, key secrets are random (>= 128 bits), secrets are
-compared in constant time, concurrent creation is idempotent across replicas, a PATCH reaches
-cached keys on every replica within a second, and the CLI's --url beats GATEWAY_URL.
+"""Key and team records (app/auth/records.py) across replicas: a team's upstream secret is never
+stored or shown, records have exactly their documented fields, the key secrets issued are random
+(>= 128 bits), concurrent creation is idempotent across replicas, and a PATCH reaches cached keys
+on every replica within a second.
 
 Two in-process gateways (replicas A and B) share one real redis-server under a prefix of their own."""
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -34,15 +29,12 @@ from tests.support import (
     TEAM_UPSTREAM_KEY,
     UPSTREAM_KEY,
     GatewayServer,
-    free_port_number,
     gateway_settings,
     scrape,
     wait_until,
 )
 from tests.support import request_id as new_request_id
 
-APP = Path(__file__).resolve().parent.parent / "app"
-GATEWAY = Path(sys.executable).with_name("gateway")
 KEY_FORMAT = re.compile(r"^sk-gw-(?P<id>[a-z0-9]{12})-(?P<secret>[A-Za-z0-9]+)$")
 ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|\+00:00)$")
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -247,92 +239,6 @@ def test_secrets_are_unique_well_formed_and_random(replicas: tuple[GatewayServer
         assert len(column) >= 20, f"position {position} takes only {sorted(column)}"
 
 
-# -- 4. constant-time comparison -------------------------------------------------------------------
-SENSITIVE = ("hash", "secret", "digest", "admin_key")
-
-
-def _names_in(node: ast.expr) -> list[str]:
-    """The identifiers an expression reads (variables, attributes, called functions)."""
-    found: list[str] = []
-    for sub in ast.walk(node):
-        if isinstance(sub, ast.Name):
-            found.append(sub.id)
-        elif isinstance(sub, ast.Attribute):
-            found.append(sub.attr)
-        elif isinstance(sub, ast.Constant) and isinstance(sub.value, str) and sub is not node:
-            found.append(sub.value)  # dict keys: record["hash"]
-    return found
-
-
-def _sensitive(node: ast.expr) -> bool:
-    if isinstance(node, ast.Constant):
-        return False  # comparing with None or a literal is no secret comparison
-    return any(word in name.lower() for name in _names_in(node) for word in SENSITIVE)
-
-
-def _sources() -> dict[Path, ast.Module]:
-    return {path: ast.parse(path.read_text(), str(path)) for path in sorted(APP.rglob("*.py"))}
-
-
-def _equality_on_secrets(tree: ast.AST) -> list[str]:
-    found = []
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.Compare):
-            continue
-        sides = [node.left, *node.comparators]
-        for op, left, right in zip(node.ops, sides[:-1], sides[1:], strict=True):
-            if not isinstance(op, ast.Eq | ast.NotEq | ast.In | ast.NotIn):
-                continue
-            if isinstance(left, ast.Constant) or isinstance(right, ast.Constant):
-                continue
-            if _sensitive(left) or _sensitive(right):
-                found.append(f"{node.lineno}: {ast.unparse(node)}")
-    return found
-
-
-def test_secrets_are_never_compared_with_equality() -> None:
-    planted = "if record.hash == digest: ...\nok = self._bootstrap is None\nif admin_key_hash != sent: ...\n"
-    assert len(_equality_on_secrets(ast.parse(planted))) == 2  # the scan catches what it looks for
-    sources = _sources()
-    assert len(sources) > 20 and APP / "auth" / "keys.py" in sources
-    offenders = [
-        f"{p.relative_to(APP.parent)}:{hit}" for p, tree in sources.items() for hit in _equality_on_secrets(tree)
-    ]
-    assert offenders == []
-
-
-def _calls_compare_digest(function: ast.AST) -> bool:
-    return any(
-        isinstance(node, ast.Call)
-        and isinstance(node.func, ast.Attribute | ast.Name)
-        and (node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id) == "compare_digest"
-        for node in ast.walk(function)
-    )
-
-
-def _uses(function: ast.AST, name: str) -> bool:
-    return any(isinstance(n, ast.Attribute | ast.Name) and name in _names_in(n) for n in ast.walk(function))
-
-
-def test_key_and_admin_key_checks_use_compare_digest() -> None:
-    sources = _sources()
-    functions = {
-        (path.relative_to(APP.parent).as_posix(), node.name): node
-        for path, tree in sources.items()
-        for node in ast.walk(tree)
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
-    }
-    # every function that reads a stored key hash or the admin key's hash must compare it in constant time
-    readers = {where: f for where, f in functions.items() if _uses(f, "admin_key_hash") or _uses(f, "_bootstrap")}
-    readers |= {where: f for where, f in functions.items() if where[0] == "app/auth/keys.py" and _uses(f, "hash")}
-    checks = {where for where, f in readers.items() if _calls_compare_digest(f)}
-    assert ("app/auth/keys.py", "_secret_matches") in checks  # a key's secret
-    assert ("app/auth/keys.py", "authenticate") in checks  # the bootstrap key
-    admin_checks = {where for where in checks if _uses(functions[where], "admin_key_hash")}
-    assert admin_checks, "the admin key is not checked with compare_digest"
-    assert ("app/api/admin.py", "require_admin") in admin_checks  # the admin API's guard
-
-
 # -- 5. concurrent creation is idempotent across replicas -------------------------------------------
 async def _create_all(targets: list[str], body: dict[str, Any]) -> list[httpx.Response]:
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -385,24 +291,3 @@ def test_patched_allowlist_reaches_cached_key(replicas: tuple[GatewayServer, Gat
     assert time.monotonic() - patched_at < 1.0
     assert refused is not None and refused.json()["error"]["code"] == "model_not_allowed"
     assert chat(user, key["key"], "openai/gpt-4o-mini").status_code == 200  # still a working key
-
-
-# -- 7. the CLI's --url beats GATEWAY_URL ------------------------------------------------------------
-def cli(*args: str, env_url: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env |= {"GATEWAY_ADMIN_KEY": ADMIN_KEY, "GATEWAY_URL": env_url}
-    return subprocess.run([str(GATEWAY), *args], env=env, capture_output=True, text=True, timeout=60)
-
-
-def test_cli_url_flag_wins_over_gateway_url(replicas: tuple[GatewayServer, GatewayServer]) -> None:
-    a, _ = replicas
-    team = make_team(a, rpm=7)
-    nowhere = f"http://127.0.0.1:{free_port_number()}"
-
-    shown = cli("teams", "show", team, "--url", a.url, "--json", env_url=nowhere)
-    assert shown.returncode == 0, shown.stderr
-    assert json.loads(shown.stdout)["name"] == team and json.loads(shown.stdout)["rpm"] == 7
-
-    missed = cli("teams", "show", team, "--url", nowhere, "--json", env_url=a.url)
-    assert missed.returncode != 0 and missed.stdout == ""
-    assert f"cannot reach the gateway at {nowhere}" in missed.stderr
