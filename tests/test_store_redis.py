@@ -257,6 +257,9 @@ async def test_large_batches_are_split_below_luas_unpack_limit(own_redis: RedisS
         held = [f"h{i}" for i in range(999)]
         for member in held:
             assert (await store.admit([tokens], member, 60_000)).ok
+        # The four limits refill at 250 a minute while the 999 go one by one (a second or more on a
+        # loaded machine): used up again just before the settlement, whose reservations must not fit.
+        await asyncio.gather(*(store.admit(checks, f"n{i}", 60_000) for i in range(50)))
         before = evalsha_calls(own_redis.port)
         ahead = [Reserve(checks, f"a{i}", 60_000) for i in range(3)]
         answers = await store.settle([Settlement(tokens, m, 10) for m in held], "big", ahead)
