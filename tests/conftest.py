@@ -7,6 +7,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -18,16 +19,22 @@ from app.store.base import Store
 from app.store.memory import MemoryStore
 from app.store.redis import RedisStore
 from app.store.sqlite import SqliteStore
+from tests.metering_support import Served
 from tests.redis_server import RedisServer
 from tests.support import (
     ADMIN_KEY,
     CLIENT_KEY,
     DECLARED_ID,
     DECLARED_KEY,
+    METRICS_KEY,
     TEAM_UPSTREAM_KEY,
     UPSTREAM_KEY,
+    GatewayProcess,
     GatewayServer,
+    base_env,
+    free_port_number,
     gateway_settings,
+    wait_until,
 )
 
 
@@ -109,3 +116,36 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     redis_store = RedisStore(server.url, prefix="t" + uuid.uuid4().hex[:10])
     yield redis_store
     await redis_store.close()
+
+
+@pytest.fixture(scope="session")
+def served_gateway(simulator: SimulatorThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """A real `gateway serve` writing its JSON request log (the metering, metrics and usage
+    report tests read it), with an alias to a reasoning model and quick budget gauges."""
+    folder = tmp_path_factory.mktemp("metered")
+    config = folder / "gateway.yaml"
+    config.write_text("models:\n  aliases:\n    mini-thinker: openai/gpt-5-mini\n")
+    log = folder / "gateway.log"
+    env = {
+        "OPENROUTER_BASE_URL": simulator.base_url,
+        "OPENROUTER_API_KEY": UPSTREAM_KEY,
+        "GATEWAY_ADMIN_KEY": ADMIN_KEY,
+        "GATEWAY_METRICS_KEY": METRICS_KEY,
+        "GATEWAY_CONFIG": str(config),
+        "GATEWAY_BUDGET_GAUGES_REFRESH_S": "0.1",
+        "GATEWAY_UPSTREAM__RETRIES__MAX_ATTEMPTS": "1",
+    }
+    with GatewayProcess(env, str(log)) as process:
+        yield Served(process, log)
+
+
+@pytest.fixture(scope="session")
+def admin_on_own_host(simulator: SimulatorThread, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A real `gateway serve` with the admin API on its own bind address (127.0.0.2), and its log."""
+    admin_port = free_port_number()
+    log = tmp_path_factory.mktemp("admin-host") / "gateway.log"
+    env = base_env(simulator, GATEWAY_ADMIN_HOST="127.0.0.2", GATEWAY_ADMIN_PORT=str(admin_port))
+    with GatewayProcess(env, str(log)) as gateway:
+        admin_url = f"http://127.0.0.2:{admin_port}"
+        wait_until(lambda: httpx.get(admin_url + "/healthz").status_code == 200, 10, "the admin listener")
+        yield gateway, admin_url, log

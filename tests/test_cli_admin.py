@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from tests.admission_support import make_team
 from tests.support import ADMIN_KEY, GatewayServer, free_port_number, wait_until
 
 GATEWAY = Path(sys.executable).with_name("gateway")
@@ -205,22 +206,6 @@ def test_usage_command(keyed: GatewayServer) -> None:
     assert csv_text.splitlines()[0].startswith("model,requests,") and csv_text.splitlines()[-1].startswith("total,2,")
     bad = run(keyed, "usage", "--group-by", "planet")
     assert bad.returncode == 1 and "group_by" in bad.stderr
-
-
-def admin(gateway: GatewayServer) -> httpx.Client:
-    return httpx.Client(base_url=gateway.url + "/admin", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=20)
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def make_team(gateway: GatewayServer, **fields: Any) -> str:
-    name = unique("team")
-    with admin(gateway) as client:
-        response = client.post("/teams", json={"name": name, **fields})
-    assert response.status_code == 201, response.text
-    return name
 
 
 def cli(*args: str, env_url: str) -> subprocess.CompletedProcess[str]:

@@ -22,9 +22,7 @@ from tests.support import (
     UPSTREAM_KEY,
     GatewayProcess,
     GatewayServer,
-    base_env,
     free_port_number,
-    wait_until,
 )
 
 CHAT = "/v1/chat/completions"
@@ -328,19 +326,8 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 CLIENT = {"Authorization": f"Bearer {CLIENT_KEY}"}
 
 
-@pytest.fixture(scope="module")
-def fenced_by_host(simulator: SimulatorThread, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    admin_port = free_port_number()
-    log = tmp_path_factory.mktemp("fenced") / "gateway.log"
-    env = base_env(simulator, GATEWAY_ADMIN_HOST="127.0.0.2", GATEWAY_ADMIN_PORT=str(admin_port))
-    with GatewayProcess(env, str(log)) as gateway:
-        admin_url = f"http://127.0.0.2:{admin_port}"
-        wait_until(lambda: httpx.get(admin_url + "/healthz").status_code == 200, 10, "the admin listener")
-        yield gateway, admin_url, log
-
-
-def test_the_admin_api_on_its_own_bind_address(fenced_by_host: tuple[GatewayProcess, str, Path]) -> None:
-    gateway, admin_url, _ = fenced_by_host
+def test_the_admin_api_on_its_own_bind_address(admin_on_own_host: tuple[GatewayProcess, str, Path]) -> None:
+    gateway, admin_url, _ = admin_on_own_host
     admin_port = int(admin_url.rsplit(":", 1)[1])
     listing = httpx.get(admin_url + "/admin/teams", headers=ADMIN)
     assert listing.status_code == 200 and listing.json()["object"] == "list"

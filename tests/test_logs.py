@@ -20,8 +20,6 @@ from tests.support import (
     METRICS_KEY,
     UPSTREAM_KEY,
     GatewayProcess,
-    base_env,
-    free_port_number,
     scrape,
     wait_until,
 )
@@ -219,19 +217,8 @@ def log_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def fenced(simulator: SimulatorThread, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    admin_port = free_port_number()
-    log = tmp_path_factory.mktemp("fenced") / "gateway.log"
-    env = base_env(simulator, GATEWAY_ADMIN_HOST="127.0.0.2", GATEWAY_ADMIN_PORT=str(admin_port))
-    with GatewayProcess(env, str(log)) as gateway:
-        admin_url = f"http://127.0.0.2:{admin_port}"
-        wait_until(lambda: httpx.get(admin_url + "/healthz").status_code == 200, 10, "the admin listener")
-        yield gateway, admin_url, log
-
-
-def test_the_request_log_names_the_team_and_the_key(fenced: tuple[GatewayProcess, str, Path]) -> None:
-    gateway, admin_url, log = fenced
+def test_the_request_log_names_the_team_and_the_key(admin_on_own_host: tuple[GatewayProcess, str, Path]) -> None:
+    gateway, admin_url, log = admin_on_own_host
     team = "logged-" + uuid.uuid4().hex[:6]
     assert httpx.post(admin_url + "/admin/teams", json={"name": team}, headers=ADMIN).status_code == 201
     created = httpx.post(admin_url + "/admin/keys", json={"name": "ci-runner", "team": team}, headers=ADMIN)

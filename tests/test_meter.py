@@ -33,9 +33,6 @@ from tests.metering_support import (
 from tests.support import (
     ADMIN_KEY,
     CLIENT_KEY,
-    METRICS_KEY,
-    UPSTREAM_KEY,
-    GatewayProcess,
     GatewayServer,
     gateway_settings,
     scrape,
@@ -43,25 +40,6 @@ from tests.support import (
 )
 
 MODEL = "openai/gpt-4o-mini"
-
-
-@pytest.fixture(scope="module")
-def served_gateway(simulator: SimulatorThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    folder = tmp_path_factory.mktemp("metering-details")
-    config = folder / "gateway.yaml"
-    config.write_text("models:\n  aliases:\n    mini-thinker: openai/gpt-5-mini\n")
-    log = folder / "gateway.log"
-    env = {
-        "OPENROUTER_BASE_URL": simulator.base_url,
-        "OPENROUTER_API_KEY": UPSTREAM_KEY,
-        "GATEWAY_ADMIN_KEY": ADMIN_KEY,
-        "GATEWAY_METRICS_KEY": METRICS_KEY,
-        "GATEWAY_CONFIG": str(config),
-        "GATEWAY_BUDGET_GAUGES_REFRESH_S": "0.1",
-        "GATEWAY_UPSTREAM__RETRIES__MAX_ATTEMPTS": "1",
-    }
-    with GatewayProcess(env, str(log)) as process:
-        yield Served(process, log)
 
 
 def test_request_record_carries_every_field(served_gateway: Served, simulator: SimulatorThread) -> None:

@@ -38,9 +38,6 @@ from tests.metering_support import (
 from tests.metering_support import samples as scraped_samples
 from tests.support import (
     ADMIN_KEY,
-    METRICS_KEY,
-    UPSTREAM_KEY,
-    GatewayProcess,
     GatewayServer,
     gateway_settings,
     scrape,
@@ -195,25 +192,6 @@ def test_router_ids_forwarded_unlisted_have_bounded_labels(inprocess: GatewaySer
     assert "other" in added and len(added - {"other"}) <= UNLISTED_MODEL_LABELS
     assert chat(url, key["key"], rid + "-listed", model="deepseek/deepseek-v3.2").status_code == 200
     assert "deepseek/deepseek-v3.2" in models()
-
-
-@pytest.fixture(scope="module")
-def served_gateway(simulator: SimulatorThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    folder = tmp_path_factory.mktemp("metering-details")
-    config = folder / "gateway.yaml"
-    config.write_text("models:\n  aliases:\n    mini-thinker: openai/gpt-5-mini\n")
-    log = folder / "gateway.log"
-    env = {
-        "OPENROUTER_BASE_URL": simulator.base_url,
-        "OPENROUTER_API_KEY": UPSTREAM_KEY,
-        "GATEWAY_ADMIN_KEY": ADMIN_KEY,
-        "GATEWAY_METRICS_KEY": METRICS_KEY,
-        "GATEWAY_CONFIG": str(config),
-        "GATEWAY_BUDGET_GAUGES_REFRESH_S": "0.1",
-        "GATEWAY_UPSTREAM__RETRIES__MAX_ATTEMPTS": "1",
-    }
-    with GatewayProcess(env, str(log)) as process:
-        yield Served(process, log)
 
 
 def test_budget_gauges_per_team_equal_the_spend(served_gateway: Served, simulator: SimulatorThread) -> None:

@@ -11,18 +11,16 @@ import re
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from app.simulator import SimulatorThread
 from tests.metering_support import NANO_USD, Served, chat, cost_of, served, team_and_key, usage
-from tests.support import ADMIN_KEY, METRICS_KEY, UPSTREAM_KEY, GatewayProcess, GatewayServer, wait_until
+from tests.support import ADMIN_KEY, GatewayServer, wait_until
 
 GATEWAY = Path(sys.executable).with_name("gateway")
 
@@ -91,25 +89,6 @@ def test_keys_of_the_same_name_in_two_teams_are_reported_apart(keyed: GatewaySer
     lines = result.stdout.splitlines()
     assert lines[0].split()[:3] == ["TEAM", "KEY", "KEY_ID"]
     assert any(line.split()[:4] == [ml, "alice", keys[ml]["id"], "1"] for line in lines)
-
-
-@pytest.fixture(scope="module")
-def served_gateway(simulator: SimulatorThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    folder = tmp_path_factory.mktemp("metering-details")
-    config = folder / "gateway.yaml"
-    config.write_text("models:\n  aliases:\n    mini-thinker: openai/gpt-5-mini\n")
-    log = folder / "gateway.log"
-    env = {
-        "OPENROUTER_BASE_URL": simulator.base_url,
-        "OPENROUTER_API_KEY": UPSTREAM_KEY,
-        "GATEWAY_ADMIN_KEY": ADMIN_KEY,
-        "GATEWAY_METRICS_KEY": METRICS_KEY,
-        "GATEWAY_CONFIG": str(config),
-        "GATEWAY_BUDGET_GAUGES_REFRESH_S": "0.1",
-        "GATEWAY_UPSTREAM__RETRIES__MAX_ATTEMPTS": "1",
-    }
-    with GatewayProcess(env, str(log)) as process:
-        yield Served(process, log)
 
 
 def test_usage_by_utc_day_and_date_windows(served_gateway: Served, simulator: SimulatorThread) -> None:
