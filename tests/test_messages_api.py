@@ -22,6 +22,7 @@ from tests.agent_support import admin, agent_gateway, key_usage, new_key, parse_
 from tests.support import UPSTREAM_KEY, GatewayServer, wait_until
 
 CLAUDE = "anthropic/claude-sonnet-4.5"
+MINI_MODEL = "openai/gpt-4o-mini"
 MAX_BODY = 256 * 1024
 HELLO = [{"role": "user", "content": "Hello there, gateway!"}]
 WEATHER = {
@@ -384,3 +385,43 @@ def test_streams_keep_their_event_names_keep_alives_and_pings(
         assert [name for name, _ in events][:2] == ["message_start", "ping"] and events[-1][0] == "message_stop"
     else:
         assert events[-2][0] == "response.completed" and events[-1] == (None, "[DONE]")
+
+
+@pytest.fixture(scope="module")
+def strict(simulator: SimulatorThread) -> Iterator[GatewayServer]:
+    upstream = {"deadline_s": 1.0, "breaker": {"failure_threshold": 2, "open_base_s": 30.0}}
+    with agent_gateway(simulator, upstream=upstream) as server:
+        yield server
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/messages"])
+def test_request_ids_deadline_and_breaker_answer_in_each_dialect(
+    strict: GatewayServer, simulator: SimulatorThread, marker: str, path: str
+) -> None:
+    """The request id goes upstream and comes back; a request past its deadline is a 504
+    (Anthropic's timeout_error); a model that keeps failing is paused by its breaker (Anthropic's
+    529 overloaded_error), in each API's own envelope."""
+    key = new_key(strict)
+    model = "google/gemini-2.5-flash" if path == "/v1/responses" else "meta-llama/llama-3.3-70b-instruct:free"
+    base: dict[str, Any] = {"input": "hi"} if path == "/v1/responses" else {"max_tokens": 50, "messages": HELLO}
+    auth = {"Authorization": f"Bearer {key['key']}"}
+    with httpx.Client(base_url=strict.url, timeout=20) as http:
+        ok = http.post(path, json={**base, "model": MINI_MODEL}, headers={**auth, "x-request-id": marker})
+        assert ok.status_code == 200 and ok.headers["x-request-id"] == marker
+        assert [e["path"] for e in sent(simulator, marker)] == [f"/api{path}"]
+        late = http.post(path, json={**base, "model": MINI_MODEL, "simulator": {"ttfb_ms": 3000}}, headers=auth)
+        failing = [
+            http.post(path, json={**base, "model": model, "simulator": {"status": 502}}, headers=auth) for _ in range(3)
+        ]
+    assert late.status_code == 504
+    failed = 500 if path == "/v1/messages" else 502  # (OpenRouter's 5xx after retries: Anthropic's api_error)
+    assert [r.status_code for r in failing[:2]] == [failed, failed]
+    paused = failing[2]
+    if path == "/v1/messages":
+        assert late.json()["error"]["type"] == "timeout_error"
+        assert paused.status_code == 529 and paused.json()["error"]["type"] == "overloaded_error"
+        assert paused.json()["error"]["code"] == "upstream_circuit_open"
+    else:
+        assert late.json()["error"]["code"] == "upstream_timeout"
+        assert paused.status_code == 503 and paused.json()["error"]["code"] == "upstream_circuit_open"
+    assert paused.headers["retry-after"]
