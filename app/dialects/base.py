@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from app.errors import GatewayError, InvalidRequestError
 from app.normalize import request as normalize
+from app.normalize.stream import StreamRelay
 from app.usage.record import Usage
 
 Required = tuple[tuple[str, type | tuple[type, ...]], ...]
@@ -97,8 +98,6 @@ class Dialect:
         return Usage.from_openrouter(body.get("usage"))
 
     def relay(self, include_usage: bool) -> Relay:
-        from app.normalize.stream import StreamRelay
-
         return StreamRelay(include_usage)
 
     # -- errors ------------------------------------------------------------------------------------
