@@ -48,3 +48,23 @@ def test_quick_benchmark_measures_every_point(tmp_path: Path) -> None:
     table = (tmp_path / "latest.md").read_text()
     assert "gateway / bare" in table and "RSS idle" in table
     assert "Responses streams/s" in table and "Messages streams/s" in table
+
+
+def test_quick_ab_measures_both_versions_on_every_point(tmp_path: Path) -> None:
+    """bench.ab runs a commit (checked out from git) against the working tree, one round each in turn."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.ab", "--before", "HEAD", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "ab.json").read_text())
+    assert set(report["points"]) == {"c64", "c64_stream", "c64_responses_stream", "c64_messages_stream"}
+    for point, figures in report["points"].items():
+        for version in ("before", "after"):
+            assert len(figures[version]["rps_all"]) == report["rounds"] == 2, (point, version)
+            assert figures[version]["rps"] > 0 and figures[version]["cpu_us"] > 0, (point, version)
+        assert 0 < figures["rps_after_over_before"] < 10 and 0 < figures["cpu_after_over_before"] < 10, point
+    assert "after / before" in (tmp_path / "ab.md").read_text()
