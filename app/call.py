@@ -11,7 +11,7 @@ from app.usage.record import Usage
 
 if TYPE_CHECKING:
     from app.dialects import Dialect
-    from app.limits.admission import Reservation
+    from app.limits.reservation import Reservation
 
 
 # The scope entry holding a request's ProxyCall while it is answered: the server marks the call

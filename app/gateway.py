@@ -24,7 +24,8 @@ from app.errors import (
     UpstreamUnavailableError,
 )
 from app.forwarder import Forwarder, Outcome
-from app.limits.admission import Admission, Demand, demand_of
+from app.limits.admission import Admission
+from app.limits.plan import Demand, demand_of
 from app.normalize import request as normalize
 from app.settings import Settings
 from app.store.base import Store

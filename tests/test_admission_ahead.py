@@ -20,8 +20,9 @@ import pytest
 import redis
 
 from app.auth.records import LimitValues
-from app.limits.admission import Admission, Demand, Plan
+from app.limits.admission import Admission
 from app.limits.checks import Check, Settlement, budget_period
+from app.limits.plan import Demand, Plan
 from app.settings import LimitsSettings
 from app.simulator import SimulatorThread
 from app.store.base import Store

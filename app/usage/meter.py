@@ -18,7 +18,8 @@ import orjson
 
 from app.call import ProxyCall
 from app.catalog.models import Catalog
-from app.limits.admission import Admission, Reservation
+from app.limits.admission import Admission
+from app.limits.reservation import Reservation
 from app.usage.cost import catalogue_cost
 from app.usage.ledger import Ledger
 from app.usage.metrics import Metrics
