@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from app.store.redis import RedisStore
 from app.store.sqlite import SqliteStore
 from tests.metering_support import Served
 from tests.redis_server import RedisServer
+from tests.redis_topology import ClusterSet, SentinelSet
 from tests.support import (
     ADMIN_KEY,
     CLIENT_KEY,
@@ -93,6 +95,22 @@ def own_redis() -> Iterator[RedisServer]:
         yield server
     finally:
         server.cleanup()
+
+
+@pytest.fixture
+def sentinel_set() -> Iterator[Callable[..., SentinelSet]]:
+    """Starts a Redis Sentinel set (master, replica, three sentinels) per call, with SentinelSet's
+    options; when the test ends, however it ends, every process is killed (or reaped, if the test
+    killed it) and every folder removed."""
+    with ExitStack() as started:
+        yield lambda **options: started.enter_context(SentinelSet(**options))
+
+
+@pytest.fixture
+def cluster_set() -> Iterator[Callable[..., ClusterSet]]:
+    """Starts a six-node Redis Cluster per call, with ClusterSet's options; cleaned up as `sentinel_set`."""
+    with ExitStack() as started:
+        yield lambda **options: started.enter_context(ClusterSet(**options))
 
 
 @pytest.fixture
