@@ -21,10 +21,10 @@ from app.simulator import SimulatorThread
 from app.store.base import LedgerBatch, StoreError
 from app.store.redis import RedisStore
 from app.store.resp import RespClient, encode
-from tests.admission_support import HELLO, MINI, chat
+from tests.admission_support import HELLO, MINI, chat, make_key, make_team
 from tests.certificates import Certificates, make_certificates
 from tests.redis_server import RedisServer
-from tests.support import CLIENT_KEY, GatewayServer, gateway_settings
+from tests.support import ADMIN_KEY, GatewayServer, gateway_settings
 
 
 @pytest.fixture(scope="module")
@@ -233,17 +233,22 @@ async def test_rediss_without_the_ca_is_refused_at_once_with_a_store_error(tls_r
 def test_a_gateway_on_a_rediss_store_admits_on_it(
     simulator: SimulatorThread, tls_redis: RedisServer, certificates: Certificates
 ) -> None:
-    """End to end: a gateway whose store is `rediss://…?ssl_ca_certs=<CA>` admits requests under
-    a global rate limit on that store (the limit's headers come back) and counts them there."""
-    prefix = "g" + uuid.uuid4().hex[:8]
+    """End to end: a gateway whose store is `rediss://…?ssl_ca_certs=<CA>` keeps a team and a key
+    there (redis-py) and admits the key's requests under its rate limit there (the lean client):
+    the limit's headers come back, counting down."""
     url = tls_url(tls_redis, certificates)
-    settings = gateway_settings(simulator.base_url, store=url, store_prefix=prefix, limits={"global": {"rpm": 1000}})
+    settings = gateway_settings(
+        simulator.base_url, admin_key=ADMIN_KEY, store=url, store_prefix="g" + uuid.uuid4().hex[:8]
+    )
     with GatewayServer(settings) as gateway:
+        key = make_key(gateway, make_team(gateway), rpm=1000)
+        remaining = []
         for _ in range(3):
-            response = chat(gateway, CLIENT_KEY, {"model": MINI, "messages": HELLO, "max_tokens": 5})
+            response = chat(gateway, key["key"], {"model": MINI, "messages": HELLO, "max_tokens": 5})
             assert response.status_code == 200, response.text
             assert response.headers["x-ratelimit-limit-requests"] == "1000"
-        assert int(response.headers["x-ratelimit-remaining-requests"]) <= 997
+            remaining.append(int(response.headers["x-ratelimit-remaining-requests"]))
+        assert remaining == sorted(remaining, reverse=True) and remaining[-1] < 1000
 
 
 @pytest.mark.anyio
