@@ -1,5 +1,6 @@
-"""A real `redis-server` on a free port, for tests that need Redis. Missing redis-server skips
-those tests locally and fails them under CI=true (a skipped test in CI counts as missing)."""
+"""A real `redis-server` on a free port (and a unix socket), for tests that need Redis; with
+`tls`, it listens on that port with TLS only. Missing redis-server skips those tests locally and
+fails them under CI=true (a skipped test in CI counts as missing)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -16,6 +18,7 @@ from datetime import UTC, datetime
 import pytest
 
 from app.store.redis import RedisStore
+from tests.certificates import Certificates
 
 
 def _free_port() -> int:
@@ -25,7 +28,9 @@ def _free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, appendonly: bool = False) -> None:
+    def __init__(
+        self, appendonly: bool = False, tls: Certificates | None = None, tls_auth_clients: bool = False
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             if os.environ.get("CI"):
@@ -34,21 +39,29 @@ class RedisServer:
         self.binary = binary
         self.port = _free_port()
         self.dir = tempfile.mkdtemp(prefix="gateway-redis-")
+        self.socket = os.path.join(self.dir, "redis.sock")
         self.appendonly = appendonly
+        self.tls = tls
+        self.tls_auth_clients = tls_auth_clients
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """Plain: by address. TLS: by the name in the server's certificate (`localhost`), with no
+        TLS options yet (a test adds the ones it means)."""
+        return f"rediss://localhost:{self.port}/0" if self.tls else f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         self.process = subprocess.Popen(
             [
                 self.binary,
-                "--port",
-                str(self.port),
+                *self._listen_args(),
                 "--bind",
                 "127.0.0.1",
+                "--unixsocket",
+                self.socket,
+                "--unixsocketperm",
+                "700",
                 "--save",
                 "",
                 "--appendonly",
@@ -62,13 +75,31 @@ class RedisServer:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
-                        return self
+                if self._ping():
+                    return self
             except OSError:
                 time.sleep(0.02)
         raise RuntimeError("redis-server did not start")
+
+    def _listen_args(self) -> list[str]:
+        if self.tls is None:
+            return ["--port", str(self.port)]
+        return [
+            *("--port", "0", "--tls-port", str(self.port)),
+            *("--tls-cert-file", str(self.tls.server_cert), "--tls-key-file", str(self.tls.server_key)),
+            *("--tls-ca-cert-file", str(self.tls.ca), "--tls-auth-clients", "yes" if self.tls_auth_clients else "no"),
+        ]
+
+    def _ping(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as plain:
+            if self.tls is None:
+                plain.sendall(b"PING\r\n")
+                return plain.recv(16).startswith(b"+PONG")
+            context = ssl.create_default_context(cafile=self.tls.ca)
+            context.load_cert_chain(self.tls.client_cert, self.tls.client_key)
+            with context.wrap_socket(plain, server_hostname="localhost") as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(16).startswith(b"+PONG")
 
     def stop(self) -> None:
         if self.process is not None:

@@ -1,13 +1,17 @@
-"""The benchmark cannot rot: its quick mode runs in CI and every point must produce numbers.
-(Speed targets live in the benchmark's own report, not in a timed test.)"""
+"""The benchmarks cannot rot: their quick modes run in CI and every point must produce numbers.
+(Speed targets live in the benchmarks' own reports, not in a timed test.)"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 POINTS = ("c1", "c64", "c64_stream", "c64_responses_stream", "c64_messages_stream")
@@ -68,3 +72,28 @@ def test_quick_ab_measures_both_versions_on_every_point(tmp_path: Path) -> None:
             assert figures[version]["rps"] > 0 and figures[version]["cpu_us"] > 0, (point, version)
         assert 0 < figures["rps_after_over_before"] < 10 and 0 < figures["cpu_after_over_before"] < 10, point
     assert "after / before" in (tmp_path / "ab.md").read_text()
+
+
+def test_quick_redis_client_benchmark_measures_every_client(tmp_path: Path) -> None:
+    """bench/redis_client.py: both clients (and redis-py's pipeline) at both points, with numbers."""
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed (CI must install it)")
+        pytest.skip("redis-server is not installed")
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.redis_client", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "redis_client.json").read_text())
+    assert report["command"] == {"checks": 8, "keys": 5, "arguments": 6 + 8 + 3 * 8}
+    for point in ("c1", "c64"):
+        rows = report["points"][point]
+        assert set(rows) == {"resp", "redis-py", "redis-py pipeline"}
+        for client, row in rows.items():
+            assert row["calls"] > 0 and row["cpu_us_per_call"] > 0 and row["calls_per_s"] > 0, (point, client)
+        assert rows["redis-py"]["cpu_vs_resp"] > 0 and not math.isnan(rows["redis-py"]["cpu_vs_resp"])
+    assert "| c64 | redis-py |" in (tmp_path / "redis_client.md").read_text()
