@@ -10,7 +10,7 @@ benchmark's key (RPM, TPM and a daily budget on the key and on its team, global 
 checks, 5 keys, 44 arguments); each concurrent caller its own lease member, as long as the
 gateway's. Clients:
 
-- `resp`: `RespClient.call` on the bytes `RedisStore._admit_command` builds (the gateway's way).
+- `resp`: `RespClient.call` on the bytes `RedisLimits._admit_command` builds (the gateway's way).
 - `redis-py`: `Redis.evalsha` with the same keys and arguments as lists (their per-plan part
   built once, as RedisStore does), on a `BlockingConnectionPool` of 64 connections, as
   RedisStore's pool.
@@ -47,10 +47,11 @@ import redis.asyncio as aioredis
 import uvloop
 
 from app.auth.records import LimitValues
-from app.limits.admission import Demand, Plan
 from app.limits.checks import WINDOW_MS, Check, Reserve
+from app.limits.plan import Demand, Plan
 from app.store import lua
-from app.store.redis import RedisStore, _verdict
+from app.store.redis import RedisStore
+from app.store.redis_limits import _verdict
 from app.store.resp import RespClient
 from bench.run import free_port, pinned
 
@@ -74,8 +75,9 @@ class RedisPyAdmission:
     def __init__(self, store: RedisStore, checks: list[Check]) -> None:
         budgets = [c for c in checks if c.kind == "budget"]
         leased = [c for c in checks if c.kind in ("concurrency", "budget")]
-        self.sha: str = store._scripts["admit"].sha
-        self.keys = [store._limits_key, *map(store._spend, budgets), *(store._leases(c.name) for c in leased)]
+        limits = store._limits
+        self.sha: str = limits._scripts["admit"].sha
+        self.keys = [limits._limits_key, *map(limits._spend, budgets), *(limits._leases(c.name) for c in leased)]
         self.head = [WINDOW_MS, len(checks), 1, len(budgets), *(c.name for c in checks)]
         self.statics = [(lua.KIND_CODE[c.kind], c.limit) for c in checks]
         self.checks = checks
@@ -156,7 +158,7 @@ async def measure(url: str, quick: bool) -> dict[str, Any]:
     as_lists = RedisPyAdmission(store, checks)
     batcher = PipelineBatcher(theirs)
     calls: dict[str, Call] = {
-        "resp": lambda member: ours.call(store._admit_command(Reserve(checks, member, LEASE_MS))),
+        "resp": lambda member: ours.call(store._limits._admit_command(Reserve(checks, member, LEASE_MS))),
         "redis-py": lambda member: theirs.evalsha(
             as_lists.sha, len(as_lists.keys), *as_lists.keys, *as_lists.args(member)
         ),
@@ -187,7 +189,7 @@ async def measure(url: str, quick: bool) -> dict[str, Any]:
 def same_command(store: RedisStore, checks: list[Check], as_lists: RedisPyAdmission) -> dict[str, int]:
     """Both clients send the same command: the lean client's bytes, read back, against redis-py's lists."""
     reader = hiredis.Reader()
-    reader.feed(store._admit_command(Reserve(checks, "m", LEASE_MS)))
+    reader.feed(store._limits._admit_command(Reserve(checks, "m", LEASE_MS)))
     ours = reader.gets()
     theirs = [b"EVALSHA", as_lists.sha, len(as_lists.keys), *as_lists.keys, *as_lists.args("m")]
     assert ours == [str(part).encode() if not isinstance(part, bytes) else part for part in theirs], (ours, theirs)

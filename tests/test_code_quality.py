@@ -14,7 +14,7 @@ BIN = Path(sys.executable).parent
 
 @pytest.mark.parametrize(
     "command",
-    [["ruff", "check", "app", "tests"], ["ruff", "format", "--check", "app", "tests"], ["mypy"]],
+    [["ruff", "check", "app", "tests", "bench"], ["ruff", "format", "--check", "app", "tests", "bench"], ["mypy"]],
     ids=["ruff", "ruff-format", "mypy"],
 )
 def test_tool_is_clean(command: list[str]) -> None:
