@@ -34,11 +34,8 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from bench.load import WRK, run_load
 from bench.run import (
-    ADMIN_KEY,
     ANTHROPIC,
     CHAT,
     MESSAGES_STREAM,
@@ -48,10 +45,11 @@ from bench.run import (
     RESPONSES_STREAM,
     ROOT,
     STREAM,
-    UPSTREAM_KEY,
     Stack,
     cpu_seconds,
     free_port,
+    gateway_env,
+    make_key,
     on_load_core,
     pinned,
     raise_fd_limit,
@@ -84,29 +82,12 @@ class Gateway:
 
     def __init__(self, stack: Stack, name: str, code: Path, db: int) -> None:
         self.name, self.port = name, free_port()
-        env = {
-            "PYTHONPATH": str(code),
-            "OPENROUTER_BASE_URL": stack.sim,
-            "OPENROUTER_API_KEY": UPSTREAM_KEY,
-            "GATEWAY_ADMIN_KEY": ADMIN_KEY,
-            "GATEWAY_STORE": f"redis://127.0.0.1:{stack.redis_port}/{db}",
-            "GATEWAY_CONFIG": "/dev/null",
-            "GATEWAY_HOST": "127.0.0.1",
-            "GATEWAY_PORT": str(self.port),
-            "GATEWAY_LOG_LEVEL": "warning",
-            "GATEWAY_LIMITS__GLOBAL__RPM": str(10**9),
-            "GATEWAY_LIMITS__GLOBAL__TPM": str(10**12),
-        }
+        store = f"redis://127.0.0.1:{stack.redis_port}/{db}"
+        env = {"PYTHONPATH": str(code), **gateway_env(stack.sim, store, self.port)}
         command = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())", "serve"]
         self.process = stack.spawn(f"gateway-{name}", pinned(command, "0"), env)
         wait_http(f"http://127.0.0.1:{self.port}/readyz")
-        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
-        base = f"http://127.0.0.1:{self.port}/admin"
-        limits = {"rpm": 10**9, "tpm": 10**12, "budget_usd": 10**6, "budget_period": "day"}
-        httpx.post(base + "/teams", json={"name": "bench", **limits}, headers=admin).raise_for_status()
-        created = httpx.post(base + "/keys", json={"name": "bench", "team": "bench", **limits}, headers=admin)
-        created.raise_for_status()
-        self.headers = {"Authorization": f"Bearer {created.json()['key']}"}
+        self.headers = {"Authorization": f"Bearer {make_key(self.port)}"}
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}/v1{path}"

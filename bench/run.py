@@ -128,6 +128,34 @@ def wait_http(url: str, timeout: float = 30) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
+def gateway_env(sim: str, store: str, port: int) -> dict[str, str]:
+    """The gateway as measured: the simulator upstream, `store`, raised global limits, log level warning."""
+    return {
+        "OPENROUTER_BASE_URL": sim,
+        "OPENROUTER_API_KEY": UPSTREAM_KEY,
+        "GATEWAY_ADMIN_KEY": ADMIN_KEY,
+        "GATEWAY_STORE": store,
+        "GATEWAY_CONFIG": "/dev/null",
+        "GATEWAY_HOST": "127.0.0.1",
+        "GATEWAY_PORT": str(port),
+        "GATEWAY_LOG_LEVEL": "warning",
+        "GATEWAY_LIMITS__GLOBAL__RPM": str(10**9),
+        "GATEWAY_LIMITS__GLOBAL__TPM": str(10**12),
+    }
+
+
+def make_key(port: int) -> str:
+    """The bench key of the gateway on `port`: RPM, TPM and a day's budget on it and its team."""
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    base = f"http://127.0.0.1:{port}/admin"
+    limits = {"rpm": 10**9, "tpm": 10**12, "budget_usd": 10**6, "budget_period": "day"}
+    httpx.post(base + "/teams", json={"name": "bench", **limits}, headers=admin).raise_for_status()
+    created = httpx.post(base + "/keys", json={"name": "bench", "team": "bench", **limits}, headers=admin)
+    created.raise_for_status()
+    key: str = created.json()["key"]
+    return key
+
+
 class Stack:
     """Redis, the simulator, the bare pass-through and the gateway, as real processes."""
 
@@ -191,33 +219,13 @@ class Stack:
                 "0",
             ),
         )
-        env = {
-            "OPENROUTER_BASE_URL": self.sim,
-            "OPENROUTER_API_KEY": UPSTREAM_KEY,
-            "GATEWAY_ADMIN_KEY": ADMIN_KEY,
-            "GATEWAY_STORE": os.environ.get("BENCH_GATEWAY_STORE", f"redis://127.0.0.1:{redis_port}/0"),
-            "GATEWAY_CONFIG": "/dev/null",
-            "GATEWAY_HOST": "127.0.0.1",
-            "GATEWAY_PORT": str(self.gw_port),
-            "GATEWAY_LOG_LEVEL": "warning",
-            "GATEWAY_LIMITS__GLOBAL__RPM": str(10**9),
-            "GATEWAY_LIMITS__GLOBAL__TPM": str(10**12),
-        }
+        store = os.environ.get("BENCH_GATEWAY_STORE", f"redis://127.0.0.1:{redis_port}/0")
+        env = gateway_env(self.sim, store, self.gw_port)
         self.gateway_process = self.spawn("gateway", pinned([GATEWAY, "serve"], "0"), env)
         wait_http(f"http://127.0.0.1:{self.bare_port}/docs")
         wait_http(f"http://127.0.0.1:{self.gw_port}/readyz")
-        self.key = self._make_key()
+        self.key = make_key(self.gw_port)
         return self
-
-    def _make_key(self) -> str:
-        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
-        base = f"http://127.0.0.1:{self.gw_port}/admin"
-        limits = {"rpm": 10**9, "tpm": 10**12, "budget_usd": 10**6, "budget_period": "day"}
-        httpx.post(base + "/teams", json={"name": "bench", **limits}, headers=admin).raise_for_status()
-        created = httpx.post(base + "/keys", json={"name": "bench", "team": "bench", **limits}, headers=admin)
-        created.raise_for_status()
-        key: str = created.json()["key"]
-        return key
 
     def targets(self, path: str = CHAT) -> dict[str, tuple[str, dict[str, str]]]:
         """Each target's URL and headers for one API (`/chat/completions`, `/responses`, `/messages`)."""
