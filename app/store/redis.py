@@ -18,6 +18,7 @@ from app.auth.records import KeyRecord, TeamRecord
 from app.limits.checks import Check, Reserve, Settlement, Verdict
 from app.store import resp
 from app.store.base import ChangeListener, LedgerBatch, StoreError
+from app.store.location import SENTINEL_SCHEMES, sentinel_of
 from app.store.redis_calls import CLOSE_TIMEOUT_S, RedisCalls, do
 from app.store.redis_changes import RedisChanges
 from app.store.redis_ledger import RedisLedger
@@ -33,21 +34,25 @@ Pending: TypeAlias = Coroutine[Any, Any, T]
 
 class RedisStore:
     def __init__(self, url: str, prefix: str = "gw", timeout_s: float = 0.5, max_connections: int = 64) -> None:
-        # A blocking pool: under a burst, requests wait briefly for a connection instead of failing.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout_s,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            health_check_interval=15,
-        )
-        self.redis: aioredis.Redis = aioredis.Redis.from_pool(pool)
-        # Change notifications wait on a connection of their own, with no read timeout.
-        self._pubsub_client: aioredis.Redis = aioredis.from_url(
-            url, socket_connect_timeout=timeout_s, health_check_interval=5
-        )
-        self._resp = resp.RespClient(url, timeout_s)  # the request path's calls
+        self._sentinel: Any = None  # on a Sentinel URL, the sentinels' clients (closed with the rest)
+        if url.startswith(SENTINEL_SCHEMES):
+            self._sentinel, self.redis, self._pubsub_client, self._resp = _sentinel_clients(
+                url, timeout_s, max_connections
+            )
+        else:
+            # A blocking pool: under a burst, requests wait briefly for a connection instead of failing.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=max_connections,
+                timeout=timeout_s,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                health_check_interval=15,
+            )
+            self.redis = aioredis.Redis.from_pool(pool)
+            # Change notifications wait on a connection of their own, with no read timeout.
+            self._pubsub_client = aioredis.from_url(url, socket_connect_timeout=timeout_s, health_check_interval=5)
+            self._resp = resp.RespClient(url, timeout_s)  # the request path's calls
         tag = "{" + prefix + "}"
         self.channel = f"{prefix}:changes"
         calls = RedisCalls(self.redis, self._resp)
@@ -74,7 +79,8 @@ class RedisStore:
         """Stop listening and close every connection; a shutdown never waits on Redis for long."""
         self._resp.close()
         await self._changes.stop()
-        closing = {asyncio.ensure_future(client.aclose()) for client in (self.redis, self._pubsub_client)}
+        clients = [self.redis, self._pubsub_client, *([self._sentinel] if self._sentinel is not None else [])]
+        closing = {asyncio.ensure_future(client.aclose()) for client in clients}
         done, late = await asyncio.wait(closing, timeout=CLOSE_TIMEOUT_S)  # never cancels: cannot hang
         for task in done:
             if not task.cancelled() and task.exception() is not None:
@@ -143,3 +149,31 @@ class RedisStore:
 
     def on_change(self, listener: ChangeListener) -> None:
         self._changes.on_change(listener)
+
+
+def _sentinel_clients(
+    url: str, timeout_s: float, max_connections: int
+) -> tuple[Any, aioredis.Redis, aioredis.Redis, resp.RespClient]:
+    """The three clients on a Sentinel-managed master: each finds it by asking the sentinels (one
+    `Sentinel`, redis-py's), when it connects and again after a failover (a connection lost, or a
+    READONLY reply from a master demoted since)."""
+    from redis.asyncio.sentinel import Sentinel
+
+    where = sentinel_of(url)
+    options = dict(aioredis.BlockingConnectionPool.from_url(where.data_url).connection_kwargs)
+    for address in ("host", "port"):
+        options.pop(address, None)
+    if where.data_url.startswith("rediss://"):
+        options["ssl"] = True  # redis-py's Sentinel pool then opens TLS connections, with the URL's ssl_* options
+    asking = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, **where.sentinel_auth}
+    sentinel = Sentinel(where.sentinels, sentinel_kwargs=asking, **options)
+    master = sentinel.master_for(
+        where.master,
+        max_connections=max_connections,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        health_check_interval=15,
+    )
+    pubsub = sentinel.master_for(where.master, socket_connect_timeout=timeout_s, health_check_interval=5)
+    lean = resp.RespClient(where.data_url, timeout_s, locate=lambda: sentinel.discover_master(where.master))
+    return sentinel, master, pubsub, lean

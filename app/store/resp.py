@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
 import hiredis
@@ -32,6 +32,7 @@ from redis.asyncio.connection import (
     UnixDomainSocketConnection,
 )
 from redis.credentials import CredentialProvider, UsernamePasswordCredentialProvider
+from redis.exceptions import RedisError
 
 from app.store.base import StoreError
 
@@ -132,7 +133,11 @@ class RespClient:
     One connection: Redis runs commands one at a time anyway, and on one connection they are run
     in the order they were sent (a request's settlement before its client's next admission)."""
 
-    def __init__(self, url: str, timeout_s: float) -> None:
+    def __init__(
+        self, url: str, timeout_s: float, locate: Callable[[], Awaitable[tuple[str, int]]] | None = None
+    ) -> None:
+        """`locate`: where the master is now, asked on every (re)connect (Sentinel); else the URL's address."""
+        self._locate = locate
         spec = connection_spec(url, timeout_s)
         self._unix = spec.path if isinstance(spec, UnixDomainSocketConnection) else None
         self._host, self._port = (spec.host, spec.port) if isinstance(spec, Connection) else ("", 0)
@@ -178,6 +183,10 @@ class RespClient:
         finally:
             timer.cancel()
         if isinstance(reply, hiredis.ReplyError):
+            if str(reply).startswith("READONLY") and connection.transport is not None:
+                # A master demoted by a failover: the next command connects to the one in its place.
+                connection.lost = True
+                connection.transport.close()
             raise StoreError(f"redis: {reply}")
         return reply
 
@@ -195,7 +204,7 @@ class RespClient:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 connection = await self._open()
-        except (OSError, TimeoutError) as exc:  # ssl.SSLError (a refused certificate) is an OSError
+        except (OSError, TimeoutError, RedisError) as exc:  # ssl.SSLError is an OSError; no master: RedisError
             raise StoreError(f"redis: cannot connect: {exc}") from None
         try:
             for command in self._setup:
@@ -214,7 +223,8 @@ class RespClient:
             _, connection = await loop.create_unix_connection(_Connection, self._unix)
             return connection
         tls = self._tls.get() if self._tls is not None else None  # loads the URL's CA and certificate files
-        transport, connection = await loop.create_connection(_Connection, self._host, self._port, ssl=tls)
+        host, port = await self._locate() if self._locate is not None else (self._host, self._port)
+        transport, connection = await loop.create_connection(_Connection, host, port, ssl=tls)
         sock = transport.get_extra_info("socket")
         if self._keepalive is not None and sock is not None:
             try:
