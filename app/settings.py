@@ -223,7 +223,8 @@ class Settings(BaseSettings):
     store: str = Field(
         "sqlite",
         description="sqlite (gateway.db in data_dir), sqlite:///absolute/path.db, sqlite:relative/path.db, "
-        "memory (one process: demo and tests), or a redis:// / rediss:// / unix:// URL (shared by replicas)",
+        "memory (one process: demo and tests), or a redis:// / rediss:// / unix:// / redis+sentinel:// URL "
+        "(shared by replicas)",
     )
     data_dir: str = Field("data", min_length=1, description="the sqlite store's directory (created if missing)")
     store_prefix: str = Field("gw", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="namespace of our Redis keys")

@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable
 
 import pytest
 
 from app.auth.records import KeyRecord, TeamRecord
 from app.limits.checks import Check, Reserve, Settlement
+from app.simulator import SimulatorThread
 from app.store.base import StoreError
 from app.store.location import check_store, sentinel_of
 from app.store.redis import RedisStore
+from tests.admission_support import HELLO, MINI, chat, make_key, make_team
 from tests.redis_topology import SentinelSet
+from tests.support import ADMIN_KEY, GatewayServer, gateway_settings
 
 
 def test_the_sentinel_form_names_sentinels_master_database_and_passwords() -> None:
@@ -101,3 +105,38 @@ async def test_the_store_follows_a_sentinel_failover_without_a_restart(
 def killed_port(topology: SentinelSet) -> int:
     assert topology.killed is not None
     return topology.killed.port
+
+
+@pytest.mark.slow
+def test_a_gateway_on_sentinel_serves_again_after_the_failover_without_a_restart(
+    simulator: SimulatorThread, sentinel_set: Callable[..., SentinelSet]
+) -> None:
+    """End to end: a gateway whose store is the Sentinel URL admits a key with a budget; the master
+    is SIGKILLed; meanwhile the budgeted key is refused with 503 `store_unavailable` (budgets fail
+    closed) or served, never anything else; once the replica is promoted it is served again."""
+    topology = sentinel_set()
+    settings = gateway_settings(
+        simulator.base_url, admin_key=ADMIN_KEY, store=topology.sentinel_url(), store_prefix="g" + uuid.uuid4().hex[:8]
+    )
+    body = {"model": MINI, "messages": HELLO, "max_tokens": 5}
+    with GatewayServer(settings) as gateway:
+        key = make_key(gateway, make_team(gateway), rpm=1000, budget_usd=10)
+        assert chat(gateway, key["key"], body).status_code == 200
+        topology.wait_replicated()
+        killed_at = topology.kill_master()
+        statuses: set[int] = set()
+        served_after = 0  # in a row, once the sentinels name the new master (two may be reservations ahead)
+        deadline = time.monotonic() + 40
+        while served_after < 5:
+            response = chat(gateway, key["key"], body)
+            statuses.add(response.status_code)
+            assert response.status_code in (200, 503), response.text
+            if response.status_code == 503:
+                assert response.json()["error"]["code"] == "store_unavailable", response.text
+            promoted = topology.master_address()[1] != killed_port(topology)
+            served_after = served_after + 1 if promoted and response.status_code == 200 else 0
+            assert time.monotonic() < deadline, statuses
+            if not served_after:
+                time.sleep(0.1)
+        back_s = time.monotonic() - killed_at
+        print(f"gateway on sentinel: served again {back_s:.1f} s after the kill; statuses {sorted(statuses)}")
